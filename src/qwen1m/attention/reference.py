@@ -1,0 +1,84 @@
+"""Pure-PyTorch attention oracles: the ground truth every kernel and backend is tested against.
+
+``attend`` is one attention call that also returns the log-sum-exp of each row, which is what lets
+partial results over disjoint key ranges be merged exactly (``merge_attn_states``). It runs on any
+device, computes in float32 (or float64 for float64 inputs), handles GQA by grouping query heads
+instead of copying K/V, and processes queries in blocks so memory stays bounded: at most about
+``max_scores`` score elements exist at once, so 64K tokens run on a CPU without an N x N matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Score elements alive at once in ``attend``: 2^26 float32 = 256 MiB of scores (plus the same for exp).
+_MAX_SCORES = 1 << 26
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    max_scores: int = _MAX_SCORES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of every query over every key, returning the output and its LSE.
+
+    q: [num_q, num_heads, head_dim]; k, v: [num_kv, num_kv_heads, head_dim], num_heads a multiple
+    of num_kv_heads (GQA: query head h reads kv head h // (num_heads // num_kv_heads)).
+    causal: bottom-right aligned, i.e. query t sees keys j <= t + (num_kv - num_q), which is the
+    FlashAttention convention when a chunk of queries comes after already cached keys.
+    Returns out [num_q, num_heads, head_dim] in q's dtype and lse [num_heads, num_q] in float32
+    (natural log of the sum of exp(score)). A row that sees no key gets out = 0 and lse = -inf.
+    """
+    num_q, num_heads, head_dim = q.shape
+    num_kv, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_q, num_heads, head_dim, dtype=acc_dtype, device=q.device)
+    lse = torch.full((num_heads, num_q), float("-inf"), dtype=acc_dtype, device=q.device)
+    if num_q == 0 or num_kv == 0:
+        return out.to(q.dtype), lse.float()
+    kf = k.to(acc_dtype).transpose(0, 1)  # [num_kv_heads, num_kv, head_dim]
+    vf = v.to(acc_dtype).transpose(0, 1)
+    block = max(1, max_scores // max(1, num_kv * num_heads))
+    offset = num_kv - num_q  # causal: query t sees keys <= t + offset
+    key_idx = torch.arange(num_kv, device=q.device)
+    for start in range(0, num_q, block):
+        end = min(start + block, num_q)
+        # [num_kv_heads, group, n, head_dim]: query heads grouped under their kv head, no K/V copy
+        qb = q[start:end].to(acc_dtype).view(end - start, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        scores = torch.einsum("hgnd,hkd->hgnk", qb, kf) * softmax_scale
+        if causal:
+            q_idx = torch.arange(start, end, device=q.device) + offset
+            scores = scores.masked_fill(key_idx[None, :] > q_idx[:, None], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [num_kv_heads, group, n]
+        safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+        probs = torch.exp(scores - safe[..., None])
+        ob = torch.einsum("hgnk,hkd->hgnd", probs, vf)
+        out[start:end] = ob.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim)
+        lse[:, start:end] = row_lse.reshape(num_heads, end - start)
+    return out.to(q.dtype), lse.float() if acc_dtype != torch.float64 else lse
+
+
+def merge_attn_states(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the union of disjoint key sets from per-part (out, lse).
+
+    parts: list of (out [num_q, num_heads, head_dim], lse [num_heads, num_q]).
+    out = sum_p w_p * out_p with w_p = exp(lse_p - LSE), LSE = logsumexp_p lse_p (spec 2.3).
+    Parts with lse = -inf (no keys) get weight 0; if every part is empty the row is 0 / -inf.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts]).float()  # [P, num_heads, num_q]
+    total = torch.logsumexp(lses, dim=0)
+    safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weights = torch.exp(lses - safe_total[None])  # exp(-inf) = 0 for empty parts
+    out = torch.zeros_like(parts[0][0], dtype=torch.float32)
+    for (o, _), w in zip(parts, weights):
+        out += o.float() * w.transpose(0, 1)[..., None]
+    return out.to(parts[0][0].dtype), total
