@@ -55,8 +55,8 @@ def _yarn_inv_freq(base: float, dim: int, s: RopeScaling, max_pos: int) -> tuple
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1 where the frequency is high enough to extrapolate unchanged
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
@@ -70,13 +70,16 @@ class RotaryEmbedding(torch.nn.Module):
         self.head_dim = head_dim
         self.attention_scaling = 1.0
         if scaling is None:
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         elif scaling.rope_type == "linear":
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
             inv_freq = inv_freq / scaling.factor
         else:
             inv_freq, self.attention_scaling = _yarn_inv_freq(base, head_dim, scaling, max_position)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain attribute, not a buffer: the loader builds modules on the meta device and this must
+        # stay a real tensor; per-device copies are cached in ``_inv_freq_on``.
+        self.inv_freq = inv_freq
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RotaryEmbedding:
@@ -84,7 +87,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] int -> cos, sin: [num_tokens, 1, head_dim] in ``dtype``."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
+        inv_freq = self._inv_freq_on.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)

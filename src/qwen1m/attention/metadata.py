@@ -1,0 +1,34 @@
+"""Per-step attention state, built by the runner and passed into ``model.forward`` (STYLE point 4).
+
+A step processes a flat run of ``num_tokens`` new tokens that may belong to several sequences;
+each sequence's tokens are contiguous in that run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen1m.cache.kv_cache import SequenceKVCache
+
+
+@dataclass(slots=True)
+class SequenceSlice:
+    """One sequence's part of a step."""
+
+    query_start: int  # offset of this sequence's new tokens in the step's token dimension
+    num_query: int  # new tokens of this sequence in this step (1 for decode)
+    num_cached: int  # tokens already in the KV cache before this step (= position of the first new token)
+    scale_len: int  # length L for the YaRN temperature: max(prompt_len, num_cached + num_query) (spec 2.5)
+    cache: SequenceKVCache  # where this sequence's keys and values live
+
+    @property
+    def num_total(self) -> int:
+        return self.num_cached + self.num_query
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    positions: torch.Tensor  # [num_tokens] int64: absolute position of each new token
+    seqs: list[SequenceSlice]  # in token order; slices tile [0, num_tokens)

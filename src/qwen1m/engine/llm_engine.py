@@ -1,0 +1,216 @@
+"""The engine: requests in, one scheduled model step at a time, outputs out.
+
+    add_request(...)  ->  Scheduler (token budget)  ->  model.forward(flat tokens, AttentionMetadata)
+                      ->  logits of the rows that sample  ->  sampler  ->  stop checks  ->  RequestOutput
+
+Prefill memory: one step sees at most ``max_num_batched_tokens`` tokens, so MLP activations are
+bounded by that budget (the report's 32K chunks), and logits are computed only for rows that sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.cache.kv_cache import SequenceKVCache
+from qwen1m.engine.sampler import sample
+from qwen1m.engine.scheduler import Scheduler
+from qwen1m.engine.sequence import Sequence
+from qwen1m.errors import RequestError
+from qwen1m.model.qwen2 import Qwen2ForCausalLM
+from qwen1m.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from qwen1m.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        tokenizer,
+        *,
+        max_model_len: int,
+        max_num_batched_tokens: int = 32768,
+        max_num_seqs: int = 64,
+        kv_cache_dtype: torch.dtype | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = model.config
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.device = model.lm_head.weight.device
+        self.kv_dtype = kv_cache_dtype or model.lm_head.weight.dtype
+        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate)
+        self._ids = itertools.count()
+        self.eos_ids: set[int] = set(self.cfg.eos_token_ids)
+        if tokenizer is not None:
+            self.eos_ids |= set(tokenizer.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        request_id = request_id or str(next(self._ids))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("This model has no tokenizer.json, so prompts must be lists of token ids.")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        self.check_prompt(ids, request_id)
+        room = self.max_model_len - len(ids)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        if max_new < 1:
+            raise RequestError(
+                f"Request {request_id}: the prompt has {len(ids)} tokens, which leaves no room to generate "
+                f"within max_model_len={self.max_model_len}."
+            )
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if not params.greedy:
+                gen = torch.Generator().manual_seed(params.seed + i if params.seed is not None else
+                                                    int(torch.randint(0, 2**62, (1,)).item()))
+            seq = Sequence(request_id, i, text, list(ids), len(ids), params, len(ids) + max_new,
+                           generator=gen, arrival_time=now)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        return request_id
+
+    def check_prompt(self, ids: list[int], request_id: str = "") -> None:
+        if not ids:
+            raise RequestError(f"Request {request_id}: the prompt is empty.")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"Request {request_id}: the prompt has {len(ids)} tokens but max_model_len is "
+                f"{self.max_model_len}; shorten the prompt or raise max_model_len."
+            )
+        bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"Request {request_id}: token id {bad} is outside the vocabulary "
+                               f"[0, {self.cfg.vocab_size}).")
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _allocate(self, seq: Sequence) -> None:
+        seq.cache = SequenceKVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
+                                    self.cfg.head_dim, seq.max_len, self.kv_dtype, self.device)
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        ids, positions, slices, sample_rows, samplers = [], [], [], [], []
+        start = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            positions.extend(range(c, c + n))
+            slices.append(SequenceSlice(start, n, c, max(seq.num_prompt_tokens, c + n), seq.cache))
+            if c + n == seq.num_tokens:  # every known token computed: this row predicts the next one
+                sample_rows.append(start + n - 1)
+                samplers.append(seq)
+            start += n
+        meta = AttentionMetadata(torch.tensor(positions, device=self.device), slices)
+        hidden = self.model(torch.tensor(ids, device=self.device), meta)
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        touched: dict[str, None] = {}
+        if samplers:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            now = time.monotonic()
+            for seq, row in zip(samplers, logits):
+                token = sample(row, seq.params, seq.generator)
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                self._check_stop(seq, token)
+                touched[seq.request_id] = None
+        return [self._request_output(rid) for rid in touched]
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+            # a trailing U+FFFD is an incomplete multi-byte character: wait for its next token
+            seq.output_text = text.rstrip("\ufffd")
+        reason, stop = None, None
+        if not params.ignore_eos and token in self.eos_ids:
+            reason, stop = "stop", None
+        elif params.stop_token_ids and token in params.stop_token_ids:
+            reason, stop = "stop", token
+        elif params.stop_strings:
+            for s in params.stop_strings:
+                at = seq.output_text.find(s, max(0, seq.emitted_text_len - len(s)))
+                if at >= 0:
+                    end = at + len(s) if params.include_stop_str_in_output else at
+                    seq.output_text = seq.output_text[:end]
+                    reason, stop = "stop", s
+                    break
+        if reason is None and seq.num_tokens >= seq.max_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            seq.finished_time = time.monotonic()
+            if not isinstance(stop, str):
+                seq.output_text = text  # final: nothing more will complete a held-back character
+            self.scheduler.finish(seq)
+
+    def _request_output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        finished = all(s.is_finished for s in seqs)
+        new_text = []
+        for s in seqs:
+            new_text.append(s.output_text[s.emitted_text_len:])
+            s.emitted_text_len = len(s.output_text)
+        first = seqs[0]
+        ttft = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        out = RequestOutput(
+            request_id=request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.token_ids[:first.num_prompt_tokens],
+            outputs=[CompletionOutput(s.index, s.output_text, list(s.output_token_ids), s.finish_reason,
+                                      s.stop_reason) for s in seqs],
+            finished=finished,
+            metrics=RequestMetrics(first.arrival_time, min(ttft) if ttft else None,
+                                   max((s.finished_time or 0.0) for s in seqs) if finished else None),
+            new_text=new_text,
+        )
+        if finished:
+            del self.requests[request_id]
+        return out
+
+    # ---- scoring --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position, through the same forward as generation, chunk by chunk."""
+        self.check_prompt(token_ids)
+        n = len(token_ids)
+        cache = SequenceKVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
+                                self.cfg.head_dim, n, self.kv_dtype, self.device)
+        ids = torch.tensor(token_ids, device=self.device)
+        chunks = []
+        for c in range(0, n, self.max_num_batched_tokens):
+            m = min(self.max_num_batched_tokens, n - c)
+            meta = AttentionMetadata(torch.arange(c, c + m, device=self.device),
+                                     [SequenceSlice(0, m, c, n, cache)])
+            chunks.append(self.model.compute_logits(self.model(ids[c:c + m], meta)).cpu())
+        return torch.cat(chunks)

@@ -1,0 +1,189 @@
+"""The public, vLLM-shaped entry point: ``LLM(model).generate(prompts, SamplingParams)``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from qwen1m.config import DCAConfig, load_model_config
+from qwen1m.engine.llm_engine import LLMEngine
+from qwen1m.errors import ConfigError, Qwen1mError, RequestError
+from qwen1m.model.loader import load_model, resolve_dtype
+from qwen1m.outputs import RequestOutput
+from qwen1m.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_BUNDLED = Path(__file__).resolve().parent / "bundled"
+
+
+def bundled_model_path() -> Path:
+    """The folder of the small model that ships inside the package."""
+    if not (_BUNDLED / "config.json").is_file():
+        raise Qwen1mError(
+            f"The bundled model is not present in this installation ({_BUNDLED} has no config.json); "
+            "pass model=<checkpoint folder> instead."
+        )
+    return _BUNDLED
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was requested but no CUDA GPU is available.")
+    return dev
+
+
+class LLM:
+    """Load a Qwen2/Qwen3 checkpoint folder and generate.
+
+    model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...);
+        None loads the bundled model.
+    dtype: "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "bfloat16", "float16".
+    load_format: "auto"/"safetensors", or "dummy" for random weights (benchmarks; config.json only).
+    dca: "auto" uses the checkpoint's ``dual_chunk_attention_config``; a ``DCAConfig`` turns DCA on
+        for any model (e.g. a 32K-trained Qwen2.5 stretched to 128K+); None or False turns it off.
+    max_model_len: longest prompt + output; defaults to ``max_position_embeddings``.
+    max_num_batched_tokens: tokens per engine step (the prefill chunk; the report uses 32768).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        load_format: str = "auto",
+        dca: DCAConfig | str | bool | None = "auto",
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 32768,
+        max_num_seqs: int = 64,
+        seed: int = 0,
+    ):
+        folder = bundled_model_path() if model is None else Path(model)
+        cfg = load_model_config(folder)
+        if dca == "auto":
+            dca_cfg = cfg.dca
+        elif dca is None or dca is False:
+            dca_cfg = None
+        elif isinstance(dca, DCAConfig):
+            dca_cfg = dca
+        else:
+            raise ConfigError(f"LLM(dca=...) must be 'auto', None/False or a DCAConfig, got {dca!r}.")
+        if max_model_len is None:
+            max_model_len = cfg.max_position_embeddings
+        if max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {max_model_len}.")
+        if dca_cfg is not None and max_model_len > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={max_model_len} exceeds max_position_embeddings={cfg.max_position_embeddings} "
+                f"in {folder / 'config.json'}; DCA is only defined up to that length."
+            )
+        if max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}.")
+        self.device = _resolve_device(device)
+        self.dtype = resolve_dtype(dtype, cfg, self.device)
+        torch.manual_seed(seed)
+        self.config = replace(cfg, dca=dca_cfg)
+        self.model_path = folder
+        self.model = load_model(folder, self.config, self.dtype, self.device,
+                                load_format="dummy" if load_format == "dummy" else "safetensors", dca=dca_cfg)
+        self.tokenizer = self._load_tokenizer(folder, load_format)
+        self.engine = LLMEngine(self.model, self.tokenizer, max_model_len=max_model_len,
+                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+
+    @staticmethod
+    def _load_tokenizer(folder: Path, load_format: str):
+        from qwen1m.tokenizer import Tokenizer
+
+        has_other = any((folder / f).is_file() for f in ("vocab.json", "merges.txt", "tokenizer.model"))
+        if not (folder / "tokenizer.json").is_file() and not has_other:
+            # weights-only folders (tests, benchmark configs): prompts must then be token ids
+            logger.info("%s has no tokenizer.json: prompts must be token ids", folder)
+            return None
+        return Tokenizer.from_folder(folder)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[int] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token id lists); outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [finished[rid] for rid in ids]
+
+    def generate_stream(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput after every step that changed it; ``new_text`` holds the delta."""
+        rid = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template to one conversation (or a list of them) and generate."""
+        if self.tokenizer is None:
+            raise RequestError("This model has no tokenizer, so chat() cannot apply a chat template.")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
+        return self.engine.prompt_logits(list(token_ids))
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+        return [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise RequestError("prompts must be a string, a list of strings, or a list of token-id lists.")
+    for p in prompts:
+        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))):
+            raise RequestError("each prompt must be a string or a list of integer token ids.")
+    return prompts
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise RequestError(f"got {len(params)} SamplingParams for {n} prompts.")
+    return list(params)

@@ -1,0 +1,147 @@
+"""Build a model from a checkpoint folder: safetensors only, memory-mapped, one clear error per problem.
+
+The model is constructed on the ``meta`` device (no memory, no random init), materialised empty on
+the target device, then every parameter is filled straight from the memory-mapped safetensors file
+in the requested dtype. Pickle-based ``*.bin`` / ``*.pt`` weights are refused: loading them can
+execute code from the model folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qwen1m.config import DCAConfig, ModelConfig
+from qwen1m.errors import CheckpointError
+from qwen1m.model.qwen2 import Qwen2ForCausalLM
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+# Keys some exporters write that carry no learned state (recomputed from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """'auto'/None -> the checkpoint's dtype on GPU; float32 on CPU (bf16 matmuls are slow there)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise CheckpointError(f"dtype {dtype} is not supported (expected float32, bfloat16 or float16).")
+        return dtype
+    if dtype is None or dtype == "auto":
+        return _DTYPES.get(cfg.torch_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype '{dtype}' is not supported (expected float32, bfloat16 or float16).")
+    return _DTYPES[dtype]
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (expected a 'weight_map' object).") from None
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise CheckpointError(f"{index} lists the shard '{path.name}', which is missing from {folder}.")
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); qwen1m loads safetensors only "
+            "because pickle files can run code: convert them to model.safetensors first."
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
+
+
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, dca: DCAConfig | None = None
+) -> Qwen2ForCausalLM:
+    """Uninitialised model (weights allocated on ``device``, contents undefined)."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg, dca=dca)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load_weights(model: Qwen2ForCausalLM, folder: Path) -> None:
+    files = weight_files(folder)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
+    if tied:
+        names.discard("lm_head.weight")  # some exporters save the tied copy too; it is the embedding
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {folder} is missing the tensor '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f" that the config ({model.config.architecture}) requires."
+        )
+    unexpected = sorted(names - expected)
+    if unexpected:
+        raise CheckpointError(
+            f"Checkpoint file {files[unexpected[0]]} has the unexpected tensor '{unexpected[0]}'"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + f", which {model.config.architecture} with this config.json does not use."
+        )
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(expected):
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for path, tensor_names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name in tensor_names:
+                    param = params[name]
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(param.shape):
+                        raise CheckpointError(
+                            f"Tensor '{name}' in {path} has shape {list(shape)} but the config expects "
+                            f"{list(param.shape)}."
+                        )
+                    param.copy_(f.get_tensor(name).to(param.dtype))
+
+
+def init_dummy_weights(model: Qwen2ForCausalLM, seed: int = 0) -> None:
+    """Random weights for speed runs (vLLM's load_format='dummy'): values do not affect timing."""
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(
+    folder: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "safetensors",
+    dca: DCAConfig | None = None,
+) -> Qwen2ForCausalLM:
+    folder = Path(folder)
+    if load_format not in ("safetensors", "auto", "dummy"):
+        raise CheckpointError(f"load_format '{load_format}' is not supported (expected 'safetensors' or 'dummy').")
+    model = build_model(cfg, dtype, device, dca=dca)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, folder)
+    return model
