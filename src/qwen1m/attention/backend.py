@@ -78,7 +78,8 @@ class DCABackend(AttentionBackend):
         self.dca = dca
 
     def forward_sequence(self, layer, q, k, v, positions, seq):
-        from qwen1m.attention.dca import dca_attention, rotate_for_dca
+        from qwen1m.attention.dca import dca_attention
+        from qwen1m.attention.dca_rope import rotate_for_dca
 
         q_intra, q_succ, q_inter, k_rot, scale = rotate_for_dca(
             q, k, positions, self.rotary, self.dca, seq.scale_len

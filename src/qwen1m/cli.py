@@ -1,0 +1,166 @@
+"""One entry point: ``qwen1m <command>``. The CLI prints; the library logs.
+
+Every Qwen1mError (bad checkpoint, option or request) ends the command with its one-sentence
+message on stderr and exit status 2; nothing prints a traceback at the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from qwen1m.errors import Qwen1mError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
+    p.add_argument("--max-num-batched-tokens", type=int, default=32768, help="tokens per engine step")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
+    dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
+    dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
+    dca.add_argument("--dca-original-max-position-embeddings", type=int, default=None,
+                     help="training length for the YaRN temperature (default: chunk size)")
+    dca.add_argument("--no-dca", action="store_true", help="plain RoPE even if the checkpoint enables DCA")
+
+
+def _dca_option(args: argparse.Namespace):
+    from qwen1m.config import DCAConfig
+
+    if args.no_dca:
+        return None
+    if args.dca_chunk_size is None:
+        if args.dca_local_size is not None or args.dca_original_max_position_embeddings is not None:
+            raise Qwen1mError("--dca-local-size and --dca-original-max-position-embeddings need --dca-chunk-size.")
+        return "auto"
+    chunk = args.dca_chunk_size
+    local = args.dca_local_size if args.dca_local_size is not None else max(1, chunk // 32)
+    orig = args.dca_original_max_position_embeddings
+    return DCAConfig(chunk_size=chunk, local_size=local,
+                     original_max_position_embeddings=chunk if orig is None else orig)
+
+
+def _load_llm(args: argparse.Namespace):
+    from qwen1m import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+               dca=_dca_option(args), max_model_len=args.max_model_len,
+               max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=None, help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from qwen1m import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                          stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    try:
+        return sys.stdin.read() if args.prompt_file == "-" else path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Qwen1mError(f"--prompt-file {path} does not exist.") from None
+    except UnicodeDecodeError:
+        raise Qwen1mError(f"--prompt-file {path} is not UTF-8 text.") from None
+    except OSError as e:
+        raise Qwen1mError(f"--prompt-file {path} could not be read: {e.strerror}.") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args)
+    params = _sampling_params(args)
+    llm = _load_llm(args)
+    if args.chat:
+        if llm.tokenizer is None:
+            raise Qwen1mError(f"--chat needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = llm.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True)
+    start = time.monotonic()
+    last = None
+    for out in llm.generate_stream(prompt, params):
+        sys.stdout.write(out.new_text[0])
+        sys.stdout.flush()
+        last = out
+    sys.stdout.write("\n")
+    if last is not None and args.verbose:
+        n_out = len(last.outputs[0].token_ids)
+        ttft = last.metrics.time_to_first_token if last.metrics else None
+        total = time.monotonic() - start
+        print(f"[prompt {len(last.prompt_token_ids)} tokens, generated {n_out}, "
+              f"time to first token {ttft:.2f} s, {n_out / max(total, 1e-9):.1f} tokens/s overall, "
+              f"finish_reason={last.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen1m", description="Qwen models on contexts up to 1M tokens.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streaming tokens to stdout")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt text ('-' for stdin)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message for --chat")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands that live in their own modules register themselves here."""
+    try:
+        from qwen1m.train.cli import add_train_command
+    except ImportError:
+        return
+    add_train_command(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except Qwen1mError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
