@@ -106,6 +106,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV token capacity held by running sequences (0.0 - 1.0)."""
+        used = sum(s.max_len for s in self.scheduler.running)
+        return used / self.max_model_len / max(1, self.scheduler.max_num_seqs)
+
     def _allocate(self, seq: Sequence) -> None:
         seq.cache = SequenceKVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
                                     self.cfg.head_dim, seq.max_len, self.kv_dtype, self.device)
