@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from qwen1m.cache.paged_kv import PagedKVCache
+from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
 from qwen1m.config import DCAConfig, load_model_config
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.model.loader import load_model, resolve_dtype
-from qwen1m.outputs import RequestOutput
+from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,15 @@ class LLM:
     load_format: "auto"/"safetensors", or "dummy" for random weights (benchmarks; config.json only).
     dca: "auto" uses the checkpoint's ``dual_chunk_attention_config``; a ``DCAConfig`` turns DCA on
         for any model (e.g. a 32K-trained Qwen2.5 stretched to 128K+); None or False turns it off.
-    max_model_len: longest prompt + output; defaults to ``max_position_embeddings``.
+    max_model_len: longest prompt + output; defaults to ``max_position_embeddings`` (lowered to what
+        fits in memory when not given explicitly; an explicit value that does not fit is refused).
     max_num_batched_tokens: tokens per engine step (the prefill chunk; the report uses 32768).
+    kv_cache_dtype: "auto" (the model dtype) or "fp8" (e4m3 with per-token, per-head scales).
+    block_size: KV block size in tokens (default 64, or the largest power of two <= 64 dividing the
+        DCA chunk length chunk_size - local_size, which must be a multiple of it).
+    gpu_memory_utilization: share of the GPU's memory the engine plans to use.
+    kv_cache_memory: bytes for the KV cache, overriding the plan (CPU default: min(25% of RAM,
+        max_model_len * min(max_num_seqs, 8) tokens)).
     """
 
     def __init__(
@@ -64,6 +73,10 @@ class LLM:
         max_model_len: int | None = None,
         max_num_batched_tokens: int = 32768,
         max_num_seqs: int = 64,
+        kv_cache_dtype: str = "auto",
+        block_size: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory: int | None = None,
         seed: int = 0,
     ):
         folder = bundled_model_path() if model is None else Path(model)
@@ -76,6 +89,7 @@ class LLM:
             dca_cfg = dca
         else:
             raise ConfigError(f"LLM(dca=...) must be 'auto', None/False or a DCAConfig, got {dca!r}.")
+        explicit_len = max_model_len is not None
         if max_model_len is None:
             max_model_len = cfg.max_position_embeddings
         if max_model_len < 2:
@@ -95,7 +109,21 @@ class LLM:
         self.model = load_model(folder, self.config, self.dtype, self.device,
                                 load_format="dummy" if load_format == "dummy" else "safetensors", dca=dca_cfg)
         self.tokenizer = self._load_tokenizer(folder, load_format)
-        self.engine = LLMEngine(self.model, self.tokenizer, max_model_len=max_model_len,
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")
+        fp8 = kv_cache_dtype == "fp8"
+        block_size = _block_size(block_size, dca_cfg)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.memory_plan: MemoryPlan = plan_memory(
+            self.config, dtype=self.dtype, device=self.device, weight_bytes=weight_bytes, fp8=fp8,
+            block_size=block_size, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory=kv_cache_memory)
+        logger.info("%s", self.memory_plan)
+        max_model_len = check_fits(self.memory_plan, max_model_len, explicit_len)
+        kv_cache = PagedKVCache(cfg.num_hidden_layers, self.memory_plan.num_blocks, block_size,
+                                cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device, fp8=fp8)
+        self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=kv_cache, max_model_len=max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
 
     @staticmethod
@@ -113,37 +141,49 @@ class LLM:
         self,
         prompts: str | list[str] | list[int] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token id lists); outputs in prompt order."""
+        *,
+        stream: bool = False,
+        progress: Callable[[PrefillProgress], None] | None = None,
+    ) -> list[RequestOutput] | Iterator[RequestOutput]:
+        """Generate for every prompt (strings or token id lists).
+
+        Returns the finished outputs in prompt order; with ``stream=True`` an iterator of
+        RequestOutputs instead, one after every step that changed a request (``new_text`` holds the
+        delta). ``progress`` is called after each step with the state of every prefilling request.
+        """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        finished: dict[str, RequestOutput] = {}
-        try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-        except BaseException:
-            for rid in ids:
-                self.engine.abort_request(rid)
-            raise
+        steps = self._run(ids, progress)
+        if stream:
+            return steps
+        finished = {out.request_id: out for out in steps if out.finished}
         return [finished[rid] for rid in ids]
 
     def generate_stream(
-        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+        progress: Callable[[PrefillProgress], None] | None = None,
     ) -> Iterator[RequestOutput]:
-        """Yield a RequestOutput after every step that changed it; ``new_text`` holds the delta."""
-        rid = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        """One prompt, streamed: ``generate([prompt], params, stream=True)``."""
+        return self.generate([prompt], sampling_params or SamplingParams(), stream=True, progress=progress)
+
+    def _run(self, ids: list[str], progress) -> Iterator[RequestOutput]:
+        """Step the engine until these requests finish; abort them if the consumer stops early."""
+        pending = set(ids)
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        yield out
+            while pending:
+                outs = self.engine.step()
+                if progress is not None:
+                    for p in self.engine.prefill_progress():
+                        progress(p)
+                for out in outs:
+                    if out.request_id in pending:
                         if out.finished:
-                            return
+                            pending.discard(out.request_id)
+                        yield out
         finally:
-            self.engine.abort_request(rid)
+            for rid in pending:
+                self.engine.abort_request(rid)
 
     def chat(
         self,
@@ -164,6 +204,26 @@ class LLM:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
         return self.engine.prompt_logits(list(token_ids))
+
+
+def _block_size(block_size: int | None, dca: DCAConfig | None) -> int:
+    """DCA regions start at multiples of chunk_len, so chunk_len must be a whole number of blocks."""
+    if block_size is None:
+        block_size = 64
+        while dca is not None and dca.chunk_len % block_size:
+            block_size //= 2
+        return block_size
+    if block_size < 1:
+        raise ConfigError(f"block_size must be positive, got {block_size}.")
+    if dca is not None and dca.chunk_len % block_size:
+        fit = 64
+        while dca.chunk_len % fit:
+            fit //= 2
+        raise ConfigError(
+            f"The DCA chunk length chunk_size - local_size = {dca.chunk_len} is not a multiple of "
+            f"block_size={block_size}; use a block_size that divides it, e.g. {fit}."
+        )
+    return block_size
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:

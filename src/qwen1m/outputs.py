@@ -34,3 +34,18 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     new_text: list[str] = field(default_factory=list)  # per completion: text added since the last step
+
+
+@dataclass(slots=True)
+class PrefillProgress:
+    """Where a long prefill stands, reported after each engine step."""
+
+    request_id: str
+    done: int  # prompt tokens computed
+    total: int  # prompt tokens
+    tokens_per_s: float
+    eta_s: float | None  # seconds left at the current rate
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen1m.cache.kv_cache import SequenceKVCache
+from qwen1m.cache.paged_kv import SequenceBlocks
 
 
 @dataclass(slots=True)
@@ -21,7 +21,7 @@ class SequenceSlice:
     num_query: int  # new tokens of this sequence in this step (1 for decode)
     num_cached: int  # tokens already in the KV cache before this step (= position of the first new token)
     scale_len: int  # length L for the YaRN temperature: max(prompt_len, num_cached + num_query) (spec 2.5)
-    cache: SequenceKVCache  # where this sequence's keys and values live
+    cache: SequenceBlocks  # where this sequence's keys and values live
 
     @property
     def num_total(self) -> int:

@@ -16,13 +16,15 @@ import time
 import torch
 
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
-from qwen1m.cache.kv_cache import SequenceKVCache
+from qwen1m.cache.block_pool import BlockPool
+from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
+from qwen1m.cache.planner import LOGITS_ROWS
 from qwen1m.engine.sampler import sample
 from qwen1m.engine.scheduler import Scheduler
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import RequestError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from qwen1m.outputs import CompletionOutput, PrefillProgress, RequestMetrics, RequestOutput
 from qwen1m.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,10 @@ class LLMEngine:
         model: Qwen2ForCausalLM,
         tokenizer,
         *,
+        kv_cache: PagedKVCache,
         max_model_len: int,
         max_num_batched_tokens: int = 32768,
         max_num_seqs: int = 64,
-        kv_cache_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -45,13 +47,15 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = model.lm_head.weight.device
-        self.kv_dtype = kv_cache_dtype or model.lm_head.weight.dtype
-        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate)
+        self.kv_cache = kv_cache
+        self.block_pool = BlockPool(kv_cache.num_blocks)
+        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate, self._release)
         self._ids = itertools.count()
         self.eos_ids: set[int] = set(self.cfg.eos_token_ids)
         if tokenizer is not None:
             self.eos_ids |= set(tokenizer.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
+        self._prefilled: list[Sequence] = []  # sequences that computed prompt tokens in the last step
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(
@@ -113,13 +117,19 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def kv_cache_usage(self) -> float:
-        """Fraction of the KV token capacity held by running sequences (0.0 - 1.0)."""
-        used = sum(s.max_len for s in self.scheduler.running)
-        return used / self.max_model_len / max(1, self.scheduler.max_num_seqs)
+        """Fraction of KV blocks reserved by running sequences (0.0 - 1.0)."""
+        return 1.0 - self.block_pool.num_free / max(1, self.block_pool.num_blocks)
 
-    def _allocate(self, seq: Sequence) -> None:
-        seq.cache = SequenceKVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
-                                    self.cfg.head_dim, seq.max_len, self.kv_dtype, self.device)
+    def _reserve(self, num_tokens: int) -> SequenceBlocks | None:
+        blocks = self.block_pool.allocate(-(-num_tokens // self.kv_cache.block_size))
+        return None if blocks is None else SequenceBlocks(self.kv_cache, blocks, self.device)
+
+    def _allocate(self, seq: Sequence) -> bool:
+        seq.cache = self._reserve(seq.max_len)
+        return seq.cache is not None
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_pool.free(seq.cache.blocks)
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,9 +139,15 @@ class LLMEngine:
             return []
         ids, positions, slices, sample_rows, samplers = [], [], [], [], []
         start = 0
+        now = time.monotonic()
+        self._prefilled = []
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
             c = seq.num_computed_tokens
+            if c < seq.num_prompt_tokens:
+                self._prefilled.append(seq)
+                if seq.prefill_start_time is None:
+                    seq.prefill_start_time = now
             ids.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
             slices.append(SequenceSlice(start, n, c, max(seq.num_prompt_tokens, c + n), seq.cache))
@@ -155,6 +171,19 @@ class LLMEngine:
                 self._check_stop(seq, token)
                 touched[seq.request_id] = None
         return [self._request_output(rid) for rid in touched]
+
+    def prefill_progress(self) -> list[PrefillProgress]:
+        """Progress of the sequences that computed prompt tokens in the last step."""
+        now, report = time.monotonic(), []
+        for seq in self._prefilled:
+            if seq.index:  # n > 1: the copies of one prompt move together; report the first
+                continue
+            done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            elapsed = max(now - (seq.prefill_start_time or now), 1e-9)
+            rate = done / elapsed
+            eta = (seq.num_prompt_tokens - done) / rate if rate > 0 else None
+            report.append(PrefillProgress(seq.request_id, done, seq.num_prompt_tokens, rate, eta))
+        return report
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -215,13 +244,21 @@ class LLMEngine:
         """Logits of every position, through the same forward as generation, chunk by chunk."""
         self.check_prompt(token_ids)
         n = len(token_ids)
-        cache = SequenceKVCache(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads,
-                                self.cfg.head_dim, n, self.kv_dtype, self.device)
-        ids = torch.tensor(token_ids, device=self.device)
-        chunks = []
-        for c in range(0, n, self.max_num_batched_tokens):
-            m = min(self.max_num_batched_tokens, n - c)
-            meta = AttentionMetadata(torch.arange(c, c + m, device=self.device),
-                                     [SequenceSlice(0, m, c, n, cache)])
-            chunks.append(self.model.compute_logits(self.model(ids[c:c + m], meta)).cpu())
-        return torch.cat(chunks)
+        cache = self._reserve(n)
+        if cache is None:
+            raise RequestError(f"Not enough free KV cache blocks to score {n} tokens now "
+                               f"({self.block_pool.num_free} of {self.block_pool.num_blocks} blocks free).")
+        try:
+            ids = torch.tensor(token_ids, device=self.device)
+            chunks = []
+            for c in range(0, n, self.max_num_batched_tokens):
+                m = min(self.max_num_batched_tokens, n - c)
+                meta = AttentionMetadata(torch.arange(c, c + m, device=self.device),
+                                         [SequenceSlice(0, m, c, n, cache)])
+                hidden = self.model(ids[c:c + m], meta)
+                # the lm_head in slices: [rows, vocab] float32 stays small even for 32K-token chunks
+                chunks.extend(self.model.compute_logits(hidden[r:r + LOGITS_ROWS]).cpu()
+                              for r in range(0, m, LOGITS_ROWS))
+            return torch.cat(chunks)
+        finally:
+            self.block_pool.free(cache.blocks)

@@ -23,10 +23,20 @@ class ScheduledSequence:
 
 
 class Scheduler:
-    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int, allocate: Callable[[Sequence], None]):
+    def __init__(
+        self,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        allocate: Callable[[Sequence], bool],
+        release: Callable[[Sequence], None],
+    ):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.allocate = allocate  # gives a sequence its KV cache when it starts running
+        # A sequence reserves KV blocks for its whole length (prompt + max new tokens) when it starts
+        # running, so a running sequence never waits for memory and nothing is ever preempted;
+        # when the pool is short, new requests wait in the queue (FIFO) instead.
+        self.allocate = allocate
+        self.release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -39,8 +49,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
+            if not self.allocate(self.waiting[0]):
+                break
             seq = self.waiting.popleft()
-            self.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         decoding = [s for s in self.running if s.num_uncomputed == 1 and s.num_computed_tokens >= s.num_prompt_tokens]
@@ -59,7 +70,9 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.FINISHED
-        seq.cache = None  # frees its KV memory
+        if seq.cache is not None:
+            self.release(seq)
+            seq.cache = None
         if seq in self.running:
             self.running.remove(seq)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen1m.cache.kv_cache import SequenceKVCache
+from qwen1m.cache.paged_kv import SequenceBlocks
 from qwen1m.sampling_params import SamplingParams
 
 
@@ -28,13 +28,14 @@ class Sequence:
     max_len: int  # prompt + max new tokens: the KV cache is sized for this once
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
-    cache: SequenceKVCache | None = None
+    cache: SequenceBlocks | None = None  # its KV blocks while running
     generator: torch.Generator | None = None
     output_text: str = ""
     emitted_text_len: int = 0  # how much of output_text the caller has already seen
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     arrival_time: float = 0.0
+    prefill_start_time: float | None = None  # when its first prompt chunk was scheduled
     first_token_time: float | None = None
     finished_time: float | None = None
     detokenizer: object | None = field(default=None, repr=False)

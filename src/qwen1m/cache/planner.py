@@ -1,0 +1,137 @@
+"""Memory planner: decide the KV cache size before allocating anything large.
+
+    usable      = GPU total * gpu_memory_utilization      (CPU: the kv_cache_memory budget)
+    kv_budget   = usable - weights - peak activations of one engine step
+    max tokens  = kv_budget // kv_bytes_per_token          (rounded down to whole blocks)
+
+The peak activation estimate covers one step of ``max_num_batched_tokens`` tokens: the residual
+stream and its norms, q/k/v (three DCA query rotations), the MLP's gate/up products, fp32 attention
+partials, one layer's K/V gather (FP8 dequantisation or fragmented blocks) over ``max_model_len``
+keys, and the sampled rows' logits. It is deliberately generous (x1.25): running out of memory in
+the middle of a 1M-token prefill loses minutes of work, refusing at start-up loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from qwen1m.cache.paged_kv import PagedKVCache
+from qwen1m.config import ModelConfig
+from qwen1m.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+LOGITS_ROWS = 1024  # LLM.logits computes the lm_head in slices of this many rows
+CPU_DEFAULT_FRACTION = 0.25  # default CPU KV budget: at most this share of physical memory ...
+CPU_DEFAULT_SEQS = 8  # ... and at most this many full-length (max_model_len) sequences
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    device: str
+    usable_bytes: int  # what the engine may use in total on the device
+    weight_bytes: int
+    activation_bytes: int  # peak of one engine step (estimate)
+    kv_bytes_per_token: int
+    block_size: int
+    num_blocks: int
+    kv_dtype: str
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.max_tokens * self.kv_bytes_per_token
+
+    def __str__(self) -> str:
+        return (f"memory plan on {self.device}: usable {self.usable_bytes / _GIB:.2f} GiB = weights "
+                f"{self.weight_bytes / _GIB:.2f} GiB + activations <= {self.activation_bytes / _GIB:.2f} GiB + "
+                f"KV cache {self.kv_bytes / _GIB:.2f} GiB ({self.kv_dtype}, {self.kv_bytes_per_token:,} bytes/token, "
+                f"{self.num_blocks:,} blocks of {self.block_size}) -> {self.max_tokens:,} tokens fit")
+
+
+def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_model_len: int,
+                     max_num_seqs: int) -> int:
+    b = torch.empty((), dtype=dtype).element_size()
+    t = min(max_num_batched_tokens, max_model_len)  # a step never holds more tokens than one sequence
+    h, q_dim, kv_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    residual = 4 * t * h * b
+    qkv = t * (4 * q_dim + 2 * kv_dim) * b  # q + three DCA rotations, k, v
+    mlp = 3 * t * cfg.intermediate_size * b
+    attn = 4 * t * q_dim * 4  # fp32 partial outputs of up to three regions + merged
+    gather = 2 * max_model_len * kv_dim * b
+    logits = max(max_num_seqs, LOGITS_ROWS) * cfg.vocab_size * 4
+    return int(1.25 * (residual + qkv + mlp + attn + gather + logits))
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * _GIB
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    weight_bytes: int,
+    fp8: bool,
+    block_size: int,
+    max_model_len: int,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    gpu_memory_utilization: float,
+    kv_cache_memory: int | None,
+) -> MemoryPlan:
+    """Size the KV cache. ``kv_cache_memory`` (bytes) overrides the computed KV budget on any device."""
+    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                             dtype, fp8)
+    act = activation_bytes(cfg, dtype, max_num_batched_tokens, max_model_len, max_num_seqs)
+    if kv_cache_memory is not None:
+        if kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}.")
+        kv_budget = kv_cache_memory
+        usable = weight_bytes + act + kv_budget
+    elif device.type == "cuda":
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
+        _, total = torch.cuda.mem_get_info(device)
+        usable = int(total * gpu_memory_utilization)
+        kv_budget = usable - weight_bytes - act
+    else:  # CPU: enough for a few full-length sequences, at most a quarter of the machine's memory
+        kv_budget = min(int(physical_memory() * CPU_DEFAULT_FRACTION),
+                        max_model_len * min(max_num_seqs, CPU_DEFAULT_SEQS) * per_token)
+        usable = weight_bytes + act + kv_budget
+    num_blocks = max(0, kv_budget // (per_token * block_size))
+    kv_name = "fp8_e4m3" if fp8 else str(dtype).removeprefix("torch.")
+    return MemoryPlan(str(device), usable, weight_bytes, act, per_token, block_size, num_blocks, kv_name)
+
+
+def check_fits(plan: MemoryPlan, max_model_len: int, explicit: bool, tensor_parallel_hint: bool = True) -> int:
+    """The max_model_len to use: refused with one sentence if an explicit value does not fit;
+    a default (from max_position_embeddings) is lowered to what fits, with a log line."""
+    if plan.max_tokens >= max_model_len:
+        return max_model_len
+    if not explicit and plan.max_tokens >= 2:
+        logger.warning("max_model_len lowered from %d to %d tokens: that is what fits in the KV cache (%s)",
+                       max_model_len, plan.max_tokens, plan)
+        return plan.max_tokens
+    helps = "a smaller max_model_len"
+    if plan.kv_dtype != "fp8_e4m3":
+        helps += ", kv_cache_dtype='fp8' (half the KV bytes)"
+    helps += ", a larger gpu_memory_utilization or kv_cache_memory" + (", or more GPUs" if tensor_parallel_hint else "")
+    raise ConfigError(
+        f"max_model_len={max_model_len:,} tokens needs {max_model_len * plan.kv_bytes_per_token / _GIB:.1f} GiB of "
+        f"KV cache but only {plan.max_tokens:,} tokens ({plan.kv_bytes / _GIB:.1f} GiB) fit on {plan.device} after "
+        f"{plan.weight_bytes / _GIB:.1f} GiB of weights and {plan.activation_bytes / _GIB:.1f} GiB of activations; "
+        f"use {helps}."
+    )
