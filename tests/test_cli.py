@@ -51,6 +51,14 @@ def test_generate_chat_and_prompt_file(text_model, tmp_path, capsys):
     assert "generated 3" in capsys.readouterr().err
 
 
+def test_long_prompt_shows_a_progress_bar(text_model, capsys):
+    rc = main(["generate", "--model", str(text_model), "--prompt", "The quick brown fox jumps. " * 12,
+               "--max-tokens", "2", "--max-num-batched-tokens", "16", "--device", "cpu", "-v"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "memory plan on cpu" in err and "prefill [" in err and "tok/s" in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist or is not a directory"),
     (["generate", "--model", "{model}", "--prompt-file", "/no/such/file"], "--prompt-file /no/such/file does not"),

@@ -22,6 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     p.add_argument("--max-num-batched-tokens", type=int, default=32768, help="tokens per engine step")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8 halves KV memory")
+    p.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (overrides the plan)")
     dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
     dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
     dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
@@ -51,7 +55,9 @@ def _load_llm(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                dca=_dca_option(args), max_model_len=args.max_model_len,
-               max_num_batched_tokens=args.max_num_batched_tokens)
+               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
+               block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+               kv_cache_memory=args.kv_cache_memory)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -98,9 +104,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = llm.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
                                                    add_generation_prompt=True)
+    if args.verbose:
+        print(f"[{llm.memory_plan}]", file=sys.stderr)
     start = time.monotonic()
     last = None
-    for out in llm.generate_stream(prompt, params):
+    for out in llm.generate_stream(prompt, params, progress=_progress_printer(llm.engine.max_num_batched_tokens)):
         sys.stdout.write(out.new_text[0])
         sys.stdout.flush()
         last = out
@@ -113,6 +121,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"time to first token {ttft:.2f} s, {n_out / max(total, 1e-9):.1f} tokens/s overall, "
               f"finish_reason={last.outputs[0].finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _progress_printer(step_tokens: int):
+    """A one-line progress bar on stderr for prompts that take more than one engine step."""
+
+    def show(p) -> None:
+        if p.total <= step_tokens:
+            return
+        width = 30
+        filled = int(width * p.done / p.total)
+        eta = f"ETA {p.eta_s:,.0f} s" if p.eta_s is not None and not p.finished else "done"
+        sys.stderr.write(f"\rprefill [{'#' * filled}{'.' * (width - filled)}] {p.done:,}/{p.total:,} tokens "
+                         f"{p.tokens_per_s:,.0f} tok/s {eta}   ")
+        if p.finished:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands that live in their own modules register themselves here."""
+    from qwen1m.server.cli import add_serve_command
+
+    add_serve_command(sub)
     try:
         from qwen1m.train.cli import add_train_command
     except ImportError:
