@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import jinja2.sandbox
 import jinja2.utils
 import tokenizers
 
+from qwen1m.chat_template import TemplateRaised, jinja_environment, plain, template_messages
 from qwen1m.errors import CheckpointError, ConfigError, RequestError
 
 # The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -39,8 +39,6 @@ SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
-# Names a message's reasoning may come under; templates read the first (transformers aliases them).
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _DEFAULT_TEMPLATE = "default"
 _TOOL_USE_TEMPLATE = "tool_use"  # picked over "default" when tools are given, as transformers does
 
@@ -179,16 +177,16 @@ class Tokenizer:
             raise RequestError("Every entry of 'tools' must be a JSON object (a function schema).")
         variables = {
             **self.special_tokens,
-            **_plain(kwargs),
-            "messages": _template_messages(messages),
-            "tools": _plain(tools),
+            **plain(kwargs),
+            "messages": template_messages(messages),
+            "tools": plain(tools),
             "documents": None,
             "add_generation_prompt": add_generation_prompt,
         }
         template = self._compile(name)
         try:
             return template.render(**variables)
-        except _TemplateRaised as e:
+        except TemplateRaised as e:
             raise RequestError(f"The chat template rejected the messages: {e.message}") from None
         except (jinja2.exceptions.UndefinedError, TypeError) as e:
             raise RequestError(
@@ -200,131 +198,13 @@ class Tokenizer:
     def _compile(self, name: str) -> jinja2.Template:
         if name not in self._compiled:
             try:
-                self._compiled[name] = _jinja_environment().from_string(self._chat_templates[name])
+                self._compiled[name] = jinja_environment().from_string(self._chat_templates[name])
             except jinja2.exceptions.TemplateSyntaxError as e:
                 raise ConfigError(
                     f"The chat template '{name}' of {self._folder} is not valid Jinja: "
                     f"{e.message} (line {e.lineno})."
                 ) from None
         return self._compiled[name]
-
-
-# -- chat template rendering -----------------------------------------------------------------------
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-    """Raised by a template's own ``raise_exception(message)``; the message is meant for the user."""
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes, so templates cannot reach CPython internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja2.utils.Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for key in attrs:
-            _Namespace._check(key)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        _Namespace._check(key)
-        jinja2.utils.Namespace.__setitem__(self, key, value)
-
-    @staticmethod
-    def _check(key: Any) -> None:
-        if isinstance(key, str) and key.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot set the attribute {key!r} on a namespace"
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body unchanged.
-
-    transformers uses the tag to mark assistant spans for training masks; a prompt only needs the text.
-    """
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson escapes HTML characters (<, >, &, ') and sorts keys; templates were written
-    # against transformers' version, which is plain json.dumps with non-ASCII kept.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _jinja_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    # Templates come from the Hub: untrusted code, hence the immutable sandbox.
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _Namespace
-    return env
-
-
-def _plain(value: Any) -> Any:
-    """A copy built from JSON types only, so the template sees no objects with callable methods."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if callable(getattr(value, "model_dump", None)):  # pydantic request models
-        return _plain(value.model_dump())
-    if isinstance(value, (str, int, float)):  # subclasses such as str enums: strip back to the base type
-        return next(base(value) for base in (str, int, float) if isinstance(value, base))
-    return f"<{type(value).__name__}>"
-
-
-def _template_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    out = []
-    for i, message in enumerate(messages):
-        message = _plain(message)
-        if not isinstance(message, dict):
-            raise RequestError(
-                f"messages[{i}] must be an object with 'role' and 'content', got {type(message).__name__}."
-            )
-        # Templates handle a missing key but often print 'None' for a None value (OpenAI clients
-        # send content=None), so None-valued keys are dropped, as transformers does.
-        message = {k: v for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
-
-
-# -- reading the folder ----------------------------------------------------------------------------
 
 
 def _load_backend(folder: Path) -> tokenizers.Tokenizer:
