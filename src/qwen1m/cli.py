@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands that live in their own modules register themselves here."""
+    from qwen1m.demo import add_demo_command
     from qwen1m.server.cli import add_serve_command
 
+    add_demo_command(sub)
     add_serve_command(sub)
     try:
         from qwen1m.train.cli import add_train_command

@@ -48,7 +48,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index (expected a 'weight_map' object).") from None
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index (expected a 'weight_map' object)."
+            ) from None
         files = {name: folder / fname for name, fname in weight_map.items()}
         for path in set(files.values()):
             if not path.is_file():

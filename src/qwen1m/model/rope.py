@@ -69,11 +69,11 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.attention_scaling = 1.0
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         if scaling is None:
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+            inv_freq = 1.0 / (base**exponents)
         elif scaling.rope_type == "linear":
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-            inv_freq = inv_freq / scaling.factor
+            inv_freq = 1.0 / (base**exponents) / scaling.factor
         else:
             inv_freq, self.attention_scaling = _yarn_inv_freq(base, head_dim, scaling, max_position)
         # A plain attribute, not a buffer: the loader builds modules on the meta device and this must
