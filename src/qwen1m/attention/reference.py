@@ -82,3 +82,51 @@ def merge_attn_states(
     for (o, _), w in zip(parts, weights):
         out += o.float() * w.transpose(0, 1)[..., None]
     return out.to(parts[0][0].dtype), total
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of ``qwen1m.kernels.paged_decode.paged_decode_attention``: one query per sequence, paged keys.
+
+    q: [batch, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    (any float dtype or float8_e4m3fn); block_tables: [batch, max_blocks_per_seq] int, logical token t
+    of sequence b at k_cache[block_tables[b, t // block_size], t % block_size]; kv_start, kv_end:
+    [batch], the key range [kv_start, kv_end). k_scale, v_scale: [num_blocks, block_size, num_kv_heads]
+    float32, keys = k_cache.float() * k_scale (fp8 caches). num_splits: accepted for the kernel's
+    signature; the result does not depend on it.
+    Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch, num_heads] (float32, float64
+    for float64 q); an empty range gives out = 0, lse = -inf.
+    """
+    del num_splits
+    batch, num_heads, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    outs, lses = [], []
+    for b in range(batch):
+        start, end = int(kv_start[b]), int(kv_end[b])
+        pos = torch.arange(start, max(start, end), device=q.device)
+        blocks = block_tables[b, pos // block_size].long()
+        slots = pos % block_size
+        k, v = k_cache[blocks, slots], v_cache[blocks, slots]  # [n, num_kv_heads, head_dim]
+        if k.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            k, v = k.float(), v.float()  # float8: widen before any arithmetic
+        if k_scale is not None:
+            k = k.float() * k_scale[blocks, slots][..., None]
+        if v_scale is not None:
+            v = v.float() * v_scale[blocks, slots][..., None]
+        out, lse = attend(q[b : b + 1], k, v, softmax_scale=softmax_scale, causal=False)
+        outs.append(out[0])
+        lses.append(lse[:, 0])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if batch == 0:
+        return q.new_zeros(0, num_heads, head_dim), torch.zeros(0, num_heads, dtype=lse_dtype, device=q.device)
+    return torch.stack(outs), torch.stack(lses).to(lse_dtype)

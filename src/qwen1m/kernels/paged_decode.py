@@ -1,0 +1,411 @@
+"""Split-K ("flash-decoding") attention of one query token per sequence over a paged KV cache.
+
+Oracle: ``qwen1m.attention.reference.paged_decode_reference`` (same signature and semantics).
+
+Paged layout. Logical token t of sequence b lives at ``k_cache[block_tables[b, t // block_size],
+t % block_size]``; sequence b attends to keys [kv_start[b], kv_end[b]) (DCA calls this up to three
+times per layer with the intra / succ / inter ranges and merges the results by LSE, spec 2.4).
+
+Decode is memory-bound: the work is one read of K and V for the range, 2 * n * num_kv_heads *
+head_dim * elem bytes, and the goal is to read it exactly once at full bandwidth.
+
+  - GQA packing: one program owns one kv head and all ``GROUP`` query heads reading it, as the rows
+    of a [BLOCK_G, HEAD_DIM] query tile (BLOCK_G >= 16 so ``tl.dot`` applies; padding rows are zero
+    and never stored), so each K/V tile is loaded once per group, not once per query head.
+  - Split-K: with batch * num_kv_heads programs (4 at batch 1 for Qwen2.5-7B) the GPU would be
+    nearly idle, so the range is cut into ``num_splits`` pieces, one program each, grid
+    (batch, num_kv_heads, num_splits). Pieces are whole BLOCK_N-aligned tiles of *logical* positions,
+    so no key is read by two programs. Each piece writes its normalised partial out and its LSE to
+    a float32 workspace; ``_paged_decode_reduce_kernel`` merges the pieces of a row by LSE (exact:
+    out = sum_s exp(lse_s - LSE) out_s). With one split the first kernel writes the result directly.
+  - Block tables: if BLOCK_N <= block_size a tile lies inside one physical block (both are powers of
+    two and tiles are aligned), so one table entry per tile is read and the tile is a contiguous
+    [BLOCK_N, num_kv_heads, head_dim] slab; otherwise each token looks up its own block.
+  - Masks: only keys in [kv_start, kv_end) are loaded (masked loads never touch other slots, so
+    unused or stale blocks, even NaN-filled ones, cannot leak in); every visited tile holds at least
+    one valid key, so -inf scores are safe in the online softmax.
+  - fp8 (float8_e4m3fn) caches: K/V tiles are upcast to q's dtype (exact: every e4m3 value is a
+    bf16/fp16/fp32 value) and the per-token float32 scales are applied outside the dot products:
+    scores = (q . k8) * k_scale in float32 (one dot per tile, one multiply per key), and V is
+    dequantised as v8.float() * v_scale and rounded once to q's dtype for the P.V product (kept in
+    float32 under the interpreter, whose bf16 casts truncate), so the maths is that of the
+    dequantised cache (k8.float() * k_scale, v8.float() * v_scale).
+
+Softmax in base 2 (scores pre-scaled by softmax_scale * log2(e), exp2 in the loop), LSE returned
+in natural log. Empty ranges give out = 0, lse = -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8_DTYPES = (torch.float8_e4m3fn,)
+
+# Split choice (num_splits=None). Programs resident per SM for this kernel: a [64, 128] bf16 K and V
+# tile per stage is 32 KiB, so several programs fit in the H200's 228 KiB of shared memory per SM and
+# their loads overlap; aiming at this many programs per SM keeps every SM streaming.
+_PROGRAMS_PER_SM = 4
+# A split shorter than this is mostly fixed cost (query load, workspace write, reduction read).
+_MIN_TOKENS_PER_SPLIT = 256
+# Upper bound so the workspace and the reduction stay small (num_splits * head_dim floats per row).
+_MAX_SPLITS = 256
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+    block_tables_ptr, kv_start_ptr, kv_end_ptr, out_ptr, lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ksb, stride_kst, stride_ksh,
+    stride_vsb, stride_vst, stride_vsh,
+    stride_btb, stride_btn,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    kv_start = tl.load(kv_start_ptr + seq)
+    kv_end = tl.load(kv_end_ptr + seq)
+    # whole aligned tiles of logical positions covering [kv_start, kv_end); this split's share
+    tile_first = kv_start // BLOCK_N
+    num_tiles = tl.where(kv_end > kv_start, (kv_end + BLOCK_N - 1) // BLOCK_N - tile_first, 0)
+    tiles_per_split = (num_tiles + num_splits - 1) // num_splits
+    tile_lo = tile_first + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tile_first + num_tiles)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    head = kv_head * GROUP + offs_g
+    g_ok = offs_g < GROUP
+    seq64 = seq.to(tl.int64)
+    q_ptrs = q_ptr + seq64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM], padding rows zero
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    bt_ptr = block_tables_ptr + seq64 * stride_btb
+    k_head_ptr = k_cache_ptr + kv_head * stride_kh
+    v_head_ptr = v_cache_ptr + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        pos = tile * BLOCK_N + offs_n  # logical token positions of this tile
+        key_ok = (pos >= kv_start) & (pos < kv_end)
+        if BLOCK_N <= BLOCK_SIZE:  # the tile sits in one physical block: one table entry
+            block = tl.load(bt_ptr + ((tile * BLOCK_N) // BLOCK_SIZE) * stride_btn).to(tl.int64)
+        else:
+            block = tl.load(bt_ptr + (pos // BLOCK_SIZE) * stride_btn, mask=key_ok, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k_off = block * stride_kb + slot * stride_kt  # [BLOCK_N] (or scalar + [BLOCK_N])
+        v_off = block * stride_vb + slot * stride_vt
+        # K read transposed, [HEAD_DIM, BLOCK_N]; V as [BLOCK_N, HEAD_DIM]: 2 * BLOCK_N * HEAD_DIM
+        # elements per tile, shared by the GROUP query heads
+        k = tl.load(k_head_ptr + k_off[None, :] + offs_d[:, None] * stride_kd, mask=key_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        if HAS_SCALE:
+            k_scale = tl.load(k_scale_ptr + block * stride_ksb + slot * stride_kst + kv_head * stride_ksh,
+                              mask=key_ok, other=0.0)
+            qk = qk * k_scale[None, :]
+        qk = tl.where(key_ok[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_head_ptr + v_off[:, None] + offs_d[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
+        if HAS_SCALE:  # dequantise V in float32, then (GPU) round once to q's dtype for the dot
+            v_scale = tl.load(v_scale_ptr + block * stride_vsb + slot * stride_vst + kv_head * stride_vsh,
+                              mask=key_ok, other=0.0)
+            v = v.to(tl.float32) * v_scale[:, None]
+            if not UPCAST_DOT:  # the interpreter's fp32 -> bf16 cast truncates: there V stays float32
+                v = v.to(q_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            acc = tl.dot(p.to(q_ptr.dtype.element_ty).to(tl.float32), v.to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+
+    # a split with no tile (empty range, or more splits than tiles) writes out 0, lse -inf
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # * ln(2)
+    out_ptrs = (out_ptr + seq64 * stride_ob + head[:, None] * stride_oh + split * stride_os
+                + offs_d[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+    tl.store(lse_ptr + seq64 * stride_lb + head * stride_lh + split * stride_ls, lse, mask=g_ok)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    num_splits,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    stride_ob, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (sequence, query head): out = sum_s exp(lse_s - LSE) out_s, LSE = logsumexp lse_s.
+
+    Reads num_splits * (HEAD_DIM + 1) floats per row; two passes over the LSEs (max, then weights)
+    keep every loop-carried value a vector.
+    """
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse_base = part_lse_ptr + seq * stride_plb + head * stride_plh
+    out_base = part_out_ptr + seq * stride_pob + head * stride_poh
+
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = (s0 + offs_s) < num_splits
+        m_vec = tl.maximum(m_vec, tl.load(lse_base + (s0 + offs_s) * stride_pls, mask=s_ok, other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: keep exp() away from -inf - -inf
+
+    l_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = (s0 + offs_s) < num_splits
+        lse_s = tl.load(lse_base + (s0 + offs_s) * stride_pls, mask=s_ok, other=float("-inf"))
+        w = tl.exp(lse_s - m_safe)  # empty splits: exp(-inf) = 0
+        out_s = tl.load(out_base + (s0 + offs_s)[:, None] * stride_pos + offs_d[None, :] * stride_pod,
+                        mask=s_ok[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * out_s, 0)
+        l_vec += w
+    l_sum = tl.sum(l_vec, 0)
+    l_safe = tl.where(l_sum > 0.0, l_sum, 1.0)
+    out = acc / l_safe
+    lse = tl.where(l_sum > 0.0, m_safe + tl.log(l_safe), float("-inf"))
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + seq * stride_lb + head * stride_lh, lse)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and workspace allocation goes through here, so tests can poison them all."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Splits per range so batch * num_kv_heads * num_splits programs fill the GPU.
+
+    max_len: an upper bound on the longest range (the wrapper uses max_blocks_per_seq * block_size,
+    known without a device sync, so the launch stays CUDA-graph friendly). Splits shorter than
+    _MIN_TOKENS_PER_SPLIT are not worth their fixed cost.
+    """
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads))
+    useful = triton.cdiv(max(1, max_len), _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, useful, _MAX_SPLITS))
+
+
+def _default_config(head_dim: int, cache_dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """BLOCK_N / num_warps / num_stages. Interpreter: 16-key tiles so tiny tests cross tiles and blocks.
+
+    CUDA: 64-key tiles (one production block) at head_dim <= 128, 4 warps, 3 stages: a K and a V tile
+    of 16 KiB each per stage in bf16 (96 KiB of shared memory at most); float32 caches halve the tile
+    and use 2 stages. A first guess, not yet measured: benchmarks/bench_decode.py sweeps the
+    alternatives on the H200 (omit --quick).
+    """
+    if device.type != "cuda":
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    block_n = 64 if head_dim <= 128 else 32
+    if cache_dtype == torch.float32:
+        return dict(BLOCK_N=block_n // 2 if head_dim > 64 else block_n, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "paged_decode_attention expects q [batch, num_heads, head_dim] and k_cache, v_cache "
+            f"[num_blocks, block_size, num_kv_heads, head_dim] of equal shape, got q {tuple(q.shape)}, "
+            f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}."
+        )
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"paged_decode_attention: q head_dim {head_dim} differs from the cache's {cache_head_dim}.")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"paged_decode_attention supports head_dim a power of two in [16, 256], got {head_dim}.")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"paged_decode_attention needs a power-of-two block_size, got {block_size}.")
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"paged_decode_attention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}."
+        )
+    if q.dtype not in _SUPPORTED_Q_DTYPES:
+        raise ValueError(f"paged_decode_attention supports q in float16/bfloat16/float32, got {q.dtype}.")
+    fp8 = k_cache.dtype in _FP8_DTYPES
+    if v_cache.dtype != k_cache.dtype or not (fp8 or k_cache.dtype == q.dtype):
+        raise ValueError(
+            f"paged_decode_attention: k_cache / v_cache must both be q's dtype {q.dtype} or float8_e4m3fn, "
+            f"got {k_cache.dtype} and {v_cache.dtype}."
+        )
+    if (k_scale is None) != (v_scale is None) or (k_scale is not None and not fp8):
+        raise ValueError("paged_decode_attention: k_scale and v_scale go together, and only with a float8 cache.")
+    if k_scale is not None:
+        want = tuple(k_cache.shape[:3])
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if tuple(s.shape) != want or s.dtype != torch.float32:
+                raise ValueError(
+                    f"paged_decode_attention: {name} must be float32 {want} "
+                    f"[num_blocks, block_size, num_kv_heads], got {s.dtype} {tuple(s.shape)}."
+                )
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32:
+        raise ValueError(
+            f"paged_decode_attention: block_tables must be int32 [batch={batch}, max_blocks_per_seq], "
+            f"got {block_tables.dtype} {tuple(block_tables.shape)}."
+        )
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if tuple(t.shape) != (batch,) or t.dtype != torch.int32:
+            raise ValueError(
+                f"paged_decode_attention: {name} must be int32 [batch={batch}], got {t.dtype} {tuple(t.shape)}."
+            )
+
+
+def paged_decode_attention_with_config(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    *,
+    config: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_decode_attention`` with explicit BLOCK_N / num_warps / num_stages (for tuning sweeps)."""
+    _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # triton's interpreter casts float32 -> bfloat16 by truncation, the GPU rounds to nearest even:
+    # under the interpreter the kernels write float32 and torch rounds, as the GPU would
+    out_dtype = torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype
+    out = _empty((batch, num_heads, head_dim), out_dtype, q.device)
+    lse = _empty((batch, num_heads), torch.float32, q.device)
+    if batch == 0:
+        return out.to(q.dtype), lse
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    if num_splits < 1:
+        raise ValueError(f"paged_decode_attention: num_splits must be >= 1, got {num_splits}.")
+
+    if num_splits == 1:  # the split kernel writes the result; stride 0 over the (single) split
+        part_out, part_lse = out, lse
+        po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
+        pl_strides = (lse.stride(0), lse.stride(1), 0)
+    else:  # float32 workspace: num_splits partial rows per (sequence, head)
+        part_out = _empty((batch, num_heads, num_splits, head_dim), torch.float32, q.device)
+        part_lse = _empty((batch, num_heads, num_splits), torch.float32, q.device)
+        po_strides, pl_strides = part_out.stride(), part_lse.stride()
+
+    has_scale = k_scale is not None
+    dummy = kv_start  # never read when HAS_SCALE is False
+    ks, vs = (k_scale, v_scale) if has_scale else (dummy, dummy)
+    ks_strides = k_scale.stride() if has_scale else (0, 0, 0)
+    vs_strides = v_scale.stride() if has_scale else (0, 0, 0)
+    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, ks, vs, block_tables, kv_start, kv_end, part_out, part_lse,
+        softmax_scale * _LOG2E,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_kd=k_cache.stride(3),
+        stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_vd=v_cache.stride(3),
+        stride_ksb=ks_strides[0], stride_kst=ks_strides[1], stride_ksh=ks_strides[2],
+        stride_vsb=vs_strides[0], stride_vst=vs_strides[1], stride_vsh=vs_strides[2],
+        stride_btb=block_tables.stride(0), stride_btn=block_tables.stride(1),
+        stride_ob=po_strides[0], stride_oh=po_strides[1], stride_os=po_strides[2], stride_od=po_strides[3],
+        stride_lb=pl_strides[0], stride_lh=pl_strides[1], stride_ls=pl_strides[2],
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=config["BLOCK_N"], HAS_SCALE=has_scale,
+        # fp32 queries get true fp32 products (tf32 would cost ~3e-4 relative error)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py);
+        # fp32 operands holding the same 16-bit values give the GPU's result
+        UPCAST_DOT=interpret,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, lse, num_splits,
+            stride_pob=po_strides[0], stride_poh=po_strides[1], stride_pos=po_strides[2], stride_pod=po_strides[3],
+            stride_plb=pl_strides[0], stride_plh=pl_strides[1], stride_pls=pl_strides[2],
+            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+            stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=min(triton.next_power_of_2(num_splits), 16),
+            num_warps=4,
+        )
+    return out.to(q.dtype), lse
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per sequence to a range of its paged KV cache, with the LSE.
+
+    q: [batch, num_heads, head_dim], already rotated (query head h reads kv head
+    h // (num_heads // num_kv_heads)); k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim] in q's dtype or float8_e4m3fn; block_tables: [batch, max_blocks_per_seq] int32,
+    the physical block of each logical block; kv_start, kv_end: [batch] int32, the key range
+    [kv_start, kv_end) in logical positions (kv_start == kv_end: empty). k_scale, v_scale:
+    [num_blocks, block_size, num_kv_heads] float32 per-token dequant scales (fp8 only; None with an
+    fp8 cache means scale 1). num_splits: pieces per range (None: enough to fill the GPU, from
+    max_blocks_per_seq * block_size and the SM count, without a device sync).
+    Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch, num_heads] float32 (natural
+    log); empty ranges give out = 0, lse = -inf.
+    """
+    config = _default_config(q.shape[-1], k_cache.dtype, q.device)
+    return paged_decode_attention_with_config(
+        q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale, num_splits,
+        config=config,
+    )
+
+
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_with_config"]
