@@ -10,6 +10,10 @@ and values into each sequence's cache and returns the attention output.
 ``DenseBackend`` is plain causal RoPE attention; ``DCABackend`` is Dual Chunk Attention with the
 YaRN temperature (spec section 2). The attention arithmetic itself (``attend_fn``) is picked per
 device by ``qwen1m.attention.ops``: the pure-PyTorch reference on CPU, kernels on GPU.
+
+Decoding sequences (one new token each) are handled together on the GPU: one scatter writes their
+keys, and the split-K paged decode kernel reads every sequence's cache through its block table
+directly (no gather), once per key range (one range dense, up to three under DCA, merged by LSE).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import math
 import torch
 
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.cache.paged_kv import write_slots
 from qwen1m.config import DCAConfig, ModelConfig
-from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.model.rope import RotaryEmbedding, dca_positions
 
 
 def _default_attend_fn(device: torch.device):
@@ -33,7 +38,20 @@ def _default_attend_fn(device: torch.device):
     return get_attend_fn(device)
 
 
+def _merge_fn(device: torch.device):
+    try:
+        from qwen1m.attention.ops import get_merge_fn
+    except ImportError:
+        from qwen1m.attention.reference import merge_attn_states
+
+        return merge_attn_states
+    return get_merge_fn(device)
+
+
 class AttentionBackend:
+    # None: use the paged decode kernel on CUDA only; True/False force it (tests run it interpreted).
+    decode_kernel: bool | None = None
+
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         self.cfg = cfg
         self.rotary = rotary
@@ -44,17 +62,59 @@ class AttentionBackend:
             self._attend_fns[device] = _default_attend_fn(device)
         return self._attend_fns[device]
 
+    def _use_decode_kernel(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.decode_kernel is None else self.decode_kernel
+
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         out = torch.empty_like(q)
+        batched = []
+        if self._use_decode_kernel(q.device):
+            batched = [s for s in meta.seqs if s.num_query == 1 and s.num_cached > 0]
+        if batched:
+            rows = _decode_rows(meta, batched)
+            out[rows] = self.forward_decode_batch(layer, q[rows], k[rows], v[rows], meta, batched)
         for seq in meta.seqs:
+            if batched and seq in batched:
+                continue
             rows = slice(seq.query_start, seq.query_start + seq.num_query)
             out[rows] = self.forward_sequence(layer, q[rows], k[rows], v[rows], meta.positions[rows], seq)
         return out
 
     def forward_sequence(self, layer, q, k, v, positions, seq: SequenceSlice) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_decode_batch(self, layer, q, k, v, meta: AttentionMetadata, seqs: list[SequenceSlice]):
+        """q: [B, num_heads, head_dim], k, v: [B, num_kv_heads, head_dim], one new token per sequence."""
+        raise NotImplementedError
+
+
+def _decode_rows(meta: AttentionMetadata, seqs: list[SequenceSlice]) -> torch.Tensor:
+    if "decode_rows" not in meta.derived:
+        meta.derived["decode_rows"] = torch.tensor([s.query_start for s in seqs], device=meta.positions.device)
+    return meta.derived["decode_rows"]
+
+
+def _decode_tables(meta: AttentionMetadata, seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block tables [B, max_blocks] int32, cache slots of the new tokens [B] int64), once per step."""
+    if "decode_tables" not in meta.derived:
+        device = meta.positions.device
+        width = max(len(s.cache.blocks) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks, dtype=torch.int32)
+        slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
+        meta.derived["decode_tables"] = (tables.to(device), slots.to(device))
+    return meta.derived["decode_tables"]
+
+
+def _paged_decode(q, cache, layer, tables, starts, ends, softmax_scale):
+    from qwen1m.kernels.paged_decode import paged_decode_attention
+
+    k_cache, v_cache, k_scale, v_scale = cache.kernel_view(layer)
+    return paged_decode_attention(q, k_cache, v_cache, tables, starts, ends, softmax_scale,
+                                  k_scale=k_scale, v_scale=v_scale)
 
 
 class DenseBackend(AttentionBackend):
@@ -67,6 +127,19 @@ class DenseBackend(AttentionBackend):
         out, _ = self.attend_fn(q.device)(
             q, keys, values, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True
         )
+        return out
+
+    def forward_decode_batch(self, layer, q, k, v, meta, seqs):
+        positions = meta.positions[_decode_rows(meta, seqs)]
+        tables, slots = _decode_tables(meta, seqs)
+        cache = seqs[0].cache.cache
+        write_slots(cache, layer, slots, self.rotary.rotate(k, positions), v)
+        if "dense_ranges" not in meta.derived:
+            ends = torch.tensor([s.num_total for s in seqs], dtype=torch.int32)
+            meta.derived["dense_ranges"] = (torch.zeros_like(ends).to(q.device), ends.to(q.device))
+        starts, ends = meta.derived["dense_ranges"]
+        out, _ = _paged_decode(self.rotary.rotate(q, positions), cache, layer, tables, starts, ends,
+                               1.0 / math.sqrt(q.shape[-1]))
         return out
 
 
@@ -91,6 +164,41 @@ class DCABackend(AttentionBackend):
             begin=seq.num_cached, dca=self.dca, softmax_scale=scale, attend_fn=self.attend_fn(q.device),
         )
         return out
+
+    def forward_decode_batch(self, layer, q, k, v, meta, seqs):
+        positions = meta.positions[_decode_rows(meta, seqs)]
+        tables, slots = _decode_tables(meta, seqs)
+        cache = seqs[0].cache.cache
+        if "dca_decode" not in meta.derived:
+            # YaRN temperature per sequence (spec 2.5): q and the new key each scaled by m(L)
+            m = torch.tensor([self.dca.yarn_scale(s.scale_len) for s in seqs], dtype=q.dtype)
+            meta.derived["dca_decode"] = (m.to(q.device)[:, None, None],
+                                          _dca_decode_ranges(seqs, self.dca.chunk_len, q.device))
+        m, (i0, i1, s0, s1, n0, n1) = meta.derived["dca_decode"]
+        pos = dca_positions(positions, self.dca)
+        write_slots(cache, layer, slots, self.rotary.rotate(k, pos.key) * m, v)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        parts = [
+            _paged_decode(self.rotary.rotate(q, p) * m, cache, layer, tables, a, b, scale)
+            for p, a, b in ((pos.intra, i0, i1), (pos.succ, s0, s1), (pos.inter, n0, n1))
+        ]
+        # kernel LSE is [B, heads]; the merge contract is [heads, num_q]
+        out, _ = _merge_fn(q.device)([(o, lse.t()) for o, lse in parts])
+        return out
+
+
+def _dca_decode_ranges(seqs: list[SequenceSlice], s: int, device: torch.device) -> list[torch.Tensor]:
+    """Spec 2.4 for each sequence of length L (new token included), n = (L - 1) // s:
+    intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty)."""
+    rows = []
+    for seq in seqs:
+        length = seq.num_total
+        n = (length - 1) // s
+        succ = ((n - 1) * s, n * s) if n >= 1 else (0, 0)
+        inter = (0, (n - 1) * s) if n >= 2 else (0, 0)
+        rows.append((n * s, length, *succ, *inter))
+    t = torch.tensor(rows, dtype=torch.int32).t().contiguous().to(device)
+    return list(t)  # intra_start, intra_end, succ_start, succ_end, inter_start, inter_end
 
 
 def make_backend(cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig | None) -> AttentionBackend:

@@ -6,7 +6,8 @@ each sequence's tokens are contiguous in that run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,3 +33,6 @@ class SequenceSlice:
 class AttentionMetadata:
     positions: torch.Tensor  # [num_tokens] int64: absolute position of each new token
     seqs: list[SequenceSlice]  # in token order; slices tile [0, num_tokens)
+    # Tensors derived from this step's metadata once and reused by every layer (block tables of the
+    # decoding sequences, their cache slots and key ranges); filled lazily by the attention backend.
+    derived: dict[str, Any] = field(default_factory=dict)

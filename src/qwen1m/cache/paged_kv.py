@@ -75,6 +75,19 @@ class PagedKVCache:
         return self.k[layer], self.v[layer], None, None
 
 
+def write_slots(cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store one token per row at flat cache rows ``slots`` ([n] int64): one scatter for a decode batch."""
+    kf = cache.k[layer].view(-1, cache.num_kv_heads, cache.head_dim)
+    vf = cache.v[layer].view(-1, cache.num_kv_heads, cache.head_dim)
+    if cache.fp8:
+        (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
+        kf[slots], vf[slots] = kq, vq
+        cache.k_scale[layer].view(-1, cache.num_kv_heads)[slots] = ks
+        cache.v_scale[layer].view(-1, cache.num_kv_heads)[slots] = vs
+    else:
+        kf[slots], vf[slots] = k, v
+
+
 class SequenceBlocks:
     """One sequence's blocks in a PagedKVCache; the handle the attention backends use."""
 
@@ -95,6 +108,11 @@ class SequenceBlocks:
             return slice(base + start, base + end)
         pos = torch.arange(start, end, device=self.block_table.device)
         return self.block_table[pos // bs].long() * bs + pos % bs
+
+    def slot(self, position: int) -> int:
+        """Flat cache row of one token position."""
+        bs = self.cache.block_size
+        return self.blocks[position // bs] * bs + position % bs
 
     def _flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache

@@ -1,0 +1,158 @@
+"""Engine benchmark on Qwen2.5-7B-Instruct-1M shapes with random weights (load_format="dummy").
+
+    PYTHONPATH=src python3 benchmarks/bench_engine.py --ttft 32768,131072 --decode 32768 --batch32 \
+        [--hf-baseline 32768] [--kv-cache-dtype fp8]
+
+Measures, in one process:
+- time to first token (prefill of the whole prompt + the first sampled token) and peak GPU memory;
+- decode latency per token at a context length (batch 1), against the floor of reading the weights and
+  the whole KV cache once at the measured copy bandwidth (GPU.md: 4,266 GB/s):
+      floor = (weight_bytes + context * kv_bytes_per_token) / bandwidth;
+- decode throughput at batch 32 with 8K contexts;
+- optionally transformers (sdpa attention, same random weights) as the baseline a user would pick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import save  # noqa: E402
+
+from qwen1m import LLM, SamplingParams  # noqa: E402
+
+CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct-1m"
+COPY_BANDWIDTH = 4266e9  # bytes/s, device-to-device copy measured on the H200 (GPU.md)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def ttft(llm: LLM, n: int) -> dict:
+    ids = torch.randint(0, llm.config.vocab_size, (n,)).tolist()
+    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
+    _sync()
+    t = time.perf_counter() - t0
+    return {"tokens": n, "ttft_s": t, "prefill_tokens_per_s": n / t,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "generated": len(out.outputs[0].token_ids)}
+
+
+def decode(llm: LLM, context: int, batch: int, steps: int) -> dict:
+    prompts = [torch.randint(0, llm.config.vocab_size, (context,)).tolist() for _ in range(batch)]
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    times = []
+    for p in prompts:
+        llm.engine.add_request(p, params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.engine.scheduler.running) or \
+            llm.engine.num_waiting():
+        llm.engine.step()  # prefill (not timed)
+    while llm.engine.has_unfinished_requests():
+        _sync()
+        t0 = time.perf_counter()
+        llm.engine.step()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:]) or times
+    step = times[len(times) // 2]
+    weight_bytes = llm.memory_plan.weight_bytes
+    kv_bytes = batch * context * llm.memory_plan.kv_bytes_per_token
+    floor = (weight_bytes + kv_bytes) / COPY_BANDWIDTH
+    return {"context": context, "batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step,
+            "floor_ms": floor * 1e3, "ratio_to_floor": step / floor}
+
+
+def hf_baseline(n_list: list[int]) -> list[dict]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config.from_pretrained(CONFIG)
+    cfg._attn_implementation = "sdpa"
+    rows = []
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    for n in n_list:
+        ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            _sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=1, do_sample=False)
+            _sync()
+            rows.append({"tokens": n, "ttft_s": time.perf_counter() - t0,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "oom": False})
+            with torch.no_grad():
+                out = model.generate(ids[:, :n], max_new_tokens=33, min_new_tokens=33, do_sample=False)
+            _sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+            _sync()
+            rows[-1]["decode_ms_per_token"] = (time.perf_counter() - t0 - rows[-1]["ttft_s"]) / 32 * 1e3
+            del out
+        except torch.OutOfMemoryError:
+            rows.append({"tokens": n, "oom": True})
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ttft", default="32768,131072,262144")
+    ap.add_argument("--decode", default="32768,131072")
+    ap.add_argument("--batch32", action="store_true")
+    ap.add_argument("--hf-baseline", default="")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=1010000)
+    args = ap.parse_args()
+    results: dict = {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16)", "kv_cache_dtype": args.kv_cache_dtype}
+    if args.hf_baseline:
+        results["transformers_sdpa"] = hf_baseline(_ints(args.hf_baseline))
+        print("transformers", results["transformers_sdpa"], flush=True)
+    llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32)
+    results["memory_plan"] = str(llm.memory_plan)
+    print(llm.memory_plan, flush=True)
+    results["ttft"] = []
+    for n in _ints(args.ttft):
+        results["ttft"].append(ttft(llm, n))
+        print("ttft", results["ttft"][-1], flush=True)
+    results["decode"] = []
+    for n in _ints(args.decode):
+        results["decode"].append(decode(llm, n, 1, 16))
+        print("decode", results["decode"][-1], flush=True)
+    if args.batch32:
+        results["decode"].append(decode(llm, 8192, 32, 16))
+        print("decode", results["decode"][-1], flush=True)
+    save("engine", results)
+    print("\n| what | figure |\n|---|---|")
+    for r in results["ttft"]:
+        print(f"| TTFT {r['tokens']:,} | {r['ttft_s']:.2f} s, peak {r['peak_gib']:.1f} GiB |")
+    for r in results["decode"]:
+        print(f"| decode ctx {r['context']:,} x{r['batch']} | {r['step_ms']:.2f} ms/step "
+              f"(floor {r['floor_ms']:.2f} ms, {r['ratio_to_floor']:.2f}x) |")
+    for r in results.get("transformers_sdpa", []):
+        print(f"| transformers {r['tokens']:,} | " + ("OOM" if r["oom"] else
+              f"TTFT {r['ttft_s']:.2f} s, decode {r.get('decode_ms_per_token', float('nan')):.2f} ms/token") + " |")
+
+
+if __name__ == "__main__":
+    main()
