@@ -90,6 +90,10 @@ def test_stop_token_and_stop_string(text_checkpoint):
     assert out.finish_reason == "stop" and out.stop_reason == stop_text
     assert out.text == full.text[:full.text.find(stop_text)]
     assert len(out.token_ids) < len(full.token_ids)
+    # streamed deltas never show a stop string's beginning that is later cut away
+    stream = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                                stop=[stop_text]), stream=True)
+    assert "".join(o.new_text[0] for o in stream) == out.text
 
 
 def test_streaming_deltas_concatenate_to_the_text(text_checkpoint):

@@ -219,8 +219,12 @@ class LLMEngine:
         finished = all(s.is_finished for s in seqs)
         new_text = []
         for s in seqs:
-            new_text.append(s.output_text[s.emitted_text_len:])
-            s.emitted_text_len = len(s.output_text)
+            visible = len(s.output_text)
+            if not s.is_finished and s.params.stop_strings:
+                # hold back what could still turn out to be the start of a stop string
+                visible = max(s.emitted_text_len, visible - (max(map(len, s.params.stop_strings)) - 1))
+            new_text.append(s.output_text[s.emitted_text_len:visible])
+            s.emitted_text_len = visible
         first = seqs[0]
         ttft = [s.first_token_time for s in seqs if s.first_token_time is not None]
         out = RequestOutput(

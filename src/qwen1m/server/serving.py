@@ -1,0 +1,224 @@
+"""Engine <-> protocol: turn OpenAI requests into engine requests and engine outputs into
+OpenAI responses, whole or as server-sent events.
+
+Tokenizing and chat templating run in a worker thread (a 1M-token prompt takes seconds to
+encode) so neither the event loop nor the engine loop waits on them. Each prompt becomes one engine
+request with ``n`` completions; choice ``i * n + j`` is completion ``j`` of prompt ``i``, as in OpenAI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from qwen1m.errors import Qwen1mError, RequestError
+from qwen1m.outputs import RequestOutput
+from qwen1m.sampling_params import SamplingParams
+from qwen1m.server.engine_loop import EngineLoop, EngineRequest, EngineUnavailable, RequestStream
+from qwen1m.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    UsageInfo,
+)
+
+Kind = Literal["completion", "chat"]
+
+
+class _Choices:
+    """Per-choice text deltas from successive RequestOutputs.
+
+    While a choice runs, the last ``holdback`` characters stay unsent: they may be the start of a
+    stop string that the engine will cut from the text, and sent text cannot be taken back.
+    """
+
+    def __init__(self, request_ids: list[str], n: int, holdback: int):
+        self.first_choice = {rid: i * n for i, rid in enumerate(request_ids)}
+        self.holdback = holdback
+        self.sent = [0] * (len(request_ids) * n)  # characters of each choice's text already emitted
+        self.texts = [""] * len(self.sent)
+        self.finish_reasons: list[str | None] = [None] * len(self.sent)
+        self.completion_tokens = [0] * len(self.sent)
+        self.prompt_tokens: dict[str, int] = {}
+
+    def update(self, out: RequestOutput) -> list[tuple[int, str, str | None]]:
+        """(choice index, new text, finish reason or None) for each choice that changed."""
+        self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        changes = []
+        for o in out.outputs:
+            i = self.first_choice[out.request_id] + o.index
+            if self.finish_reasons[i] is not None:
+                continue
+            self.texts[i] = o.text
+            self.completion_tokens[i] = len(o.token_ids)
+            end = len(o.text) if o.finish_reason else max(self.sent[i], len(o.text) - self.holdback)
+            delta, self.sent[i] = o.text[self.sent[i]:end], end
+            self.finish_reasons[i] = o.finish_reason
+            if delta or o.finish_reason:
+                changes.append((i, delta, o.finish_reason))
+        return changes
+
+    def usage(self) -> UsageInfo:
+        prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class OpenAIServing:
+    def __init__(self, engine_loop: EngineLoop, tokenizer, *, model_name: str, max_model_len: int):
+        self.engine_loop = engine_loop
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created,
+                                         max_model_len=self.max_model_len)])
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise OpenAIError(404, f"The model '{name}' does not exist; this server serves "
+                              f"'{self.model_name}'.", param="model", code="model_not_found")
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        self.check_model(req.model)
+        prompts = [await self._encode(p) for p in req.prompts()]
+        params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default
+        return await self._generate("completion", req, prompts, params, request)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request):
+        self.check_model(req.model)
+        if self.tokenizer is None:
+            raise RequestError("This model has no tokenizer.json, so chat messages cannot be turned into a "
+                               "prompt; use /v1/completions with token ids.")
+        messages = [m.template_dict() for m in req.messages]
+        text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                       add_generation_prompt=req.add_generation_prompt,
+                                       **(req.chat_template_kwargs or {}))
+        # chat has no default cap: up to max_model_len, as OpenAI and vLLM do
+        params = req.sampling_params(req.max_new_tokens)
+        return await self._generate("chat", req, [await self._encode(text)], params, request)
+
+    async def _encode(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise RequestError("This model has no tokenizer.json, so prompts must be lists of token ids.")
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
+
+    async def _generate(self, kind: Kind, req: GenerationRequest, prompts: list[list[int]],
+                        params: SamplingParams, request: Request) -> Response:
+        response_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        requests = [EngineRequest(f"{response_id}-{i}", ids, params) for i, ids in enumerate(prompts)]
+        stream = await self.engine_loop.submit(requests)
+        holdback = max((len(s) for s in params.stop_strings), default=1) - 1
+        choices = _Choices(stream.request_ids, params.n, holdback)
+        if req.stream:
+            events = self._events(kind, response_id, stream, choices, req.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Starlette notices a vanished client only for streams: watch for it here too
+        watcher = asyncio.create_task(_interrupt_on_disconnect(request, stream))
+        try:
+            async for out in stream:
+                choices.update(out)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+        finally:
+            watcher.cancel()
+            stream.close()
+        return JSONResponse(self._full_response(kind, response_id, choices).model_dump())
+
+    def _full_response(self, kind: Kind, response_id: str, choices: _Choices):
+        head = dict(id=response_id, created=int(time.time()), model=self.model_name, usage=choices.usage())
+        finished = list(enumerate(zip(choices.texts, choices.finish_reasons)))
+        if kind == "completion":
+            return CompletionResponse(**head, choices=[CompletionChoice(index=i, text=t, finish_reason=f)
+                                                       for i, (t, f) in finished])
+        return ChatCompletionResponse(**head, choices=[
+            ChatChoice(index=i, message=ChatResponseMessage(content=t), finish_reason=f)
+            for i, (t, f) in finished])
+
+    async def _events(self, kind: Kind, response_id: str, stream: RequestStream, choices: _Choices,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``.
+
+        A client that disconnects cancels this generator (Starlette watches for it), and the
+        ``finally`` aborts the engine requests, which frees their KV cache.
+        """
+        head = dict(id=response_id, created=int(time.time()), model=self.model_name)
+
+        def chunk(index: int, text: str | None, finish: str | None, role: str | None = None) -> str:
+            if kind == "completion":
+                choice = CompletionChoice(index=index, text=text or "", finish_reason=finish)
+                body = CompletionResponse(**head, choices=[choice])
+            else:
+                delta = DeltaMessage(role=role, content=text)
+                body = ChatCompletionChunk(**head, choices=[ChatStreamChoice(index=index, delta=delta,
+                                                                             finish_reason=finish)])
+            # OpenAI sends "usage": null in every chunk only when the client asked for usage
+            return _sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
+
+        try:
+            if kind == "chat":
+                for i in range(len(choices.sent)):
+                    yield chunk(i, "", None, role="assistant")
+            async for out in stream:
+                for index, delta, finish in choices.update(out):
+                    if delta:
+                        yield chunk(index, delta, None)
+                    if finish:
+                        yield chunk(index, None if kind == "chat" else "", finish)
+            if include_usage:
+                cls = CompletionResponse if kind == "completion" else ChatCompletionChunk
+                yield _sse(cls(**head, choices=[], usage=choices.usage()).model_dump_json())
+        except (Qwen1mError, EngineUnavailable) as e:
+            # the status line is already sent: report the error in the stream, as OpenAI does
+            yield _sse(error_body(e).body.model_dump_json())
+        finally:
+            stream.close()
+        yield "data: [DONE]\n\n"
+
+
+def error_body(e: Exception) -> OpenAIError:
+    """The OpenAI error (status and object) for an exception raised while serving a request."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, EngineUnavailable):
+        return OpenAIError(e.status_code, str(e), type="server_error" if e.status_code == 500 else
+                           "service_unavailable_error")
+    if isinstance(e, Qwen1mError):  # a bad prompt or sampling parameter, or no chat template
+        code = "context_length_exceeded" if "max_model_len" in str(e) else None
+        return OpenAIError(400, str(e), code=code)
+    return OpenAIError(500, f"Internal server error ({type(e).__name__}).", type="server_error")
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request went away; its engine requests are already aborted."""
+
+
+async def _interrupt_on_disconnect(request: Request, stream: RequestStream) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.interrupt(ClientDisconnected())
