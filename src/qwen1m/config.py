@@ -28,6 +28,9 @@ class DCAConfig:
     # Training length for the YaRN attention temperature m = max(1, 0.1 ln(L / L0) + 1); 0 disables it
     # (spec 2.5; vLLM's default is 0 when the key is absent).
     original_max_position_embeddings: int = 0
+    # Runtime keys vLLM also reads from this object (spec 1.2); None: the sparse config's defaults.
+    sparse_attention_threshold: int | None = None
+    sparse_attention_last_q: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -65,6 +68,8 @@ class DCAConfig:
             chunk_size=_int(d, "chunk_size", where),
             local_size=_int(d, "local_size", where),
             original_max_position_embeddings=_int(d, "original_max_position_embeddings", where, default=0),
+            sparse_attention_threshold=_opt_int(d, "sparse_attention_threshold", where),
+            sparse_attention_last_q=_opt_int(d, "sparse_attention_last_q", where),
         )
 
 
@@ -215,6 +220,10 @@ def _int(d: dict[str, Any], key: str, where: str, default: int | None = None) ->
             return int(value)
         raise ConfigError(f"{where} field '{key}' must be an integer, got {value!r}.")
     return value
+
+
+def _opt_int(d: dict[str, Any], key: str, where: str) -> int | None:
+    return None if d.get(key) is None else _int(d, key, where)
 
 
 def _parse_rope_scaling(d: Any, where: str) -> RopeScaling | None:

@@ -60,6 +60,12 @@ class LLM:
     gpu_memory_utilization: share of the GPU's memory the engine plans to use.
     kv_cache_memory: bytes for the KV cache, overriding the plan (CPU default: min(25% of RAM,
         max_model_len * min(max_num_seqs, 8) tokens)).
+    sparse_attention_config: "auto" uses the folder's ``sparse_attention_config.json`` if present; a
+        path or a ``SparseConfig`` turns sparse prefill on; None or False turns it off.
+    sparse_threshold: sparse prefill only for prompts longer than this (default 32768, or the
+        checkpoint's ``dual_chunk_attention_config.sparse_attention_threshold``).
+    sparse_telemetry: record the computed density and, on one GQA group, the attention recall of
+        sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
     """
 
     def __init__(
@@ -77,6 +83,9 @@ class LLM:
         block_size: int | None = None,
         gpu_memory_utilization: float = 0.9,
         kv_cache_memory: int | None = None,
+        sparse_attention_config: str | Path | SparseConfig | bool | None = "auto",
+        sparse_threshold: int | None = None,
+        sparse_telemetry: bool = False,
         seed: int = 0,
     ):
         folder = bundled_model_path() if model is None else Path(model)
@@ -106,8 +115,14 @@ class LLM:
         torch.manual_seed(seed)
         self.config = replace(cfg, dca=dca_cfg)
         self.model_path = folder
+        self.sparse_config = _sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold)
         self.model = load_model(folder, self.config, self.dtype, self.device,
-                                load_format="dummy" if load_format == "dummy" else "safetensors", dca=dca_cfg)
+                                load_format="dummy" if load_format == "dummy" else "safetensors", dca=dca_cfg,
+                                sparse=self.sparse_config)
+        if sparse_telemetry and self.sparse_config is not None:
+            from qwen1m.attention.sparse_prefill import SparseTelemetry
+
+            self.model.backend.telemetry = SparseTelemetry()
         self.tokenizer = self._load_tokenizer(folder, load_format)
         if kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")
@@ -201,9 +216,44 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params)
 
+    def sparse_report(self) -> dict:
+        """Per layer: the density of sparse prefill so far and the recall of the sampled heads."""
+        telemetry = self.model.backend.telemetry
+        if telemetry is None:
+            raise ConfigError("sparse_report() needs LLM(..., sparse_telemetry=True) and a sparse config.")
+        return telemetry.summary()
+
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
         return self.engine.prompt_logits(list(token_ids))
+
+
+def _sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None):
+    from qwen1m.sparse_config import SparseConfig, load_sparse_config
+
+    if option is None or option is False:
+        return None
+    overrides = {}
+    if threshold is not None:
+        overrides["threshold"] = threshold
+    elif dca is not None and dca.sparse_attention_threshold is not None:
+        overrides["threshold"] = dca.sparse_attention_threshold
+    if dca is not None and dca.sparse_attention_last_q is not None:
+        overrides["last_q"] = dca.sparse_attention_last_q
+    if isinstance(option, SparseConfig):
+        sparse = replace(option, **overrides) if overrides else option
+    else:
+        path = folder / "sparse_attention_config.json" if option == "auto" else Path(option)
+        if option == "auto" and not path.is_file():
+            return None
+        sparse = load_sparse_config(path, cfg.num_hidden_layers, cfg.num_attention_heads, **overrides)
+    if sparse.num_layers != cfg.num_hidden_layers or any(len(v) != cfg.num_attention_heads
+                                                         for v in sparse.vertical_sizes):
+        raise ConfigError(
+            f"the sparse config has {sparse.num_layers} layers x {len(sparse.vertical_sizes[0])} heads but the model "
+            f"has {cfg.num_hidden_layers} x {cfg.num_attention_heads}."
+        )
+    return sparse
 
 
 def _block_size(block_size: int | None, dca: DCAConfig | None) -> int:

@@ -26,6 +26,7 @@ from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import write_slots
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.sparse_config import SparseConfig
 
 
 def _default_attend_fn(device: torch.device):
@@ -52,10 +53,31 @@ class AttentionBackend:
     # None: use the paged decode kernel on CUDA only; True/False force it (tests run it interpreted).
     decode_kernel: bool | None = None
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, sparse: SparseConfig | None = None):
         self.cfg = cfg
         self.rotary = rotary
+        self.sparse = sparse
+        self.telemetry = None  # a SparseTelemetry when the user asks for density / recall reports
         self._attend_fns: dict[torch.device, object] = {}
+
+    def _sparse_applies(self, seq: SequenceSlice) -> bool:
+        """Sparse attention in prefill only, for prompts longer than the threshold (spec 3.4)."""
+        return (self.sparse is not None and seq.prompt_len > self.sparse.threshold and seq.num_query > 1
+                and seq.num_total <= seq.prompt_len)
+
+    def _sparse_attention(self, layer, queries, keys, values, seq, chunk_len, scale, dense_fn):
+        from qwen1m.attention.sparse_prefill import get_sparse_fn, sparse_prefill_attention
+
+        device = keys.device
+        v_sizes, s_sizes = self.sparse.budgets(layer)
+        stats = {} if self.telemetry is not None else None
+        out, lse = sparse_prefill_attention(
+            queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
+            vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.sparse, sparse_fn=get_sparse_fn(device),
+            merge_fn=_merge_fn(device), stats=stats)
+        if self.telemetry is not None:
+            self.telemetry.record(layer, stats, lse, queries, keys, values, dense_fn)
+        return out
 
     def attend_fn(self, device: torch.device):
         if device not in self._attend_fns:
@@ -124,9 +146,14 @@ class DenseBackend(AttentionBackend):
         seq.cache.write(layer, seq.num_cached, self.rotary.rotate(k, positions), v)
         keys, values = seq.cache.view(layer, seq.num_total)
         q = self.rotary.rotate(q, positions)
-        out, _ = self.attend_fn(q.device)(
-            q, keys, values, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True
-        )
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        attend = self.attend_fn(q.device)
+        if self._sparse_applies(seq):
+            def dense_fn(qs, ks, vs):
+                return attend(qs["intra"], ks, vs, softmax_scale=scale, causal=True)
+
+            return self._sparse_attention(layer, {"intra": q}, keys, values, seq, None, scale, dense_fn)
+        out, _ = attend(q, keys, values, softmax_scale=scale, causal=True)
         return out
 
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
@@ -146,23 +173,31 @@ class DenseBackend(AttentionBackend):
 class DCABackend(AttentionBackend):
     """Dual Chunk Attention (spec 2.2-2.5); equals DenseBackend while the sequence fits one chunk."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig):
-        super().__init__(cfg, rotary)
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig,
+                 sparse: SparseConfig | None = None):
+        super().__init__(cfg, rotary, sparse)
         self.dca = dca
 
     def forward_sequence(self, layer, q, k, v, positions, seq):
         from qwen1m.attention.dca import dca_attention
-        from qwen1m.attention.dca_rope import rotate_for_dca
+        from qwen1m.attention.dca_rope import rotate_critical, rotate_for_dca
 
         q_intra, q_succ, q_inter, k_rot, scale = rotate_for_dca(
             q, k, positions, self.rotary, self.dca, seq.scale_len
         )
         seq.cache.write(layer, seq.num_cached, k_rot, v)
         keys, values = seq.cache.view(layer, seq.num_total)
-        out, _ = dca_attention(
-            q_intra, q_succ, q_inter, keys, values,
-            begin=seq.num_cached, dca=self.dca, softmax_scale=scale, attend_fn=self.attend_fn(q.device),
-        )
+        attend = self.attend_fn(q.device)
+
+        def dense_fn(qs, ks, vs):
+            return dca_attention(qs["intra"], qs["succ"], qs["inter"], ks, vs, begin=seq.num_cached, dca=self.dca,
+                                 softmax_scale=scale, attend_fn=attend)
+
+        queries = {"intra": q_intra, "succ": q_succ, "inter": q_inter}
+        if self._sparse_applies(seq):
+            queries["succ_critical"], queries["inter_critical"] = rotate_critical(q, positions, self.rotary, self.dca)
+            return self._sparse_attention(layer, queries, keys, values, seq, self.dca.chunk_len, scale, dense_fn)
+        out, _ = dense_fn(queries, keys, values)
         return out
 
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
@@ -201,6 +236,9 @@ def _dca_decode_ranges(seqs: list[SequenceSlice], s: int, device: torch.device) 
     return list(t)  # intra_start, intra_end, succ_start, succ_end, inter_start, inter_end
 
 
-def make_backend(cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig | None) -> AttentionBackend:
-    """The registry: DCA when the checkpoint or the user asks for it, dense otherwise."""
-    return DCABackend(cfg, rotary, dca) if dca is not None else DenseBackend(cfg, rotary)
+def make_backend(
+    cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig | None, sparse: SparseConfig | None = None
+) -> AttentionBackend:
+    """The registry: DCA when the checkpoint or the user asks for it, dense otherwise; either with
+    sparse prefill when a sparse config is given."""
+    return DCABackend(cfg, rotary, dca, sparse) if dca is not None else DenseBackend(cfg, rotary, sparse)

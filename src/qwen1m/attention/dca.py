@@ -44,7 +44,7 @@ most three calls, the ranges of spec 2.4.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -63,6 +63,17 @@ class _Region(NamedTuple):
     key_begin: int  # absolute token positions, half-open
     key_end: int
     causal: bool  # True only for the square intra block (num_q == num_kv)
+
+
+def dca_pieces(begin: int, total: int, s: int) -> Iterator[tuple[int, int, int]]:
+    """(piece_begin, piece_end, chunk_begin) for queries [begin, total): pieces never cross a DCA
+    chunk boundary; chunk_begin is the start of the piece's chunk (the spec's prev_end)."""
+    piece_begin = begin
+    while piece_begin < total:
+        chunk_begin = (piece_begin // s) * s
+        piece_end = min(chunk_begin + s, total)
+        yield piece_begin, piece_end, chunk_begin
+        piece_begin = piece_end
 
 
 def _regions(chunk_begin: int, piece_begin: int, piece_end: int, s: int) -> list[_Region]:
@@ -143,10 +154,7 @@ def dca_attention(
     queries = {"intra": q_intra, "succ": q_succ, "inter": q_inter}
     out = torch.empty_like(q_intra)
     lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q_intra.device)
-    piece_begin = begin
-    while piece_begin < total:
-        chunk_begin = (piece_begin // s) * s  # spec's prev_end: start of this piece's DCA chunk
-        piece_end = min(chunk_begin + s, total)
+    for piece_begin, piece_end, chunk_begin in dca_pieces(begin, total, s):
         rows = slice(piece_begin - begin, piece_end - begin)
         parts = [
             _attend_region(queries[r.query][rows], k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn)
@@ -155,5 +163,4 @@ def dca_attention(
         piece_out, piece_lse = merge_fn(parts)
         out[rows] = piece_out
         lse[:, rows] = piece_lse
-        piece_begin = piece_end
     return out, lse

@@ -40,3 +40,12 @@ def rotate_for_dca(
     q_succ = rotary.rotate(q, pos.succ)
     q_inter = rotary.rotate(q, pos.inter)
     return q_intra, q_succ, q_inter, k_rot, m / math.sqrt(q.shape[-1])
+
+
+def rotate_critical(
+    q: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, dca: DCAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_succ_critical (p' + s) and q_inter_critical (p' + c): continuous positions used only to
+    *select* sparse critical tokens in the successive and older chunks (spec 3.4)."""
+    pos = dca_positions(positions, dca)
+    return rotary.rotate(q, pos.succ_critical), rotary.rotate(q, pos.inter_critical)

@@ -23,6 +23,7 @@ class SequenceSlice:
     num_cached: int  # tokens already in the KV cache before this step (= position of the first new token)
     scale_len: int  # length L for the YaRN temperature: max(prompt_len, num_cached + num_query) (spec 2.5)
     cache: SequenceBlocks  # where this sequence's keys and values live
+    prompt_len: int = 0  # the request's prompt length (sparse prefill applies to long prompts only)
 
     @property
     def num_total(self) -> int:

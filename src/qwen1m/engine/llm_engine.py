@@ -150,7 +150,8 @@ class LLMEngine:
                     seq.prefill_start_time = now
             ids.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
-            slices.append(SequenceSlice(start, n, c, max(seq.num_prompt_tokens, c + n), seq.cache))
+            slices.append(SequenceSlice(start, n, c, max(seq.num_prompt_tokens, c + n), seq.cache,
+                                        seq.num_prompt_tokens))
             if c + n == seq.num_tokens:  # every known token computed: this row predicts the next one
                 sample_rows.append(start + n - 1)
                 samplers.append(seq)
@@ -258,7 +259,7 @@ class LLMEngine:
             for c in range(0, n, self.max_num_batched_tokens):
                 m = min(self.max_num_batched_tokens, n - c)
                 meta = AttentionMetadata(torch.arange(c, c + m, device=self.device),
-                                         [SequenceSlice(0, m, c, n, cache)])
+                                         [SequenceSlice(0, m, c, n, cache, n)])
                 hidden = self.model(ids[c:c + m], meta)
                 # the lm_head in slices: [rows, vocab] float32 stays small even for 32K-token chunks
                 chunks.extend(self.model.compute_logits(hidden[r:r + LOGITS_ROWS]).cpu()

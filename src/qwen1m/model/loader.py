@@ -17,6 +17,7 @@ from safetensors import safe_open
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.errors import CheckpointError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
+from qwen1m.sparse_config import SparseConfig
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -69,11 +70,12 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, dca: DCAConfig | None = None
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, dca: DCAConfig | None = None,
+    sparse: SparseConfig | None = None,
 ) -> Qwen2ForCausalLM:
     """Uninitialised model (weights allocated on ``device``, contents undefined)."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg, dca=dca)
+        model = Qwen2ForCausalLM(cfg, dca=dca, sparse=sparse)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -137,11 +139,12 @@ def load_model(
     device: torch.device,
     load_format: str = "safetensors",
     dca: DCAConfig | None = None,
+    sparse: SparseConfig | None = None,
 ) -> Qwen2ForCausalLM:
     folder = Path(folder)
     if load_format not in ("safetensors", "auto", "dummy"):
         raise CheckpointError(f"load_format '{load_format}' is not supported (expected 'safetensors' or 'dummy').")
-    model = build_model(cfg, dtype, device, dca=dca)
+    model = build_model(cfg, dtype, device, dca=dca, sparse=sparse)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -23,6 +23,7 @@ from qwen1m.attention.metadata import AttentionMetadata
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.model.layers import MLP, RMSNorm
 from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.sparse_config import SparseConfig
 
 
 class Attention(nn.Module):
@@ -106,7 +107,7 @@ class Qwen2Model(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     """Serves both ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` checkpoints (dense)."""
 
-    def __init__(self, cfg: ModelConfig, dca: DCAConfig | None = None):
+    def __init__(self, cfg: ModelConfig, dca: DCAConfig | None = None, sparse: SparseConfig | None = None):
         super().__init__()
         self.config = cfg
         self.model = Qwen2Model(cfg)
@@ -115,7 +116,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding.from_config(cfg)
         self.dca = dca if dca is not None else cfg.dca
-        self.backend = make_backend(cfg, self.rotary, self.dca)
+        self.backend = make_backend(cfg, self.rotary, self.dca, sparse)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids: [num_tokens] -> final-norm hidden states [num_tokens, hidden]."""
