@@ -17,6 +17,7 @@ from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.model.loader import load_model, resolve_dtype
 from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.sampling_params import SamplingParams
+from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class LLM:
 
 
 def _sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None):
-    from qwen1m.sparse_config import SparseConfig, load_sparse_config
+    from qwen1m.sparse_config import load_sparse_config
 
     if option is None or option is False:
         return None
