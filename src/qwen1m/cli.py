@@ -7,6 +7,7 @@ message on stderr and exit status 2; nothing prints a traceback at the user.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -32,6 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     dca.add_argument("--dca-original-max-position-embeddings", type=int, default=None,
                      help="training length for the YaRN temperature (default: chunk size)")
     dca.add_argument("--no-dca", action="store_true", help="plain RoPE even if the checkpoint enables DCA")
+    sp = p.add_argument_group("sparse prefill (default: the folder's sparse_attention_config.json if present)")
+    sp.add_argument("--sparse-config", default="auto", help="a sparse_attention_config.json, 'auto' or 'none'")
+    sp.add_argument("--sparse-threshold", type=int, default=None, help="sparse only above this prompt length")
 
 
 def _dca_option(args: argparse.Namespace):
@@ -50,14 +54,18 @@ def _dca_option(args: argparse.Namespace):
                      original_max_position_embeddings=chunk if orig is None else orig)
 
 
-def _load_llm(args: argparse.Namespace):
+def _load_llm(args: argparse.Namespace, **overrides):
     from qwen1m import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-               dca=_dca_option(args), max_model_len=args.max_model_len,
-               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
-               block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-               kv_cache_memory=args.kv_cache_memory)
+    options = dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
+                   dca=_dca_option(args), max_model_len=args.max_model_len,
+                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                   block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                   kv_cache_memory=args.kv_cache_memory,
+                   sparse_attention_config=None if args.sparse_config == "none" else args.sparse_config,
+                   sparse_threshold=args.sparse_threshold)
+    options.update(overrides)
+    return LLM(args.model, **options)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -123,6 +131,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_ids(llm, data: str, length: int, sample: int) -> list[int]:
+    """Token ids of one calibration sequence of exactly ``length`` tokens."""
+    if data == "synthetic":
+        from qwen1m.train.corpus import grammar_paragraphs
+
+        text = "\n\n".join(grammar_paragraphs(max(8, length // 40), seed=1000 + sample))
+    else:
+        path = Path(data)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise Qwen1mError(f"--data {path} does not exist (give a UTF-8 text file or 'synthetic').") from None
+        except (UnicodeDecodeError, OSError):
+            raise Qwen1mError(f"--data {path} could not be read as UTF-8 text.") from None
+    ids = llm.tokenizer.encode(text)
+    if not ids:
+        raise Qwen1mError(f"--data {data} holds no text.")
+    start = (sample * 7919) % len(ids)  # different samples start at different places of the text
+    ids = ids[start:] + ids[:start]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from qwen1m import SamplingParams
+    from qwen1m.attention.calibrate import RecallProbe, refine, save_heatmap
+    from qwen1m.sparse_config import SparseConfig, load_sparse_config
+
+    if not 0 < args.target_recall <= 1:
+        raise Qwen1mError(f"--target-recall must be in (0, 1], got {args.target_recall}.")
+    if args.step < 1 or args.max_steps < 0:
+        raise Qwen1mError("--step must be positive and --max-steps >= 0.")
+    llm = _load_llm(args, sparse_attention_config=None)
+    cfg = llm.config
+    if args.base:
+        base = load_sparse_config(args.base, cfg.num_hidden_layers, cfg.num_attention_heads)
+    else:
+        base = SparseConfig.uniform(cfg.num_hidden_layers, cfg.num_attention_heads, args.base_vertical,
+                                    args.base_slash)
+    from dataclasses import replace
+
+    probe = RecallProbe(replace(base, threshold=1), args.step, args.max_steps)
+    llm.model.backend.sparse = probe.base
+    llm.model.backend.probe = probe
+    if llm.tokenizer is None and args.data != "synthetic":
+        raise Qwen1mError(f"--data needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
+    for sample in range(args.samples):
+        ids = _calibration_ids(llm, args.data, args.length, sample)
+        print(f"calibration sample {sample + 1}/{args.samples}: {len(ids):,} tokens", file=sys.stderr)
+        llm.generate([ids], SamplingParams(max_tokens=1, temperature=0),
+                     progress=_progress_printer(llm.engine.max_num_batched_tokens))
+    refined, summary = refine(probe, args.target_recall)
+    Path(args.out).write_text(json.dumps(refined.to_json(), indent=1))
+    print(f"{'layer':>5} {'recall@base':>11} {'recall@chosen':>13} {'raised':>6} {'below':>5}")
+    for row in summary:
+        print(f"{row.layer:>5} {row.base_recall:>11.4f} {row.final_recall:>13.4f} {row.raised:>6} "
+              f"{row.below_target:>5}")
+    print(f"wrote {args.out} ({sum(r.raised for r in summary)} heads raised, "
+          f"{sum(r.below_target for r in summary)} still below {args.target_recall} at the largest budget)")
+    if args.heatmap and save_heatmap(refined, args.heatmap):
+        print(f"wrote {args.heatmap}")
+    return 0
+
+
 def _progress_printer(step_tokens: int):
     """A one-line progress bar on stderr for prompts that take more than one engine step."""
 
@@ -156,6 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="refine a sparse config by attention recall (writes the JSON)")
+    cal.add_argument("--data", default="synthetic", help="a UTF-8 text file, or 'synthetic' (default)")
+    cal.add_argument("--length", type=int, required=True, help="tokens per calibration sequence")
+    cal.add_argument("--samples", type=int, default=1, help="calibration sequences (default 1)")
+    cal.add_argument("--target-recall", type=float, default=0.9)
+    cal.add_argument("--base", default=None, help="starting sparse_attention_config.json (default uniform)")
+    cal.add_argument("--base-vertical", type=int, default=1000, help="uniform base vertical size (spec 3.5)")
+    cal.add_argument("--base-slash", type=int, default=6096, help="uniform base slash size (spec 3.5)")
+    cal.add_argument("--step", type=int, default=2048, help="budget increment on both sizes (spec 3.5)")
+    cal.add_argument("--max-steps", type=int, default=6, help="largest increment tried = step * max-steps")
+    cal.add_argument("--out", default="sparse_attention_config.json")
+    cal.add_argument("--heatmap", default=None, help="PNG of recall per layer x head (needs matplotlib)")
+    _add_model_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
 
     _add_optional_commands(sub)
     return parser

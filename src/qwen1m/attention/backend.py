@@ -58,6 +58,7 @@ class AttentionBackend:
         self.rotary = rotary
         self.sparse = sparse
         self.telemetry = None  # a SparseTelemetry when the user asks for density / recall reports
+        self.probe = None  # a calibrate.RecallProbe while `qwen1m calibrate` runs (dense output, sparse recall)
         self._attend_fns: dict[torch.device, object] = {}
 
     def _sparse_applies(self, seq: SequenceSlice) -> bool:
@@ -68,6 +69,10 @@ class AttentionBackend:
     def _sparse_attention(self, layer, queries, keys, values, seq, chunk_len, scale, dense_fn):
         from qwen1m.attention.sparse_prefill import get_sparse_fn, sparse_prefill_attention
 
+        if self.probe is not None:
+            out, full_lse = dense_fn(queries, keys, values)
+            self.probe.measure(layer, queries, keys, values, seq, chunk_len, scale, full_lse)
+            return out
         device = keys.device
         v_sizes, s_sizes = self.sparse.budgets(layer)
         stats = {} if self.telemetry is not None else None
