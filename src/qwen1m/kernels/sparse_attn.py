@@ -1,0 +1,254 @@
+"""Vertical-slash sparse attention forward in Triton (MInference / vLLM ``sparse_attn_func``, spec 3.3).
+
+Oracle: ``qwen1m.attention.vertical_slash.sparse_attend_reference`` (same contract). The index comes
+from ``build_vertical_slash_index``; its module docstring defines exactly which keys each row reads.
+
+One program owns one query head and one query block of ``BLOCK_M = index.block_m`` rows. It runs a
+FlashAttention online softmax first over the block's dense key blocks (``block_offset``: BLOCK_N
+consecutive keys each, at arbitrary, not BLOCK_N-aligned, starts), then over its single columns
+(``column_index``) gathered BLOCK_N at a time. The index differs per query head, so unlike the dense
+kernel the query heads of one kv group cannot share K/V tiles; GQA is a head -> kv head mapping in the
+pointer arithmetic (K/V are read in place, any strides, never copied per query head).
+
+Masks. Every tile is masked: key < num_kv (the last block of a group may run past it, and padded
+column slots) and, when causal, key <= i + num_kv - num_q (bottom-right). Masked scores are -inf and
+the running max is made safe (0 when still -inf), so a row that reads no key at all ends with
+l_i == 0 and is written as out = 0, lse = -inf. Softmax in base 2 (scores scaled by
+softmax_scale * log2(e)), LSE converted back to natural log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen1m.attention.vertical_slash import VerticalSlashIndex
+
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)  # global constexpr: readable inside the kernel
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16 on the GPU
+
+
+@triton.jit
+def _attend_keys(
+    acc, l_i, m_i, q, keys, key_ok, q_lim,
+    k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One online-softmax step over the BLOCK_N keys ``keys`` (any indices; ``key_ok`` = real keys)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys64 = keys.to(tl.int64)
+    # K read transposed [HEAD_DIM, BLOCK_N], V as [BLOCK_N, HEAD_DIM]: 2 * BLOCK_N * HEAD_DIM elements
+    k = tl.load(k_head_ptr + keys64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=key_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+    else:
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    visible = key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= q_lim[:, None])
+    qk = tl.where(visible, qk * qk_scale, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no visible key yet: p = alpha = 0
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = tl.load(v_head_ptr + keys64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=key_ok[:, None], other=0.0)
+    if UPCAST_DOT:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _sparse_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    block_count_ptr, block_offset_ptr, column_count_ptr, column_index_ptr,
+    num_q, num_kv, qk_scale,
+    stride_qm, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_om, stride_oh, stride_od,
+    stride_lh, stride_lm,
+    stride_bch, stride_bcm,
+    stride_boh, stride_bom, stride_bob,
+    stride_cch, stride_ccm,
+    stride_cih, stride_cim, stride_cic,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    if CAUSAL:  # late query blocks read the most keys (more visible columns): launch them first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < num_q
+    q_lim = offs_m + (num_kv - num_q)  # causal: the last key each row sees
+
+    offs_m64 = offs_m.to(tl.int64)  # at 1M tokens x 28 heads x 128, token * stride_qm overflows int32
+    q_ptrs = q_ptr + offs_m64[:, None] * stride_qm + head * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_head_ptr = k_ptr + kv_head * stride_kh
+    v_head_ptr = v_ptr + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # dense key blocks: BLOCK_N consecutive keys from each offset
+    n_blocks = tl.load(block_count_ptr + head * stride_bch + pid_m * stride_bcm)
+    offset_ptr = block_offset_ptr + head.to(tl.int64) * stride_boh + pid_m.to(tl.int64) * stride_bom
+    for t in range(0, n_blocks):
+        start_n = tl.load(offset_ptr + t * stride_bob)
+        keys = start_n + offs_n
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, keys, keys < num_kv, q_lim,
+            k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+        )
+
+    # single columns, gathered BLOCK_N at a time; padding slots are masked
+    n_cols = tl.load(column_count_ptr + head * stride_cch + pid_m * stride_ccm)
+    column_ptr = column_index_ptr + head.to(tl.int64) * stride_cih + pid_m.to(tl.int64) * stride_cim
+    for start_c in range(0, n_cols, BLOCK_N):
+        slot_ok = (start_c + offs_n) < n_cols
+        keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic, mask=slot_ok, other=0)
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, keys, slot_ok, q_lim,
+            k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+            CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+        )
+
+    no_key = l_i == 0.0  # every read key has p = 1 at the running max, so l_i >= 1 otherwise
+    l_safe = tl.where(no_key, 1.0, l_i)
+    out = tl.where(no_key[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + head * stride_oh + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + head * stride_lh + offs_m64 * stride_lm, lse, mask=row_ok)
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """num_warps / num_stages for 64 x 64 tiles. Not tuned: the dense kernel's 64x64 w4 s3 entry of
+    the bench_attention sweep, with fewer stages where the tiles would not fit the H200's 228 KiB of
+    shared memory (Q tile + num_stages * (K tile + V tile))."""
+    if device.type != "cuda":
+        return dict(num_warps=4, num_stages=1)
+    tile_bytes = head_dim * _element_bytes(dtype)  # one row of a Q, K or V tile
+    if tile_bytes >= 1024:  # fp32 x 256: a 64-row Q tile is 64 KiB and each K+V stage 128 KiB
+        return dict(num_warps=8, num_stages=1)
+    if tile_bytes >= 512:  # fp32 x 128 or 16-bit x 256: 32 KiB Q + 64 KiB per stage
+        # a 64 x 256 fp32 accumulator is 128 registers a thread over 4 warps: use 8
+        return dict(num_warps=8 if head_dim >= 256 else 4, num_stages=2)
+    return dict(num_warps=4, num_stages=3)
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _check_inputs(q, k, v, index: VerticalSlashIndex, causal: bool) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"vertical_slash_attention expects q [num_q, num_heads, head_dim] and k, v [num_kv, "
+            f"num_kv_heads, head_dim], got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    num_q, num_heads, head_dim = q.shape
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"vertical_slash_attention supports head_dim a power of two in [16, 256], got {head_dim}.")
+    if num_heads % k.shape[1]:
+        raise ValueError(f"vertical_slash_attention: num_heads {num_heads} is not a multiple of "
+                         f"num_kv_heads {k.shape[1]}.")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"vertical_slash_attention supports float16/bfloat16/float32 with q, k, v of one "
+                         f"dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if (index.num_q, index.num_kv, index.num_heads, index.causal) != (num_q, k.shape[0], num_heads, causal):
+        raise ValueError(
+            f"vertical_slash_attention: the index was built for num_q {index.num_q}, num_kv {index.num_kv}, "
+            f"{index.num_heads} heads, causal={index.causal}; the call has num_q {num_q}, num_kv {k.shape[0]}, "
+            f"{num_heads} heads, causal={causal}."
+        )
+    for name in ("block_m", "block_n"):
+        size = getattr(index, name)
+        if size < _MIN_BLOCK or size & (size - 1):
+            raise ValueError(f"vertical_slash_attention needs index.{name} a power of two >= {_MIN_BLOCK}, "
+                             f"got {size}.")
+
+
+def vertical_slash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: VerticalSlashIndex,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over the keys ``index`` selects; ``sparse_attend_reference``'s contract.
+
+    q: [num_q, num_heads, head_dim]; k, v: [num_kv, num_kv_heads, head_dim], any strides; query head h
+    reads kv head h // (num_heads // num_kv_heads). index: from ``build_vertical_slash_index`` with
+    the same num_q, num_kv, num_heads and causal, block_m / block_n powers of two >= 16.
+    Returns out [num_q, num_heads, head_dim] in q's dtype and lse [num_heads, num_q] float32 (natural
+    log); rows that read no key get out = 0, lse = -inf. out / lse, if given, are written in place.
+    """
+    _check_inputs(q, k, v, index, causal)
+    num_q, num_heads, head_dim = q.shape
+    num_kv, num_kv_heads, _ = k.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
+    if num_q == 0:
+        return out, lse
+    if num_kv == 0:  # nothing to attend to: no launch
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    device = q.device
+    block_count, block_offset = index.block_count.to(device), index.block_offset.to(device)
+    column_count, column_index = index.column_count.to(device), index.column_index.to(device)
+    grid = (math.ceil(num_q / index.block_m), num_heads)
+    _sparse_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        block_count, block_offset, column_count, column_index,
+        num_q, num_kv, softmax_scale * _LOG2E,
+        stride_qm=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
+        stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
+        stride_om=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+        stride_lh=lse.stride(0), stride_lm=lse.stride(1),
+        stride_bch=block_count.stride(0), stride_bcm=block_count.stride(1),
+        stride_boh=block_offset.stride(0), stride_bom=block_offset.stride(1), stride_bob=block_offset.stride(2),
+        stride_cch=column_count.stride(0), stride_ccm=column_count.stride(1),
+        stride_cih=column_index.stride(0), stride_cim=column_index.stride(1),
+        stride_cic=column_index.stride(2),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal,
+        BLOCK_M=index.block_m, BLOCK_N=index.block_n,
+        # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py)
+        UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        **_launch_config(head_dim, q.dtype, device),
+    )
+    return out, lse
+
+
+__all__ = ["vertical_slash_attention"]
