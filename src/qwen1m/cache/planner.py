@@ -1,7 +1,7 @@
 """Memory planner: decide the KV cache size before allocating anything large.
 
     usable      = GPU total * gpu_memory_utilization      (CPU: the kv_cache_memory budget)
-    kv_budget   = usable - weights - peak activations of one engine step
+    kv_budget   = usable - memory already in use (our weights included) - peak activations of one step
     max tokens  = kv_budget // kv_bytes_per_token          (rounded down to whole blocks)
 
 The peak activation estimate covers one step of ``max_num_batched_tokens`` tokens: the residual
@@ -104,9 +104,11 @@ def plan_memory(
     elif device.type == "cuda":
         if not 0 < gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
-        _, total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
         usable = int(total * gpu_memory_utilization)
-        kv_budget = usable - weight_bytes - act
+        # what is already taken (our weights, loaded before planning, and anything else on the GPU,
+        # e.g. another engine in this process) is not ours to give to the KV cache
+        kv_budget = usable - (total - free) - act
     else:  # CPU: enough for a few full-length sequences, at most a quarter of the machine's memory
         kv_budget = min(int(physical_memory() * CPU_DEFAULT_FRACTION),
                         max_model_len * min(max_num_seqs, CPU_DEFAULT_SEQS) * per_token)
