@@ -11,8 +11,25 @@ from __future__ import annotations
 
 import torch
 
-# Score elements alive at once in ``attend``: 2^26 float32 = 256 MiB of scores (plus the same for exp).
-_MAX_SCORES = 1 << 26
+# Score elements alive at once in ``attend``: 2^22 float32 = 16 MiB of scores. Larger blocks bring no
+# speed on a CPU and cost a page fault storm: allocations past glibc's mmap threshold (<= 32 MiB) are
+# returned to the OS on free and faulted in again, zeroed, on the next call.
+_MAX_SCORES = 1 << 22
+# exp() of arguments below this underflows to a subnormal; CPU vector exp falls to a scalar path there
+# (about 100x slower, measured), so such terms (< 2e-35 relative to the row max) are set to exactly 0.
+_EXP_FLOOR = -80.0
+
+
+def exp_floor(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 0 with results below exp(-80) flushed to 0 (and exp(-inf) = 0 as usual)."""
+    return torch.exp(x.clamp_min(_EXP_FLOOR)).masked_fill(x < _EXP_FLOOR, 0.0)
+
+
+def logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """torch.logsumexp through ``exp_floor``; rows of all -inf give -inf."""
+    m = x.amax(dim, keepdim=True)
+    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (safe + torch.log(exp_floor(x - safe).sum(dim, keepdim=True))).squeeze(dim)
 
 
 def attend(
@@ -54,9 +71,9 @@ def attend(
         if causal:
             q_idx = torch.arange(start, end, device=q.device) + offset
             scores = scores.masked_fill(key_idx[None, :] > q_idx[:, None], float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # [num_kv_heads, group, n]
+        row_lse = logsumexp(scores, dim=-1)  # [num_kv_heads, group, n]
         safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-        probs = torch.exp(scores - safe[..., None])
+        probs = exp_floor(scores - safe[..., None])
         ob = torch.einsum("hgnk,hkd->hgnd", probs, vf)
         out[start:end] = ob.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim)
         lse[:, start:end] = row_lse.reshape(num_heads, end - start)
@@ -75,9 +92,9 @@ def merge_attn_states(
     if len(parts) == 1:
         return parts[0]
     lses = torch.stack([lse for _, lse in parts]).float()  # [P, num_heads, num_q]
-    total = torch.logsumexp(lses, dim=0)
+    total = logsumexp(lses, dim=0)
     safe_total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-    weights = torch.exp(lses - safe_total[None])  # exp(-inf) = 0 for empty parts
+    weights = exp_floor(lses - safe_total[None])  # exp(-inf) = 0 for empty parts
     out = torch.zeros_like(parts[0][0], dtype=torch.float32)
     for (o, _), w in zip(parts, weights):
         out += o.float() * w.transpose(0, 1)[..., None]

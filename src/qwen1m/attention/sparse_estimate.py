@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from qwen1m.attention.reference import exp_floor
+
 _KEY_BLOCK = 1 << 15
 
 
@@ -67,13 +69,13 @@ def attention_sums(
         row_max = torch.maximum(row_max, s.amax(-1))
     row_sum = torch.zeros(num_heads, num_l, device=device)
     for _, _, s, _ in blocks():
-        row_sum += torch.exp(s - row_max[..., None]).sum(-1)
+        row_sum += exp_floor(s - row_max[..., None]).sum(-1)
     lse = row_max + torch.log(row_sum)
 
     vertical = torch.zeros(num_heads, query_end, device=device)
     slash = torch.zeros(num_heads, query_end, device=device)
     for a, b, s, dist in blocks():
-        p = torch.exp(s - lse[..., None])  # masked entries are exp(-inf) = 0
+        p = exp_floor(s - lse[..., None])  # masked entries are exp(-inf) = 0
         vertical[:, a:b] += p.sum(1)
         slash.scatter_add_(1, dist.clamp_min(0).reshape(1, -1).expand(num_heads, -1), p.reshape(num_heads, -1))
     return vertical, slash

@@ -21,13 +21,13 @@ from collections.abc import Callable
 import torch
 
 from qwen1m.attention.dca import dca_pieces
-from qwen1m.attention.reference import merge_attn_states
+from qwen1m.attention.reference import exp_floor, logsumexp, merge_attn_states
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash
 from qwen1m.attention.vertical_slash import VerticalSlashIndex, build_vertical_slash_index
 from qwen1m.sparse_config import SparseConfig
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-_MAX_GATHER = 1 << 25  # score elements alive at once in the CPU gather path (128 MiB of float32)
+_MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
 
 
 def sparse_attend_gather(
@@ -79,9 +79,9 @@ def sparse_attend_gather(
                 q_abs = torch.arange(m0 * bm, m1 * bm, device=q.device).view(m1 - m0, bm, 1) + offset
                 valid = valid & (keys[m0:m1, None, :] <= q_abs)
             scores = scores.masked_fill(~valid, float("-inf"))
-            row_lse = torch.logsumexp(scores, dim=-1)  # [m, bm]
+            row_lse = logsumexp(scores, dim=-1)  # [m, bm]
             safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-            ob = torch.einsum("mqw,mwd->mqd", torch.exp(scores - safe[..., None]), vb)
+            ob = torch.einsum("mqw,mwd->mqd", exp_floor(scores - safe[..., None]), vb)
             rows = slice(m0 * bm, min(m1 * bm, num_q))
             n = rows.stop - rows.start
             out[rows, h] = ob.reshape(-1, head_dim)[:n]
