@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 from tokenizer_utils import make_tokenizer_folder
 
 from qwen1m.attention.calibrate import RecallProbe, refine

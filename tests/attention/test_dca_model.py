@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM, DCAConfig, SamplingParams
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM, SamplingParams
 from qwen1m.errors import ConfigError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM, SamplingParams
 

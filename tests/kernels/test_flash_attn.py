@@ -121,11 +121,11 @@ def test_flash_attn_rejects_bad_head_dim():
         flash_attn(q, k, v, softmax_scale=0.1, causal=True)
 
 
-def test_get_attend_fn_cpu_is_reference():
-    from qwen1m.attention.ops import get_attend_fn, get_merge_fn
+def test_get_attend_fn_cpu_never_needs_triton():
+    from qwen1m.attention.ops import _cpu_attend, get_attend_fn, get_merge_fn
     from qwen1m.attention.reference import merge_attn_states
 
-    assert get_attend_fn(torch.device("cpu")) is attend
+    assert get_attend_fn(torch.device("cpu")) is _cpu_attend  # torch's CPU flash kernel, else the reference
     assert get_merge_fn(torch.device("cpu")) is merge_attn_states
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 
 from qwen1m import LLM

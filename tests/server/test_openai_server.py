@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 from tokenizer_utils import make_tokenizer_folder
 
 openai = pytest.importorskip("openai")

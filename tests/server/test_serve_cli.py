@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_checkpoint
+from checkpoints import save_tiny_checkpoint
 from tokenizer_utils import make_tokenizer_folder
 
 from qwen1m.cli import build_parser

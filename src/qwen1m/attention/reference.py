@@ -57,7 +57,7 @@ def attend(
     out = torch.zeros(num_q, num_heads, head_dim, dtype=acc_dtype, device=q.device)
     lse = torch.full((num_heads, num_q), float("-inf"), dtype=acc_dtype, device=q.device)
     if num_q == 0 or num_kv == 0:
-        return out.to(q.dtype), lse.float()
+        return out.to(q.dtype), (lse if acc_dtype == torch.float64 else lse.float())
     kf = k.to(acc_dtype).transpose(0, 1)  # [num_kv_heads, num_kv, head_dim]
     vf = v.to(acc_dtype).transpose(0, 1)
     block = max(1, max_scores // max(1, num_kv * num_heads))
