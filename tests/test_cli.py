@@ -51,6 +51,15 @@ def test_generate_chat_and_prompt_file(text_model, tmp_path, capsys):
     assert "generated 3" in capsys.readouterr().err
 
 
+def test_generate_with_tensor_parallel_size_2(text_model, capsys):
+    args = ["generate", "--model", str(text_model), "--prompt", "The dog", "--max-tokens", "6", "--ignore-eos",
+            "--dtype", "float32", "--device", "cpu"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args + ["--tensor-parallel-size", "2"]) == 0
+    assert capsys.readouterr().out == one
+
+
 def test_long_prompt_shows_a_progress_bar(text_model, capsys):
     rc = main(["generate", "--model", str(text_model), "--prompt", "The quick brown fox jumps. " * 12,
                "--max-tokens", "2", "--max-num-batched-tokens", "16", "--device", "cpu", "-v"])

@@ -27,6 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (overrides the plan)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N processes/GPUs")
     dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
     dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
     dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
@@ -63,7 +64,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
                    block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                    kv_cache_memory=args.kv_cache_memory,
                    sparse_attention_config=None if args.sparse_config == "none" else args.sparse_config,
-                   sparse_threshold=args.sparse_threshold)
+                   sparse_threshold=args.sparse_threshold, tensor_parallel_size=args.tensor_parallel_size)
     options.update(overrides)
     return LLM(args.model, **options)
 
@@ -254,6 +255,9 @@ def _add_optional_commands(sub) -> None:
 
     add_demo_command(sub)
     add_serve_command(sub)
+    from qwen1m.eval.cli import add_eval_command
+
+    add_eval_command(sub)
     try:
         from qwen1m.train.cli import add_train_command
     except ImportError:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from qwen1m.cache.paged_kv import PagedKVCache
-from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
+from qwen1m.cache.planner import MemoryPlan
 from qwen1m.config import DCAConfig, load_model_config
+from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
-from qwen1m.model.loader import load_model, resolve_dtype
+from qwen1m.model.loader import resolve_dtype
 from qwen1m.outputs import PrefillProgress, RequestOutput
+from qwen1m.parallel.shard import TPShard, check_divisible
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.sparse_config import SparseConfig
 
@@ -67,6 +69,9 @@ class LLM:
         checkpoint's ``dual_chunk_attention_config.sparse_attention_threshold``).
     sparse_telemetry: record the computed density and, on one GQA group, the attention recall of
         sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
+    tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
+        NCCL on GPUs, gloo on CPU). qwen1m spawns the workers itself; under ``torchrun`` with as many
+        processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class LLM:
         sparse_attention_config: str | Path | SparseConfig | bool | None = "auto",
         sparse_threshold: int | None = None,
         sparse_telemetry: bool = False,
+        tensor_parallel_size: int = 1,
         seed: int = 0,
     ):
         folder = bundled_model_path() if model is None else Path(model)
@@ -117,30 +123,66 @@ class LLM:
         self.config = replace(cfg, dca=dca_cfg)
         self.model_path = folder
         self.sparse_config = _sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold)
-        self.model = load_model(folder, self.config, self.dtype, self.device,
-                                load_format="dummy" if load_format == "dummy" else "safetensors", dca=dca_cfg,
-                                sparse=self.sparse_config)
+        self.tokenizer = self._load_tokenizer(folder, load_format)
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}.")
+        check_divisible(cfg, tensor_parallel_size)
+        spec = BuildSpec(folder, self.config, self.sparse_config, self.dtype,
+                         "dummy" if load_format == "dummy" else "safetensors", kv_cache_dtype == "fp8",
+                         _block_size(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
+                         max_num_seqs, gpu_memory_utilization, kv_cache_memory, tensor_parallel_size)
+        self._tp = None
+        if tensor_parallel_size == 1:
+            parts = build_rank(spec, TPShard(0, 1), self.device)
+        else:
+            parts = self._start_tensor_parallel(spec)
+        self.model = parts.model
+        self.memory_plan: MemoryPlan = parts.plan
+        logger.info("%s", self.memory_plan)
         if sparse_telemetry and self.sparse_config is not None:
             from qwen1m.attention.sparse_prefill import SparseTelemetry
 
             self.model.backend.telemetry = SparseTelemetry()
-        self.tokenizer = self._load_tokenizer(folder, load_format)
-        if kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")
-        fp8 = kv_cache_dtype == "fp8"
-        block_size = _block_size(block_size, dca_cfg)
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.memory_plan: MemoryPlan = plan_memory(
-            self.config, dtype=self.dtype, device=self.device, weight_bytes=weight_bytes, fp8=fp8,
-            block_size=block_size, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory=kv_cache_memory)
-        logger.info("%s", self.memory_plan)
-        max_model_len = check_fits(self.memory_plan, max_model_len, explicit_len)
-        kv_cache = PagedKVCache(cfg.num_hidden_layers, self.memory_plan.num_blocks, block_size,
-                                cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device, fp8=fp8)
-        self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=kv_cache, max_model_len=max_model_len,
+        self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+
+    def _start_tensor_parallel(self, spec: BuildSpec):
+        """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""
+        import os
+
+        from qwen1m.parallel import runtime
+
+        if os.environ.get("WORLD_SIZE") and os.environ.get("RANK") is not None:  # started by torchrun
+            size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            if size != spec.tensor_parallel_size:
+                raise ConfigError(f"torchrun started {size} processes but tensor_parallel_size is "
+                                  f"{spec.tensor_parallel_size}; they must be equal.")
+            device = runtime.rank_device(self.device, int(os.environ.get("LOCAL_RANK", rank)))
+            runtime.init_group(rank, size, "env://", device)
+            parts = build_rank(spec, TPShard(rank, size), device)
+            if rank != 0:  # a worker: serve the driver's steps, then leave the program
+                runtime.worker_loop(parts.model, parts.kv_cache, device)
+                runtime.dist.destroy_process_group()
+                raise SystemExit(0)
+            self._tp = runtime.StepBroadcaster([])
+            parts.model.before_forward = self._tp
+            parts.model.all_reduce = runtime.all_reduce
+            return parts
+        self._tp = runtime.TPDriver(spec, self.device)
+        # stop the workers when this LLM is garbage collected or the interpreter exits
+        self._finalizer = weakref.finalize(self, self._tp.close)  # runs close at most once
+        return self._tp.parts
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (also done at interpreter exit); a no-op on one device."""
+        if self._tp is not None:
+            if getattr(self, "_finalizer", None) is not None:
+                self._finalizer()
+            else:  # under torchrun: tell the other ranks to leave their loop
+                self._tp.stop()
+            self._tp = None
 
     @staticmethod
     def _load_tokenizer(folder: Path, load_format: str):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.errors import CheckpointError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
+from qwen1m.parallel.shard import TPShard
 from qwen1m.sparse_config import SparseConfig
 
 _DTYPES = {
@@ -82,7 +83,8 @@ def build_model(
     return model.eval()
 
 
-def load_weights(model: Qwen2ForCausalLM, folder: Path) -> None:
+def load_weights(model: Qwen2ForCausalLM, folder: Path, shard: TPShard | None = None) -> None:
+    """Fill the parameters from the checkpoint; with ``shard``, read only the rank's slices."""
     files = weight_files(folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
@@ -112,13 +114,23 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path) -> None:
             with safe_open(str(path), framework="pt") as f:
                 for name in tensor_names:
                     param = params[name]
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(param.shape):
+                    view = f.get_slice(name)
+                    shape = tuple(view.get_shape())
+                    dim = shard.split_dim(name) if shard is not None else None
+                    expected = list(param.shape)
+                    if dim is not None:
+                        expected[dim] *= shard.size
+                    if shape != tuple(expected):
                         raise CheckpointError(
                             f"Tensor '{name}' in {path} has shape {list(shape)} but the config expects "
-                            f"{list(param.shape)}."
+                            f"{expected}."
                         )
-                    param.copy_(f.get_tensor(name).to(param.dtype))
+                    if dim is None:
+                        tensor = f.get_tensor(name)
+                    else:  # read only this rank's rows (dim 0) or columns (dim 1) from the mapped file
+                        lo, hi = shard.bounds(shape[dim])
+                        tensor = view[lo:hi] if dim == 0 else view[:, lo:hi]
+                    param.copy_(tensor.to(param.dtype))
 
 
 def init_dummy_weights(model: Qwen2ForCausalLM, seed: int = 0) -> None:
@@ -140,7 +152,9 @@ def load_model(
     load_format: str = "safetensors",
     dca: DCAConfig | None = None,
     sparse: SparseConfig | None = None,
+    shard: TPShard | None = None,
 ) -> Qwen2ForCausalLM:
+    """Build and fill the model; with ``shard``, ``cfg`` is the rank-local config (parallel.shard)."""
     folder = Path(folder)
     if load_format not in ("safetensors", "auto", "dummy"):
         raise CheckpointError(f"load_format '{load_format}' is not supported (expected 'safetensors' or 'dummy').")
@@ -148,5 +162,5 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
-        load_weights(model, folder)
+        load_weights(model, folder, shard)
     return model

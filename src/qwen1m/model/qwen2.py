@@ -12,6 +12,7 @@ Two entry points share the same weights:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        # Under tensor parallelism o_proj and down_proj hold a slice of their input features, so each
+        # rank's output is a partial sum that ``reduce`` (an all-reduce) completes.
+        attn = self.self_attn(self.input_layernorm(x), meta, backend)
+        x = x + (attn if reduce is None else reduce(attn))
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp if reduce is None else reduce(mlp))
 
     def forward_train(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
         x = x + self.self_attn.forward_train(self.input_layernorm(x), rotary)
@@ -117,12 +123,18 @@ class Qwen2ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding.from_config(cfg)
         self.dca = dca if dca is not None else cfg.dca
         self.backend = make_backend(cfg, self.rotary, self.dca, sparse)
+        # Tensor parallelism (qwen1m.parallel): an all-reduce over the ranks, and on the driver a hook
+        # that broadcasts each step to the other ranks. Both None on one device.
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.before_forward: Callable[[torch.Tensor, AttentionMetadata], None] | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids: [num_tokens] -> final-norm hidden states [num_tokens, hidden]."""
+        if self.before_forward is not None:  # tensor parallel driver: send the step to the other ranks
+            self.before_forward(input_ids, meta)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, meta, self.backend)
+            x = layer(x, meta, self.backend, self.all_reduce)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

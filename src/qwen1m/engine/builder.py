@@ -1,0 +1,74 @@
+"""Build one rank's model and KV cache from a picklable spec (the driver and every TP worker use it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from qwen1m.cache.paged_kv import PagedKVCache
+from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
+from qwen1m.config import ModelConfig
+from qwen1m.model.loader import load_model
+from qwen1m.model.qwen2 import Qwen2ForCausalLM
+from qwen1m.parallel.shard import TPShard, local_config, local_sparse
+from qwen1m.sparse_config import SparseConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    """Everything a rank needs to build its part of the engine (sent to spawned workers)."""
+
+    folder: Path
+    config: ModelConfig  # the whole model's config, DCA resolved
+    sparse: SparseConfig | None
+    dtype: torch.dtype
+    load_format: str  # "safetensors" or "dummy"
+    fp8: bool
+    block_size: int
+    max_model_len: int
+    explicit_len: bool  # max_model_len given by the user (refuse) or defaulted (lower to what fits)
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    gpu_memory_utilization: float
+    kv_cache_memory: int | None
+    tensor_parallel_size: int = 1
+
+
+@dataclass(slots=True)
+class RankParts:
+    model: Qwen2ForCausalLM
+    kv_cache: PagedKVCache
+    plan: MemoryPlan
+    max_model_len: int
+
+
+def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device) -> RankParts:
+    """Load this rank's weights, plan memory and allocate the KV cache.
+
+    With several ranks this is collective: the number of KV blocks is the minimum over the ranks, so
+    every rank holds the same blocks and the driver's block tables are valid everywhere.
+    """
+    cfg = local_config(spec.config, shard.size)
+    model = load_model(spec.folder, cfg, spec.dtype, device, load_format=spec.load_format, dca=cfg.dca,
+                       sparse=local_sparse(spec.sparse, shard), shard=shard)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = plan_memory(cfg, dtype=spec.dtype, device=device, weight_bytes=weight_bytes, fp8=spec.fp8,
+                       block_size=spec.block_size, max_model_len=spec.max_model_len,
+                       max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
+                       gpu_memory_utilization=spec.gpu_memory_utilization, kv_cache_memory=spec.kv_cache_memory)
+    if shard.size > 1:
+        import torch.distributed as dist
+
+        blocks = torch.tensor([plan.num_blocks], dtype=torch.int64, device=device)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
+        plan = replace(plan, num_blocks=int(blocks.item()))
+    logger.info("rank %d/%d %s", shard.rank, shard.size, plan)
+    max_model_len = check_fits(plan, spec.max_model_len, spec.explicit_len)
+    kv_cache = PagedKVCache(cfg.num_hidden_layers, plan.num_blocks, spec.block_size, cfg.num_key_value_heads,
+                            cfg.head_dim, spec.dtype, device, fp8=spec.fp8)
+    return RankParts(model, kv_cache, plan, max_model_len)

@@ -1,0 +1,219 @@
+"""Tensor-parallel runtime: one process per rank, the driver (rank 0) keeps the scheduler.
+
+    driver (rank 0): LLMEngine -> model.forward ──before_forward──> broadcast(step) ──> ranks 1..N-1
+    every rank:      embed -> layers (local heads / MLP slice, all-reduce after o_proj, down_proj) -> norm
+    driver:          lm_head on the rows that sample (its hidden states are complete after the reduce)
+
+A step is sent as plain data (token ids, positions, each sequence's slice and block ids); every rank
+holds the same KV blocks (``build_rank`` agrees on their number), for its own KV heads. Workers are
+spawned by qwen1m (gloo on CPU, NCCL on GPU) or started by ``torchrun`` (see ``LLM``).
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0): the lent machines forbid it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.cache.paged_kv import SequenceBlocks
+from qwen1m.errors import Qwen1mError
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUT = timedelta(minutes=30)  # one collective may wait behind a long prefill step on another rank
+
+
+@dataclass(slots=True)
+class SliceMsg:
+    query_start: int
+    num_query: int
+    num_cached: int
+    scale_len: int
+    prompt_len: int
+    blocks: list[int]
+
+
+@dataclass(slots=True)
+class StepMsg:
+    input_ids: list[int]
+    positions: list[int]
+    slices: list[SliceMsg]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device
+
+
+def init_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=size, timeout=_TIMEOUT)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def _broadcast(obj: StepMsg | None) -> StepMsg | None:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StepBroadcaster:
+    """The driver model's ``before_forward``: checks the workers are alive, then sends the step."""
+
+    def __init__(self, workers: list) -> None:
+        self.workers = workers  # multiprocessing.Process of ranks 1..N-1 (empty under torchrun)
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.workers, start=1):
+            if not proc.is_alive():
+                raise Qwen1mError(
+                    f"tensor-parallel worker rank {rank} has exited (exit code {proc.exitcode}); "
+                    "the engine cannot continue: create a new LLM."
+                )
+
+    def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.check_alive()
+        msg = StepMsg(input_ids.tolist(), meta.positions.tolist(),
+                      [SliceMsg(s.query_start, s.num_query, s.num_cached, s.scale_len, s.prompt_len,
+                                list(s.cache.blocks)) for s in meta.seqs])
+        _broadcast(msg)
+
+    def stop(self) -> None:
+        _broadcast(None)
+
+
+def worker_loop(model, kv_cache, device: torch.device) -> None:
+    """Ranks 1..N-1: replay every step the driver broadcasts until it sends None."""
+    model.all_reduce = all_reduce
+    with torch.inference_mode():
+        while (msg := _broadcast(None)) is not None:
+            slices = [SequenceSlice(s.query_start, s.num_query, s.num_cached, s.scale_len,
+                                    SequenceBlocks(kv_cache, s.blocks, device), s.prompt_len) for s in msg.slices]
+            meta = AttentionMetadata(torch.tensor(msg.positions, device=device), slices)
+            model(torch.tensor(msg.input_ids, device=device), meta)
+
+
+def worker_main(rank: int, size: int, init_method: str, spec, device_type: str, status) -> None:
+    """Entry point of a spawned worker process."""
+    from qwen1m.engine.builder import build_rank
+    from qwen1m.parallel.shard import TPShard
+
+    device = rank_device(torch.device(device_type), rank)
+    try:
+        init_group(rank, size, init_method, device)
+        parts = build_rank(spec, TPShard(rank, size), device)
+        status.put(("ready", rank, ""))
+        worker_loop(parts.model, parts.kv_cache, device)
+    except Qwen1mError as e:
+        status.put(("error", rank, str(e)))
+    except BaseException as e:  # surfaced to the driver as one sentence; the traceback goes to the log
+        logger.exception("tensor-parallel worker rank %d failed", rank)
+        status.put(("error", rank, f"{type(e).__name__}: {e}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TPDriver:
+    """Rank 0's side: spawn the workers, build rank 0's part with them, broadcast steps, shut down."""
+
+    def __init__(self, spec, device: torch.device) -> None:
+        import multiprocessing
+        import threading
+
+        from qwen1m.engine.builder import build_rank
+        from qwen1m.parallel.shard import TPShard
+
+        size = spec.tensor_parallel_size
+        ctx = multiprocessing.get_context("spawn")
+        self.status = ctx.Queue()
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.workers = [ctx.Process(target=worker_main, args=(r, size, init_method, spec, device.type, self.status),
+                                    daemon=True, name=f"qwen1m-tp{r}") for r in range(1, size)]
+        for proc in self.workers:
+            proc.start()
+        result: dict = {}
+
+        def bootstrap() -> None:  # blocks in rendezvous and collectives: run it where we can watch the workers
+            try:
+                init_group(0, size, init_method, device)
+                result["parts"] = build_rank(spec, TPShard(0, size), device)
+            except BaseException as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=bootstrap, daemon=True)
+        thread.start()
+        ready: set[int] = set()
+        while thread.is_alive() or len(ready) < size - 1:
+            self._poll(ready)
+            thread.join(timeout=0.2)
+        if "error" in result:
+            self.close()
+            raise result["error"]
+        self.parts = result["parts"]
+        self.broadcaster = StepBroadcaster(self.workers)
+        self.parts.model.before_forward = self.broadcaster
+        self.parts.model.all_reduce = self._all_reduce
+
+    def _poll(self, ready: set[int]) -> None:
+        import queue
+
+        try:
+            while True:
+                kind, rank, message = self.status.get_nowait()
+                if kind == "error":
+                    self.close()
+                    raise Qwen1mError(f"tensor-parallel worker rank {rank} failed to start: {message}")
+                ready.add(rank)
+        except queue.Empty:
+            pass
+        for rank, proc in enumerate(self.workers, start=1):
+            if rank not in ready and not proc.is_alive():
+                self.close()
+                raise Qwen1mError(f"tensor-parallel worker rank {rank} exited while starting "
+                                  f"(exit code {proc.exitcode}).")
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            dist.all_reduce(x)
+        except RuntimeError as e:  # gloo/NCCL report a vanished peer as a RuntimeError
+            self.broadcaster.check_alive()
+            raise Qwen1mError(f"a tensor-parallel all-reduce failed: {e}") from None
+        return x
+
+    def close(self) -> None:
+        """Stop the workers (they leave their loop on a None step) and tear the group down; idempotent."""
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
+        if getattr(self, "broadcaster", None) is not None and all(p.is_alive() for p in self.workers):
+            try:
+                self.broadcaster.stop()
+            except RuntimeError:
+                pass
+        for proc in self.workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+        self.broadcaster = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Tensor parallelism on CPU (gloo): TP=2 equals TP=1 with DCA and sparse prefill; clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from checkpoints import save_tiny_checkpoint
+
+from qwen1m import LLM, SamplingParams
+from qwen1m.errors import ConfigError, Qwen1mError
+from qwen1m.sparse_config import SparseConfig
+
+DCA = {"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tp"), seed=71,
+                                extra_config={"dual_chunk_attention_config": DCA})
+
+
+def _sparse():  # real sparsity: small budgets, low threshold, per-head budgets that differ
+    cfg = SparseConfig.uniform(2, 4, 3, 4, threshold=16, last_q=8, block_size=8, sink_tokens=1, local_diagonals=2)
+    return cfg.__class__(((3, 5, 2, 4), (4, 3, 6, 2)), ((4, 2, 6, 3), (3, 5, 2, 4)), cfg.scores, threshold=16,
+                         last_q=8, block_size=8, sink_tokens=1, local_diagonals=2)
+
+
+def test_tp2_equals_tp1_with_dca_and_sparse(ckpt):
+    ids = torch.randint(0, 97, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    opts = dict(dtype="float32", device="cpu", sparse_attention_config=_sparse(), max_num_batched_tokens=24)
+    one = LLM(ckpt, **opts)
+    ref_logits = one.logits(ids)
+    ref_tokens = [o.outputs[0].token_ids for o in one.generate([ids, ids[:40]], params)]
+    two = LLM(ckpt, tensor_parallel_size=2, **opts)
+    try:
+        assert two.model.config.num_key_value_heads == 1 and two.model.config.num_attention_heads == 2
+        logits = two.logits(ids)
+        assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
+        assert [o.outputs[0].token_ids for o in two.generate([ids, ids[:40]], params)] == ref_tokens
+        assert two.sparse_config is not None and two.model.backend.sparse.budgets(0) == ([3, 5], [4, 2])
+    finally:
+        two.shutdown()
+
+
+def test_worker_crash_is_a_clear_error_not_a_hang(ckpt):
+    llm = LLM(ckpt, tensor_parallel_size=2, dtype="float32", device="cpu")
+    try:
+        worker = llm._tp.workers[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(Qwen1mError, match="worker rank 1 has exited"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
+
+
+def test_tensor_parallel_size_must_divide_kv_heads(ckpt):
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 does not divide the model's num_key_value_heads=2"):
+        LLM(ckpt, tensor_parallel_size=3, dtype="float32", device="cpu")
+
+
+def test_a_second_tp_engine_after_the_first_is_dropped(ckpt):
+    import gc
+
+    first = LLM(ckpt, tensor_parallel_size=2, dtype="float32", device="cpu")
+    a = first.logits([5, 6, 7])
+    del first
+    gc.collect()  # the finalizer stops the workers and frees the process group
+    second = LLM(ckpt, tensor_parallel_size=2, dtype="float32", device="cpu")
+    try:
+        assert torch.equal(second.logits([5, 6, 7]), a)
+    finally:
+        second.shutdown()
