@@ -78,3 +78,28 @@ def test_a_second_tp_engine_after_the_first_is_dropped(ckpt):
         assert torch.equal(second.logits([5, 6, 7]), a)
     finally:
         second.shutdown()
+
+
+def test_under_torchrun(ckpt, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    out = tmp_path / "out.json"
+    script.write_text(
+        "import json, sys\n"
+        "from qwen1m import LLM, SamplingParams\n"
+        f"llm = LLM({str(ckpt)!r}, tensor_parallel_size=2, dtype='float32', device='cpu')\n"
+        "o = llm.generate([[3, 1, 4, 1, 5, 9, 2, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))\n"
+        f"json.dump(o[0].outputs[0].token_ids, open({str(out)!r}, 'w'))\n"
+        "llm.shutdown()\n"
+    )
+    from qwen1m.parallel.runtime import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = LLM(ckpt, dtype="float32", device="cpu").generate(
+        [[3, 1, 4, 1, 5, 9, 2, 6]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert json.loads(out.read_text()) == ref[0].outputs[0].token_ids
