@@ -101,3 +101,42 @@ def test_sigterm_finishes_short_requests_and_cancels_long_ones(tmp_path):
     assert short["done"] and short["finish"] == "length", short  # finished within the grace period
     assert not long["done"] and long["finish"] is None, long  # cut off when the grace period ended
     assert "Traceback" not in output, output
+
+
+def test_openai_client_against_serve_on_the_bundled_model():
+    """`qwen1m serve` with no --model serves the bundled model; the official client gets the pass key."""
+    openai = pytest.importorskip("openai")
+    from qwen1m import LLM, SamplingParams
+    from qwen1m.train.data import passkey_prompt
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen1m.cli", "serve", "--device", "cpu", "--port", str(port),
+                             "--max-model-len", "8192"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "qwen1m serve did not start within 90 s"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
+        model = client.models.list().data[0].id
+        llm = LLM(device="cpu", max_model_len=8192)
+        ids, answer = passkey_prompt(llm.tokenizer, 2048, 0.5, seed=3)
+        prompt = llm.tokenizer.decode(ids, skip_special_tokens=False)
+        done = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+        expected = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+        assert done.choices[0].text == streamed == expected
+        assert answer in expected
+        chat = client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": "What is the pass key?"}])
+        assert chat.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
