@@ -72,6 +72,7 @@ class LLM:
     tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
         NCCL on GPUs, gloo on CPU). qwen1m spawns the workers itself; under ``torchrun`` with as many
         processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit.
+    enforce_eager: on a GPU, decode steps replay CUDA graphs unless this is True.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class LLM:
         sparse_threshold: int | None = None,
         sparse_telemetry: bool = False,
         tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
         seed: int = 0,
     ):
         folder = bundled_model_path() if model is None else Path(model)
@@ -145,8 +147,12 @@ class LLM:
             from qwen1m.attention.sparse_prefill import SparseTelemetry
 
             self.model.backend.telemetry = SparseTelemetry()
+        # decode replays CUDA graphs on one GPU unless asked not to (telemetry and TP steps run eagerly)
+        graphs = (self.device.type == "cuda" and not enforce_eager and tensor_parallel_size == 1
+                  and not sparse_telemetry)
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
-                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                cuda_graphs=graphs)
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""

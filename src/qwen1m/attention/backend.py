@@ -19,6 +19,7 @@ directly (no gather), once per key range (one range dense, up to three under DCA
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -100,7 +101,7 @@ class AttentionBackend:
         if self._use_decode_kernel(q.device):
             batched = [s for s in meta.seqs if s.num_query == 1 and s.num_cached > 0]
         if batched:
-            rows = _decode_rows(meta, batched)
+            rows = _decode_inputs(meta, self, batched, q.dtype).rows
             out[rows] = self.forward_decode_batch(layer, q[rows], k[rows], v[rows], meta, batched)
         for seq in meta.seqs:
             if batched and seq in batched:
@@ -116,24 +117,42 @@ class AttentionBackend:
         """q: [B, num_heads, head_dim], k, v: [B, num_kv_heads, head_dim], one new token per sequence."""
         raise NotImplementedError
 
+    def decode_inputs(self, seqs: list[SequenceSlice], device: torch.device, dtype: torch.dtype) -> DecodeInputs:
+        """Dense: one key range [0, L) per sequence, no temperature."""
+        tables, slots = _tables_and_slots(seqs)
+        ends = torch.tensor([s.num_total for s in seqs], dtype=torch.int32)
+        rows = torch.tensor([s.query_start for s in seqs])
+        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return DecodeInputs(to(rows), to(tables), to(slots), [(to(torch.zeros_like(ends)), to(ends))],
+                            torch.ones(len(seqs), 1, 1, dtype=dtype, device=device))
 
-def _decode_rows(meta: AttentionMetadata, seqs: list[SequenceSlice]) -> torch.Tensor:
-    if "decode_rows" not in meta.derived:
-        meta.derived["decode_rows"] = torch.tensor([s.query_start for s in seqs], device=meta.positions.device)
-    return meta.derived["decode_rows"]
+
+@dataclass(slots=True)
+class DecodeInputs:
+    """Device tensors of one decode batch, built once per step and read by every layer (or static
+    buffers that a CUDA graph replays with)."""
+
+    rows: torch.Tensor  # [B] int64: the decoding rows in the step's token dimension
+    tables: torch.Tensor  # [B, max_blocks] int32: block tables, zero-padded
+    slots: torch.Tensor  # [B] int64: flat cache row of each new token
+    ranges: list[tuple[torch.Tensor, torch.Tensor]]  # per key region: (start [B], end [B]) int32
+    scale: torch.Tensor  # [B, 1, 1]: YaRN factor m multiplying q and the new k (ones without DCA)
 
 
-def _decode_tables(meta: AttentionMetadata, seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block tables [B, max_blocks] int32, cache slots of the new tokens [B] int64), once per step."""
-    if "decode_tables" not in meta.derived:
-        device = meta.positions.device
-        width = max(len(s.cache.blocks) for s in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks, dtype=torch.int32)
-        slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
-        meta.derived["decode_tables"] = (tables.to(device), slots.to(device))
-    return meta.derived["decode_tables"]
+def _decode_inputs(meta: AttentionMetadata, backend: AttentionBackend, seqs: list[SequenceSlice],
+                   dtype: torch.dtype) -> DecodeInputs:
+    if "decode" not in meta.derived:
+        meta.derived["decode"] = backend.decode_inputs(seqs, meta.positions.device, dtype)
+    return meta.derived["decode"]
+
+
+def _tables_and_slots(seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s.cache.blocks) for s in seqs)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks, dtype=torch.int32)
+    slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
+    return tables, slots
 
 
 def _paged_decode(q, cache, layer, tables, starts, ends, softmax_scale):
@@ -162,15 +181,12 @@ class DenseBackend(AttentionBackend):
         return out
 
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
-        positions = meta.positions[_decode_rows(meta, seqs)]
-        tables, slots = _decode_tables(meta, seqs)
+        d = _decode_inputs(meta, self, seqs, q.dtype)
+        positions = meta.positions[d.rows]
         cache = seqs[0].cache.cache
-        write_slots(cache, layer, slots, self.rotary.rotate(k, positions), v)
-        if "dense_ranges" not in meta.derived:
-            ends = torch.tensor([s.num_total for s in seqs], dtype=torch.int32)
-            meta.derived["dense_ranges"] = (torch.zeros_like(ends).to(q.device), ends.to(q.device))
-        starts, ends = meta.derived["dense_ranges"]
-        out, _ = _paged_decode(self.rotary.rotate(q, positions), cache, layer, tables, starts, ends,
+        write_slots(cache, layer, d.slots, self.rotary.rotate(k, positions), v)
+        (starts, ends), = d.ranges
+        out, _ = _paged_decode(self.rotary.rotate(q, positions), cache, layer, d.tables, starts, ends,
                                1.0 / math.sqrt(q.shape[-1]))
         return out
 
@@ -205,22 +221,25 @@ class DCABackend(AttentionBackend):
         out, _ = dense_fn(queries, keys, values)
         return out
 
+    def decode_inputs(self, seqs, device, dtype):
+        """DCA: three key ranges per sequence (spec 2.4) and the YaRN factor of its length (spec 2.5)."""
+        base = super().decode_inputs(seqs, device, dtype)
+        cols = _dca_decode_ranges(seqs, self.dca.chunk_len, device)
+        m = torch.tensor([self.dca.yarn_scale(s.scale_len) for s in seqs], dtype=dtype)
+        return DecodeInputs(base.rows, base.tables, base.slots, [(cols[0], cols[1]), (cols[2], cols[3]),
+                                                                  (cols[4], cols[5])],
+                            m.to(device)[:, None, None])
+
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
-        positions = meta.positions[_decode_rows(meta, seqs)]
-        tables, slots = _decode_tables(meta, seqs)
+        d = _decode_inputs(meta, self, seqs, q.dtype)
+        positions = meta.positions[d.rows]
         cache = seqs[0].cache.cache
-        if "dca_decode" not in meta.derived:
-            # YaRN temperature per sequence (spec 2.5): q and the new key each scaled by m(L)
-            m = torch.tensor([self.dca.yarn_scale(s.scale_len) for s in seqs], dtype=q.dtype)
-            meta.derived["dca_decode"] = (m.to(q.device)[:, None, None],
-                                          _dca_decode_ranges(seqs, self.dca.chunk_len, q.device))
-        m, (i0, i1, s0, s1, n0, n1) = meta.derived["dca_decode"]
         pos = dca_positions(positions, self.dca)
-        write_slots(cache, layer, slots, self.rotary.rotate(k, pos.key) * m, v)
+        write_slots(cache, layer, d.slots, self.rotary.rotate(k, pos.key) * d.scale, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
         parts = [
-            _paged_decode(self.rotary.rotate(q, p) * m, cache, layer, tables, a, b, scale)
-            for p, a, b in ((pos.intra, i0, i1), (pos.succ, s0, s1), (pos.inter, n0, n1))
+            _paged_decode(self.rotary.rotate(q, p) * d.scale, cache, layer, d.tables, a, b, scale)
+            for p, (a, b) in zip((pos.intra, pos.succ, pos.inter), d.ranges)
         ]
         # kernel LSE is [B, heads]; the merge contract is [heads, num_q]
         out, _ = _merge_fn(q.device)([(o, lse.t()) for o, lse in parts])

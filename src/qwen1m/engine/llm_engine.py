@@ -40,6 +40,7 @@ class LLMEngine:
         max_model_len: int,
         max_num_batched_tokens: int = 32768,
         max_num_seqs: int = 64,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -50,6 +51,12 @@ class LLMEngine:
         self.kv_cache = kv_cache
         self.block_pool = BlockPool(kv_cache.num_blocks)
         self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate, self._release)
+        self.graph_runner = None
+        if cuda_graphs:  # decode steps replay CUDA graphs; one block is kept for the padding rows' writes
+            from qwen1m.engine.cuda_graph import DecodeGraphRunner
+
+            (pad_block,) = self.block_pool.allocate(1)
+            self.graph_runner = DecodeGraphRunner(model, kv_cache, pad_block, max_num_seqs, max_model_len)
         self._ids = itertools.count()
         self.eos_ids: set[int] = set(self.cfg.eos_token_ids)
         if tokenizer is not None:
@@ -156,13 +163,17 @@ class LLMEngine:
                 sample_rows.append(start + n - 1)
                 samplers.append(seq)
             start += n
-        meta = AttentionMetadata(torch.tensor(positions, device=self.device), slices)
-        hidden = self.model(torch.tensor(ids, device=self.device), meta)
+        logits = None
+        if self.graph_runner is not None and all(s.num_query == 1 and s.num_cached > 0 for s in slices):
+            logits = self.graph_runner.run(ids, slices)  # None when the batch fits no captured bucket
+        if logits is None:
+            meta = AttentionMetadata(torch.tensor(positions, device=self.device), slices)
+            hidden = self.model(torch.tensor(ids, device=self.device), meta)
+            logits = self.model.compute_logits(hidden[sample_rows]) if samplers else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_tokens
         touched: dict[str, None] = {}
         if samplers:
-            logits = self.model.compute_logits(hidden[sample_rows])
             now = time.monotonic()
             for seq, row in zip(samplers, logits):
                 token = sample(row, seq.params, seq.generator)
