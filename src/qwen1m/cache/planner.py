@@ -104,6 +104,7 @@ def plan_memory(
     elif device.type == "cuda":
         if not 0 < gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
+        torch.cuda.empty_cache()  # blocks cached by PyTorch but unused are free for the KV cache
         free, total = torch.cuda.mem_get_info(device)
         usable = int(total * gpu_memory_utilization)
         # what is already taken (our weights, loaded before planning, and anything else on the GPU,

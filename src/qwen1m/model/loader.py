@@ -75,9 +75,14 @@ def build_model(
     sparse: SparseConfig | None = None,
 ) -> Qwen2ForCausalLM:
     """Uninitialised model (weights allocated on ``device``, contents undefined)."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg, dca=dca, sparse=sparse)
-    model = model.to_empty(device=device).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in the target dtype: no float32 detour
+    try:
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(cfg, dca=dca, sparse=sparse)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
