@@ -75,8 +75,9 @@ class PagedKVCache:
         return self.k[layer], self.v[layer], None, None
 
 
-def write_slots(cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store one token per row at flat cache rows ``slots`` ([n] int64): one scatter for a decode batch."""
+def write_slots(cache: PagedKVCache, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store k, v ([n, num_kv_heads, head_dim]) at flat cache rows ``slots``: an index tensor [n] (one
+    scatter, e.g. a decode batch) or a slice (contiguous rows: a plain copy)."""
     kf = cache.k[layer].view(-1, cache.num_kv_heads, cache.head_dim)
     vf = cache.v[layer].view(-1, cache.num_kv_heads, cache.head_dim)
     if cache.fp8:
@@ -123,15 +124,7 @@ class SequenceBlocks:
         end = start + k.shape[0]
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: writing up to token {end} into {self.capacity} reserved slots")
-        c, rows = self.cache, self._rows(start, end)
-        kf, vf = self._flat(layer)
-        if c.fp8:
-            (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
-            kf[rows], vf[rows] = kq, vq
-            c.k_scale[layer].view(-1, c.num_kv_heads)[rows] = ks
-            c.v_scale[layer].view(-1, c.num_kv_heads)[rows] = vs
-        else:
-            kf[rows], vf[rows] = k, v
+        write_slots(self.cache, layer, self._rows(start, end), k, v)
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens [0, end) as [end, num_kv_heads, head_dim] in the compute dtype.
