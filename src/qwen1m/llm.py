@@ -16,6 +16,7 @@ from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.model.loader import resolve_dtype
+from qwen1m.options import as_params_list, as_prompt_list, block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.parallel.shard import TPShard, check_divisible
 from qwen1m.sampling_params import SamplingParams
@@ -124,7 +125,7 @@ class LLM:
         torch.manual_seed(seed)
         self.config = replace(cfg, dca=dca_cfg)
         self.model_path = folder
-        self.sparse_config = _sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold)
+        self.sparse_config = sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold)
         self.tokenizer = self._load_tokenizer(folder, load_format)
         if kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")
@@ -133,7 +134,7 @@ class LLM:
         check_divisible(cfg, tensor_parallel_size)
         spec = BuildSpec(folder, self.config, self.sparse_config, self.dtype,
                          "dummy" if load_format == "dummy" else "safetensors", kv_cache_dtype == "fp8",
-                         _block_size(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
+                         block_size_option(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
                          max_num_seqs, gpu_memory_utilization, kv_cache_memory, tensor_parallel_size)
         self._tp = None
         if tensor_parallel_size == 1:
@@ -215,8 +216,8 @@ class LLM:
         RequestOutputs instead, one after every step that changed a request (``new_text`` holds the
         delta). ``progress`` is called after each step with the state of every prefilling request.
         """
-        prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        prompts = as_prompt_list(prompts)
+        params = as_params_list(sampling_params, len(prompts))
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         steps = self._run(ids, progress)
         if stream:
@@ -275,74 +276,3 @@ class LLM:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
         return self.engine.prompt_logits(list(token_ids))
-
-
-def _sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None):
-    from qwen1m.sparse_config import load_sparse_config
-
-    if option is None or option is False:
-        return None
-    overrides = {}
-    if threshold is not None:
-        overrides["threshold"] = threshold
-    elif dca is not None and dca.sparse_attention_threshold is not None:
-        overrides["threshold"] = dca.sparse_attention_threshold
-    if dca is not None and dca.sparse_attention_last_q is not None:
-        overrides["last_q"] = dca.sparse_attention_last_q
-    if isinstance(option, SparseConfig):
-        sparse = replace(option, **overrides) if overrides else option
-    else:
-        path = folder / "sparse_attention_config.json" if option == "auto" else Path(option)
-        if option == "auto" and not path.is_file():
-            return None
-        sparse = load_sparse_config(path, cfg.num_hidden_layers, cfg.num_attention_heads, **overrides)
-    if sparse.num_layers != cfg.num_hidden_layers or any(len(v) != cfg.num_attention_heads
-                                                         for v in sparse.vertical_sizes):
-        raise ConfigError(
-            f"the sparse config has {sparse.num_layers} layers x {len(sparse.vertical_sizes[0])} heads but the model "
-            f"has {cfg.num_hidden_layers} x {cfg.num_attention_heads}."
-        )
-    return sparse
-
-
-def _block_size(block_size: int | None, dca: DCAConfig | None) -> int:
-    """DCA regions start at multiples of chunk_len, so chunk_len must be a whole number of blocks."""
-    if block_size is None:
-        block_size = 64
-        while dca is not None and dca.chunk_len % block_size:
-            block_size //= 2
-        return block_size
-    if block_size < 1:
-        raise ConfigError(f"block_size must be positive, got {block_size}.")
-    if dca is not None and dca.chunk_len % block_size:
-        fit = 64
-        while dca.chunk_len % fit:
-            fit //= 2
-        raise ConfigError(
-            f"The DCA chunk length chunk_size - local_size = {dca.chunk_len} is not a multiple of "
-            f"block_size={block_size}; use a block_size that divides it, e.g. {fit}."
-        )
-    return block_size
-
-
-def _as_prompt_list(prompts) -> list[str | list[int]]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
-        return [prompts]
-    if not isinstance(prompts, list) or not prompts:
-        raise RequestError("prompts must be a string, a list of strings, or a list of token-id lists.")
-    for p in prompts:
-        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))):
-            raise RequestError("each prompt must be a string or a list of integer token ids.")
-    return prompts
-
-
-def _as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    if len(params) != n:
-        raise RequestError(f"got {len(params)} SamplingParams for {n} prompts.")
-    return list(params)

@@ -1,0 +1,82 @@
+"""Option parsing for ``LLM``: each user-facing option validated once, with a sentence naming it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from qwen1m.config import DCAConfig
+from qwen1m.errors import ConfigError, RequestError
+from qwen1m.sampling_params import SamplingParams
+from qwen1m.sparse_config import SparseConfig, load_sparse_config
+
+
+def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None) -> SparseConfig | None:
+    """LLM(sparse_attention_config=...): "auto" (the folder's file if present), a path, a SparseConfig,
+    or None/False; the threshold comes from the option, else from the DCA config keys (spec 1.2)."""
+    if option is None or option is False:
+        return None
+    overrides = {}
+    if threshold is not None:
+        overrides["threshold"] = threshold
+    elif dca is not None and dca.sparse_attention_threshold is not None:
+        overrides["threshold"] = dca.sparse_attention_threshold
+    if dca is not None and dca.sparse_attention_last_q is not None:
+        overrides["last_q"] = dca.sparse_attention_last_q
+    if isinstance(option, SparseConfig):
+        sparse = replace(option, **overrides) if overrides else option
+    else:
+        path = folder / "sparse_attention_config.json" if option == "auto" else Path(option)
+        if option == "auto" and not path.is_file():
+            return None
+        sparse = load_sparse_config(path, cfg.num_hidden_layers, cfg.num_attention_heads, **overrides)
+    if sparse.num_layers != cfg.num_hidden_layers or any(len(v) != cfg.num_attention_heads
+                                                         for v in sparse.vertical_sizes):
+        raise ConfigError(
+            f"the sparse config has {sparse.num_layers} layers x {len(sparse.vertical_sizes[0])} heads but the model "
+            f"has {cfg.num_hidden_layers} x {cfg.num_attention_heads}."
+        )
+    return sparse
+
+
+def block_size_option(block_size: int | None, dca: DCAConfig | None) -> int:
+    """DCA regions start at multiples of chunk_len, so chunk_len must be a whole number of blocks."""
+    if block_size is None:
+        block_size = 64
+        while dca is not None and dca.chunk_len % block_size:
+            block_size //= 2
+        return block_size
+    if block_size < 1:
+        raise ConfigError(f"block_size must be positive, got {block_size}.")
+    if dca is not None and dca.chunk_len % block_size:
+        fit = 64
+        while dca.chunk_len % fit:
+            fit //= 2
+        raise ConfigError(
+            f"The DCA chunk length chunk_size - local_size = {dca.chunk_len} is not a multiple of "
+            f"block_size={block_size}; use a block_size that divides it, e.g. {fit}."
+        )
+    return block_size
+
+
+def as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+        return [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise RequestError("prompts must be a string, a list of strings, or a list of token-id lists.")
+    for p in prompts:
+        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))):
+            raise RequestError("each prompt must be a string or a list of integer token ids.")
+    return prompts
+
+
+def as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise RequestError(f"got {len(params)} SamplingParams for {n} prompts.")
+    return list(params)
