@@ -125,7 +125,8 @@ class LLMEngine:
 
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks reserved by running sequences (0.0 - 1.0)."""
-        return 1.0 - self.block_pool.num_free / max(1, self.block_pool.num_blocks)
+        usable = self.block_pool.num_blocks - (1 if self.graph_runner is not None else 0)  # minus the pad block
+        return 1.0 - self.block_pool.num_free / max(1, usable)
 
     def _reserve(self, num_tokens: int) -> SequenceBlocks | None:
         blocks = self.block_pool.allocate(-(-num_tokens // self.kv_cache.block_size))
