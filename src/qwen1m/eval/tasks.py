@@ -1,0 +1,69 @@
+"""The eval task registry: each task builds a prompt of exactly ``length`` tokens and its answers.
+
+Prompts are the training path's ChatML exchanges stopped after the answer prefix (``train.tasks``):
+system turn, user turn = task line + haystack + question, then ``<|im_start|>assistant`` and the
+task's answer prefix, so the model's first generated token starts the answer. Length is exact by
+construction: the haystack is cut to the tokens left after the fixed parts (the last filler unit is
+truncated; needles, list items and documents are never split except that last unit).
+
+RULER tasks follow ``synthetic.yaml`` (spec 6.1 table); generators live in ``needles`` (passkey,
+niah_*, vt), ``words`` (cwe, fwe) and ``qa`` (qa_1, qa_2), each saying where it departs from RULER.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from qwen1m.errors import Qwen1mError
+from qwen1m.eval.context import EvalContext, EvalSample
+from qwen1m.eval.needles import niah, passkey, vt
+from qwen1m.eval.qa import qa_hotpotqa, qa_squad
+from qwen1m.eval.words import cwe, fwe
+from qwen1m.train.encoding import HaystackTooShort
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    name: str
+    metric: str  # "passkey" (exact first number), "all" (string_match_all), "part" (string_match_part)
+    max_tokens: int  # RULER's tokens_to_generate for the task
+    make: Callable[[EvalContext, random.Random, int, float | None], EvalSample]
+    needs: str | None = None  # a user data file ("squad" / "hotpotqa") the task cannot run without
+
+
+def _registry() -> dict[str, TaskSpec]:
+    n = partial(partial, niah)
+    specs = [
+        TaskSpec("passkey", "passkey", 12, passkey),
+        TaskSpec("niah_single_1", "all", 128, n(haystack="repeat")),
+        TaskSpec("niah_single_2", "all", 128, n(haystack="essay")),
+        TaskSpec("niah_single_3", "all", 128, n(haystack="essay", value_type="uuids")),
+        TaskSpec("niah_multikey_1", "all", 128, n(haystack="essay", num_keys=4)),
+        TaskSpec("niah_multikey_2", "all", 128, n(haystack="needle")),
+        TaskSpec("niah_multikey_3", "all", 128, n(haystack="needle", key_type="uuids", value_type="uuids")),
+        TaskSpec("niah_multivalue", "all", 128, n(haystack="essay", num_values=4)),
+        TaskSpec("niah_multiquery", "all", 128, n(haystack="essay", num_keys=4, num_queries=4)),
+        TaskSpec("vt", "all", 30, vt),
+        TaskSpec("cwe", "all", 120, cwe),
+        TaskSpec("fwe", "all", 50, fwe),
+        TaskSpec("qa_1", "part", 32, qa_squad, needs="squad"),
+        TaskSpec("qa_2", "part", 32, qa_hotpotqa, needs="hotpotqa"),
+    ]
+    return {s.name: s for s in specs}
+
+
+TASKS: dict[str, TaskSpec] = _registry()
+RULER_TASKS = [t for t in TASKS if t != "passkey"]  # RULER's 13, in its order
+NIAH_TASKS = [t for t in TASKS if t.startswith("niah_")]
+
+
+def make_sample(ec: EvalContext, task: str, length: int, depth: float | None, seed: str) -> EvalSample:
+    """The sample of ``task`` at ``length`` (and ``depth`` percent, where the task takes one) for the
+    seed string: the same arguments give the same tokens on every run and in every mode."""
+    try:
+        return TASKS[task].make(ec, random.Random(seed), length, depth)
+    except HaystackTooShort as e:
+        raise Qwen1mError(f"task {task} does not fit in {length} tokens ({e}); use a longer --lengths.") from None
