@@ -171,7 +171,7 @@ class LLM:
             parts = build_rank(spec, TPShard(rank, size), device)
             if rank != 0:  # a worker: serve the driver's steps, then leave the program
                 runtime.worker_loop(parts.model, parts.kv_cache, device)
-                runtime.dist.destroy_process_group()
+                runtime.leave_group()
                 raise SystemExit(0)
             self._tp = runtime.StepBroadcaster([])
             parts.model.before_forward = self._tp
@@ -187,8 +187,11 @@ class LLM:
         if self._tp is not None:
             if getattr(self, "_finalizer", None) is not None:
                 self._finalizer()
-            else:  # under torchrun: tell the other ranks to leave their loop
+            else:  # under torchrun: tell the other ranks to leave their loop, then leave the group
                 self._tp.stop()
+                from qwen1m.parallel.runtime import leave_group
+
+                leave_group()
             self._tp = None
 
     @staticmethod

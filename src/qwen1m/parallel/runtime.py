@@ -65,6 +65,14 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
                             world_size=size, timeout=_TIMEOUT)
 
 
+def leave_group() -> None:
+    """Every rank meets here before tearing the group down: a rank that closes its connections while a
+    peer is still in a collective makes the peer abort (seen with gloo under torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(x)
     return x
@@ -130,7 +138,10 @@ def worker_main(rank: int, size: int, init_method: str, spec, device_type: str, 
         status.put(("error", rank, f"{type(e).__name__}: {e}"))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                leave_group()
+            except RuntimeError:  # the driver is gone: nothing to meet
+                dist.destroy_process_group()
 
 
 class TPDriver:
@@ -205,15 +216,23 @@ class TPDriver:
         if getattr(self, "closed", False):
             return
         self.closed = True
+        stopped = False
         if getattr(self, "broadcaster", None) is not None and all(p.is_alive() for p in self.workers):
             try:
                 self.broadcaster.stop()
+                stopped = True
             except RuntimeError:
                 pass
+        self.broadcaster = None
+        if dist.is_initialized():
+            if stopped:  # the workers meet us in leave_group on their way out
+                try:
+                    leave_group()
+                except RuntimeError:
+                    dist.destroy_process_group()
+            else:
+                dist.destroy_process_group()
         for proc in self.workers:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
-        self.broadcaster = None
-        if dist.is_initialized():
-            dist.destroy_process_group()

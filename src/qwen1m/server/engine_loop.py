@@ -214,6 +214,7 @@ class EngineLoop:
             self._fail_all(EngineUnavailable(f"The engine failed while generating ({type(e).__name__}: {e}); "
                                              "the request was cancelled.", 500), "error")
             return
+        self._log_prefill()  # before the outputs go out: a client that has its answer has seen the log too
         now = time.monotonic()
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
@@ -231,7 +232,6 @@ class EngineLoop:
             if out.finished:
                 del self._tracked[out.request_id]
                 self.metrics.requests.inc(finish_reason=out.outputs[0].finish_reason or "stop")
-        self._log_prefill()
 
     def _log_prefill(self) -> None:
         """One INFO line per step for each prompt that needs several steps, so a 1M-token prefill
