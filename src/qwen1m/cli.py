@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands that live in their own modules register themselves here."""
-    from qwen1m.demo import add_demo_command
+    from qwen1m.cli_demo import add_demo_command
     from qwen1m.server.cli import add_serve_command
 
     add_demo_command(sub)
