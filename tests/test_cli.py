@@ -82,3 +82,10 @@ def test_bad_input_one_sentence_nonzero_exit(text_model, argv, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_demo_on_the_bundled_model_finds_the_pass_key(capsys):
+    """The README's main job, at a short length so CI stays fast (the default is 8x the training length)."""
+    assert main(["demo", "--length", "3000", "--depth", "0.3", "--strict", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CORRECT" in out and "attention: DCA" in out and "time to first token" in out
