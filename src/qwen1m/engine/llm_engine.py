@@ -19,6 +19,7 @@ from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.block_pool import BlockPool
 from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
 from qwen1m.cache.planner import LOGITS_ROWS
+from qwen1m.detokenizer import IncrementalDetokenizer
 from qwen1m.engine.sampler import sample
 from qwen1m.engine.scheduler import Scheduler
 from qwen1m.engine.sequence import Sequence
@@ -92,6 +93,8 @@ class LLMEngine:
                                                     int(torch.randint(0, 2**62, (1,)).item()))
             seq = Sequence(request_id, i, text, list(ids), len(ids), params, len(ids) + max_new,
                            generator=gen, arrival_time=now)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -176,14 +179,26 @@ class LLMEngine:
         touched: dict[str, None] = {}
         if samplers:
             now = time.monotonic()
-            for seq, row in zip(samplers, logits):
-                token = sample(row, seq.params, seq.generator)
+            for seq, token in zip(samplers, self._sample(samplers, logits)):
                 seq.token_ids.append(token)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._check_stop(seq, token)
                 touched[seq.request_id] = None
         return [self._request_output(rid) for rid in touched]
+
+    @staticmethod
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row; greedy rows in one argmax and one device->host copy for the batch."""
+        tokens: list[int | None] = [None] * len(seqs)
+        greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                tokens[i] = sample(logits[i], seq.params, seq.generator)
+        return tokens
 
     def prefill_progress(self) -> list[PrefillProgress]:
         """Progress of the sequences that computed prompt tokens in the last step."""
@@ -200,11 +215,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-            # a trailing U+FFFD is an incomplete multi-byte character: wait for its next token
-            seq.output_text = text.rstrip("\ufffd")
+        if seq.detokenizer is not None:  # incremental: a few tokens decoded per step, not the whole output
+            seq.output_text += seq.detokenizer.add(token)
         reason, stop = None, None
         if not params.ignore_eos and token in self.eos_ids:
             reason, stop = "stop", None
@@ -223,8 +235,8 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason, stop
             seq.finished_time = time.monotonic()
-            if not isinstance(stop, str):
-                seq.output_text = text  # final: nothing more will complete a held-back character
+            if not isinstance(stop, str) and seq.detokenizer is not None:
+                seq.output_text += seq.detokenizer.flush()  # final: nothing will complete a held-back character
             self.scheduler.finish(seq)
 
     def _request_output(self, request_id: str) -> RequestOutput:
