@@ -114,6 +114,24 @@ def hf_baseline(n_list: list[int]) -> list[dict]:
     return rows
 
 
+def sparse_config(kind: str, layers: int, heads: int):
+    """'uniform': every head at (1000, 6096); '7b-mix': the most common Qwen2.5-7B-1M budgets (spec 3.5:
+    (1000, 6096) x321, (30, 800) x72, (3048, 8144) x68, then (7244, 12240) x273 and (11340, 16336) x50,
+    counts chosen so the mean vertical size is the config's 3,920), spread over layers x heads."""
+    from qwen1m.sparse_config import SparseConfig
+
+    if kind == "uniform":
+        return SparseConfig.uniform(layers, heads, 1000, 6096)
+    mix = [(1000, 6096)] * 321 + [(30, 800)] * 72 + [(3048, 8144)] * 68 + [(7244, 12240)] * 273 + \
+        [(11340, 16336)] * 50
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(mix), generator=g).tolist()
+    flat = [mix[order[i % len(mix)]] for i in range(layers * heads)]
+    v = tuple(tuple(flat[i * heads + h][0] for h in range(heads)) for i in range(layers))
+    s = tuple(tuple(flat[i * heads + h][1] for h in range(heads)) for i in range(layers))
+    return SparseConfig(v, s, tuple(tuple([None] * heads) for _ in range(layers)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ttft", default="32768,131072,262144")
@@ -122,13 +140,16 @@ def main() -> None:
     ap.add_argument("--hf-baseline", default="")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1010000)
+    ap.add_argument("--sparse", default="", help="'uniform' or '7b-mix': sparse prefill above 32K tokens")
     args = ap.parse_args()
     results: dict = {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16)", "kv_cache_dtype": args.kv_cache_dtype}
     if args.hf_baseline:
         results["transformers_sdpa"] = hf_baseline(_ints(args.hf_baseline))
         print("transformers", results["transformers_sdpa"], flush=True)
+    sparse = sparse_config(args.sparse, 28, 28) if args.sparse else None
+    results["sparse"] = args.sparse or None
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32)
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse)
     results["memory_plan"] = str(llm.memory_plan)
     print(llm.memory_plan, flush=True)
     results["ttft"] = []
