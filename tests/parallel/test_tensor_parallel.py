@@ -56,7 +56,7 @@ def test_worker_crash_is_a_clear_error_not_a_hang(ckpt):
         start = time.monotonic()
         with pytest.raises(Qwen1mError, match="worker rank 1 has exited"):
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
-        assert time.monotonic() - start < 30
+        assert time.monotonic() - start < 60  # a hang guard (the error comes at once), not a speed check
     finally:
         llm.shutdown()
 
