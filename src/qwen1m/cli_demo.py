@@ -14,8 +14,11 @@ from qwen1m.errors import Qwen1mError
 
 
 def training_length(llm) -> int:
-    """The length the model was trained to: DCA chunk_size when configured, else max_position_embeddings."""
-    dca = llm.config.dca
+    """The length the model was trained to: its checkpoint's DCA chunk_size (also when DCA is switched
+    off for a comparison), else max_position_embeddings."""
+    from qwen1m.config import load_model_config
+
+    dca = llm.config.dca or load_model_config(llm.model_path).dca
     return dca.chunk_size if dca is not None else llm.config.max_position_embeddings
 
 
