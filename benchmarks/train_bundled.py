@@ -24,7 +24,7 @@ from qwen1m.config import load_model_config
 from qwen1m.model.loader import load_model
 from qwen1m.train.encoding import Encoder
 from qwen1m.train.evaluate import llm_accuracy, teacher_forced_accuracy
-from qwen1m.train.recipe import load_recipe
+from qwen1m.train.recipe import load_recipe, parse_recipe
 from qwen1m.train.trainer import run_recipe
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--multiples", default="1,2,4,8,16")
     p.add_argument("--n", type=int, default=100, help="samples per length")
+    p.add_argument("--init-from", help="override the recipe's init_from (a checkpoint folder)")
+    p.add_argument("--engine-dca", default="on,off", help="engine evaluations: DCA on, off or both")
     p.add_argument("--deadline-s", type=float, default=540.0, help="stop starting evaluations after this")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -53,7 +55,12 @@ def main() -> None:
             if (work / f).is_file():
                 shutil.copy(work / f, out / f)
 
-    recipe = load_recipe(args.recipe)
+    if args.init_from:
+        src = json.loads(Path(args.recipe).read_text())
+        src["init_from"] = str(Path(args.init_from).resolve())
+        recipe = parse_recipe(src, f"recipe '{args.recipe}'")
+    else:
+        recipe = load_recipe(args.recipe)
     final = run_recipe(recipe, work, args.device, resume=False, on_stage_end=keep)
     keep(final)
     train_s = time.perf_counter() - t0
@@ -81,7 +88,7 @@ def main() -> None:
             logging.info("plain %s %d: %.1f%%", task, n_len, acc)
             save()
     del model
-    for dca in (True, False):
+    for dca in [{"on": True, "off": False}[m] for m in args.engine_dca.split(",")]:
         for task in ("passkey", "niah"):
             if left() < 30:
                 break

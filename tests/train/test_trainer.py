@@ -87,3 +87,27 @@ def test_cosine_schedule():
     assert lrs[0] < lrs[1] == pytest.approx(st.lr)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert lrs[-1] >= st.lr * st.min_lr_ratio
+
+
+def test_init_from_continues_a_checkpoint(toy_run, tmp_path):
+    # One stage from the toy's final checkpoint at lr 0: the weights come out unchanged (so they were
+    # loaded, not re-initialised), and the checkpoint's tokenizer is reused.
+    from safetensors.torch import load_file
+
+    d = json.loads(TOY.read_text())
+    d["stages"] = [{**d["stages"][-1], "name": "cont", "lr": 0.0, "steps": 2, "time_s": None}]
+    d["stages"][0].pop("time_s")
+    d["init_from"] = str(toy_run / "final")
+    final = run_recipe(parse_recipe(d), tmp_path / "cont", device="cpu", resume=False)
+    before, after = load_file(str(toy_run / "final" / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
+    assert (final / "tokenizer.json").read_text() == (toy_run / "final" / "tokenizer.json").read_text()
+    d["init_from"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="init_from"):
+        parse_recipe(d)
+    d["init_from"] = str(toy_run / "final")
+    d["model"] = {**d["model"], "hidden_size": d["model"]["hidden_size"] * 2}
+    with pytest.raises(ConfigError, match="does not match"):
+        run_recipe(parse_recipe(d), tmp_path / "bad", device="cpu", resume=False)

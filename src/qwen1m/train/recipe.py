@@ -8,6 +8,7 @@ context extension (spec 5.2). Parsed once into frozen dataclasses; errors name t
      "corpus": {"num_grammar": 20000, "stdlib": true, "text_files": []},
      "optimizer": {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0},
      "dca": true,
+     "init_from": "folder"   (optional: continue training a checkpoint; its tokenizer is used)
      "stages": [{"name": "s1", "seq_len": 512, "rope_theta": 1e4, "steps": 300 | "time_s": 60,
                  "lr": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "batch_size": 64,
                  "short_fraction": 0.0, "mix": {"passkey": 1, "lm": 1}}]}
@@ -67,6 +68,9 @@ class Recipe:
     num_workers: int = 0  # DataLoader workers building batches (0: in the training process)
     log_every: int = 10
     save_every: int = 0  # resumable state every n steps (0: at stage ends only)
+    # A Hugging Face folder whose weights start the first stage (continued training, spec 5.2's later
+    # stages start from the previous stage's model); its tokenizer.json replaces tokenizer training.
+    init_from: str | None = None
     source: dict[str, Any] = field(default_factory=dict)  # the JSON as read, for the log
 
     def to_json(self) -> dict[str, Any]:
@@ -81,7 +85,8 @@ _STAGE_KEYS = set(Stage.__slots__)
 _RECIPE_KEYS = set(Recipe.__slots__) - {"source"}
 
 
-def parse_recipe(d: dict[str, Any], where: str = "recipe") -> Recipe:
+def parse_recipe(d: dict[str, Any], where: str = "recipe", base: Path | None = None) -> Recipe:
+    """``base``: the folder that a relative ``init_from`` is resolved against (the recipe file's)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a JSON object.")
     unknown = sorted(set(d) - _RECIPE_KEYS - {"comment"})
@@ -104,6 +109,15 @@ def parse_recipe(d: dict[str, Any], where: str = "recipe") -> Recipe:
         if key not in d:
             raise ConfigError(f"{where} is missing the field '{key}'.")
     kwargs = {k: v for k, v in d.items() if k in _RECIPE_KEYS and k != "stages"}
+    if kwargs.get("init_from") is not None:
+        init = Path(kwargs["init_from"])
+        if base is not None and not init.is_absolute():
+            init = base / init
+        if not (init / "model.safetensors").is_file() or not (init / "tokenizer.json").is_file():
+            raise ConfigError(f"{where} field 'init_from': '{init}' is not a checkpoint folder with "
+                              "model.safetensors and tokenizer.json.")
+        kwargs["init_from"] = str(init)
+        kwargs["tokenizer"] = {"path": str(init)}
     return Recipe(stages=tuple(stages), source=d, **kwargs)
 
 
@@ -115,4 +129,4 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"recipe file '{path}' does not exist.") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"recipe file '{path}' is not valid JSON: {e}.") from None
-    return parse_recipe(d, f"recipe '{path}'")
+    return parse_recipe(d, f"recipe '{path}'", base=path.parent)

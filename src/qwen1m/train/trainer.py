@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen1m.config import ModelConfig
+from qwen1m.errors import ConfigError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
 from qwen1m.train.chat_template import QWEN2_5_CHAT_TEMPLATE
 from qwen1m.train.checkpoint import load_state, model_config, save_hf_folder, save_state
@@ -87,6 +88,24 @@ def init_weights(model: torch.nn.Module, std: float) -> None:
             torch.nn.init.zeros_(p)
         else:
             torch.nn.init.normal_(p, 0.0, std)
+
+
+def load_init_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Start from a checkpoint's weights (HF names, any float dtype); the shapes must be the recipe's."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    own = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = sorted(k for k in own if k not in tensors and not (tied and k == "lm_head.weight"))
+    unexpected = sorted(k for k in tensors if k not in own)
+    wrong = sorted(k for k in tensors if k in own and tensors[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"recipe field 'init_from': {folder / 'model.safetensors'} does not match the recipe's "
+                          f"model (missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}).")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            own[k].copy_(t.to(own[k].dtype))
 
 
 def _stage_cfg(recipe: Recipe, stage: Stage, vocab: int, bos: int, eos: int, final: bool) -> dict[str, Any]:
@@ -197,7 +216,9 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, device: str = "
         stage = recipe.stages[si]
         cfg_dict = _stage_cfg(recipe, stage, run.vocab, run.bos, run.eos, final=si == last)
         model = Qwen2ForCausalLM(ModelConfig.from_dict(cfg_dict)).to(dev)
-        if prev_model is None:
+        if prev_model is None and recipe.init_from is not None:
+            load_init_weights(model, Path(recipe.init_from))
+        elif prev_model is None:
             init_weights(model, recipe.model.get("initializer_range", 0.02))
         else:
             model.load_state_dict(prev_model)
