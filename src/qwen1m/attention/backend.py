@@ -53,6 +53,10 @@ def _merge_fn(device: torch.device):
 class AttentionBackend:
     # None: use the paged decode kernel on CUDA only; True/False force it (tests run it interpreted).
     decode_kernel: bool | None = None
+    # With the decode kernel: True runs ``_fused_decode`` (three launches per layer); False the
+    # per-region path (PyTorch RoPE, one kernel call per region, LSE merge), kept as the readable
+    # statement of the same maths that tests compare the fused path with.
+    fused_decode: bool = True
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, sparse: SparseConfig | None = None):
         self.cfg = cfg
@@ -100,6 +104,8 @@ class AttentionBackend:
         batched = []
         if self._use_decode_kernel(q.device):
             batched = [s for s in meta.seqs if s.num_query == 1 and s.num_cached > 0]
+        if batched and len(batched) == q.shape[0]:  # a pure decode step: no row gather or scatter
+            return self.forward_decode_batch(layer, q, k, v, meta, batched)
         if batched:
             rows = _decode_inputs(meta, self, batched, q.dtype).rows
             out[rows] = self.forward_decode_batch(layer, q[rows], k[rows], v[rows], meta, batched)
@@ -119,12 +125,8 @@ class AttentionBackend:
 
     def decode_inputs(self, seqs: list[SequenceSlice], device: torch.device, dtype: torch.dtype) -> DecodeInputs:
         """Dense: one key range [0, L) per sequence, no temperature."""
-        tables, slots = _tables_and_slots(seqs)
         ends = torch.tensor([s.num_total for s in seqs], dtype=torch.int32)
-        rows = torch.tensor([s.query_start for s in seqs])
-        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return DecodeInputs(to(rows), to(tables), to(slots), [(to(torch.zeros_like(ends)), to(ends))],
-                            torch.ones(len(seqs), 1, 1, dtype=dtype, device=device))
+        return _to_device(seqs, torch.stack([torch.zeros_like(ends), ends])[:, None], None, device, dtype)
 
 
 @dataclass(slots=True)
@@ -135,8 +137,23 @@ class DecodeInputs:
     rows: torch.Tensor  # [B] int64: the decoding rows in the step's token dimension
     tables: torch.Tensor  # [B, max_blocks] int32: block tables, zero-padded
     slots: torch.Tensor  # [B] int64: flat cache row of each new token
-    ranges: list[tuple[torch.Tensor, torch.Tensor]]  # per key region: (start [B], end [B]) int32
+    bounds: torch.Tensor  # [2, R, B] int32: start / end of each of the R key regions (1 dense, 3 DCA)
     scale: torch.Tensor  # [B, 1, 1]: YaRN factor m multiplying q and the new k (ones without DCA)
+
+    @property
+    def ranges(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per key region: (start [B], end [B]) views of ``bounds``."""
+        return [(self.bounds[0, r], self.bounds[1, r]) for r in range(self.bounds.shape[1])]
+
+
+def _to_device(seqs: list[SequenceSlice], bounds: torch.Tensor, scale: list[float] | None,
+               device: torch.device, dtype: torch.dtype) -> DecodeInputs:
+    """One decode batch's host-built tensors, copied to the device."""
+    tables, slots = _tables_and_slots(seqs)
+    rows = torch.tensor([s.query_start for s in seqs])
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    m = torch.ones(len(seqs), dtype=dtype) if scale is None else torch.tensor(scale, dtype=dtype)
+    return DecodeInputs(to(rows), to(tables), to(slots), to(bounds.contiguous()), to(m)[:, None, None])
 
 
 def _decode_inputs(meta: AttentionMetadata, backend: AttentionBackend, seqs: list[SequenceSlice],
@@ -153,6 +170,31 @@ def _tables_and_slots(seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Te
         tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks, dtype=torch.int32)
     slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
     return tables, slots
+
+
+def _fused_decode(layer, q, k, v, positions, d: DecodeInputs, cache, rotary: RotaryEmbedding,
+                  dca: tuple[int, int] | None) -> torch.Tensor:
+    """The GPU decode path in three launches: ``decode_prep`` (every RoPE rotation, the YaRN factor
+    and the cache write) and ``paged_decode_attention_multi`` (all key regions, merged by LSE).
+    An fp8 cache is written by ``write_slots`` (it quantises) from the rotated keys."""
+    from qwen1m.kernels.decode_prep import decode_prep
+    from qwen1m.kernels.paged_decode import paged_decode_attention_multi
+
+    k_cache, v_cache, k_scale, v_scale = cache.kernel_view(layer)
+    direct = not cache.fp8
+    q_all, k_rot = decode_prep(q, k, v, positions, rotary.inv_freq_on(q.device), rotary.attention_scaling,
+                               d.scale, k_cache if direct else None, v_cache if direct else None, d.slots,
+                               dca=dca)
+    if k_rot is not None:
+        write_slots(cache, layer, d.slots, k_rot, v)
+    out, _ = paged_decode_attention_multi(q_all, k_cache, v_cache, d.tables, d.bounds[0], d.bounds[1],
+                                          1.0 / math.sqrt(q.shape[-1]), k_scale=k_scale, v_scale=v_scale)
+    return out
+
+
+def _decode_positions(meta: AttentionMetadata, d: DecodeInputs, num_rows: int) -> torch.Tensor:
+    """Positions of the decoding rows: all of the step's when every row decodes (no gather)."""
+    return meta.positions if num_rows == meta.positions.shape[0] else meta.positions[d.rows]
 
 
 def _paged_decode(q, cache, layer, tables, starts, ends, softmax_scale):
@@ -182,8 +224,10 @@ class DenseBackend(AttentionBackend):
 
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
         d = _decode_inputs(meta, self, seqs, q.dtype)
-        positions = meta.positions[d.rows]
+        positions = _decode_positions(meta, d, len(seqs))
         cache = seqs[0].cache.cache
+        if self.fused_decode:
+            return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary, None)
         write_slots(cache, layer, d.slots, self.rotary.rotate(k, positions), v)
         (starts, ends), = d.ranges
         out, _ = _paged_decode(self.rotary.rotate(q, positions), cache, layer, d.tables, starts, ends,
@@ -223,17 +267,17 @@ class DCABackend(AttentionBackend):
 
     def decode_inputs(self, seqs, device, dtype):
         """DCA: three key ranges per sequence (spec 2.4) and the YaRN factor of its length (spec 2.5)."""
-        base = super().decode_inputs(seqs, device, dtype)
-        cols = _dca_decode_ranges(seqs, self.dca.chunk_len, device)
-        m = torch.tensor([self.dca.yarn_scale(s.scale_len) for s in seqs], dtype=dtype)
-        return DecodeInputs(base.rows, base.tables, base.slots, [(cols[0], cols[1]), (cols[2], cols[3]),
-                                                                  (cols[4], cols[5])],
-                            m.to(device)[:, None, None])
+        bounds = _dca_decode_ranges(seqs, self.dca.chunk_len)  # [3 regions, 2, B]
+        return _to_device(seqs, bounds.transpose(0, 1), [self.dca.yarn_scale(s.scale_len) for s in seqs],
+                          device, dtype)
 
     def forward_decode_batch(self, layer, q, k, v, meta, seqs):
         d = _decode_inputs(meta, self, seqs, q.dtype)
-        positions = meta.positions[d.rows]
+        positions = _decode_positions(meta, d, len(seqs))
         cache = seqs[0].cache.cache
+        if self.fused_decode:
+            return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary,
+                                 (self.dca.chunk_len, self.dca.chunk_size))
         pos = dca_positions(positions, self.dca)
         write_slots(cache, layer, d.slots, self.rotary.rotate(k, pos.key) * d.scale, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -246,9 +290,10 @@ class DCABackend(AttentionBackend):
         return out
 
 
-def _dca_decode_ranges(seqs: list[SequenceSlice], s: int, device: torch.device) -> list[torch.Tensor]:
+def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
     """Spec 2.4 for each sequence of length L (new token included), n = (L - 1) // s:
-    intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty)."""
+    intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
+    Returns int32 [3 regions (intra, succ, inter), 2 (start, end), B] on the host."""
     rows = []
     for seq in seqs:
         length = seq.num_total
@@ -256,8 +301,7 @@ def _dca_decode_ranges(seqs: list[SequenceSlice], s: int, device: torch.device) 
         succ = ((n - 1) * s, n * s) if n >= 1 else (0, 0)
         inter = (0, (n - 1) * s) if n >= 2 else (0, 0)
         rows.append((n * s, length, *succ, *inter))
-    t = torch.tensor(rows, dtype=torch.int32).t().contiguous().to(device)
-    return list(t)  # intra_start, intra_end, succ_start, succ_end, inter_start, inter_end
+    return torch.tensor(rows, dtype=torch.int32).t().reshape(3, 2, len(seqs))
 
 
 def make_backend(

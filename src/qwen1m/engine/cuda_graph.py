@@ -30,13 +30,12 @@ class _Graph:
         pad = SequenceBlocks(runner.kv_cache, [runner.pad_block], dev)
         # placeholder slices: only their count, num_query == 1 / num_cached > 0 and the cache matter
         seqs = [SequenceSlice(i, 1, 1, 2, pad, 1) for i in range(bucket)]
-        num_ranges = len(model.backend.decode_inputs(seqs[:1], dev, runner.dtype).ranges)
+        num_ranges = model.backend.decode_inputs(seqs[:1], dev, runner.dtype).bounds.shape[1]
         self.inputs = DecodeInputs(
             rows=torch.arange(bucket, device=dev),
             tables=torch.zeros(bucket, runner.max_blocks, dtype=torch.int32, device=dev),
             slots=torch.full((bucket,), runner.pad_slot, dtype=torch.long, device=dev),
-            ranges=[(torch.zeros(bucket, dtype=torch.int32, device=dev),
-                     torch.zeros(bucket, dtype=torch.int32, device=dev)) for _ in range(num_ranges)],
+            bounds=torch.zeros(2, num_ranges, bucket, dtype=torch.int32, device=dev),
             scale=torch.ones(bucket, 1, 1, dtype=runner.dtype, device=dev),
         )
         self.meta = AttentionMetadata(self.positions, seqs, {"decode": self.inputs})
@@ -62,11 +61,8 @@ class _Graph:
         self.inputs.tables[:n, width:].zero_()
         self.inputs.slots[:n].copy_(fresh.slots)
         self.inputs.slots[n:].fill_(pad_slot)
-        for (s, e), (fs, fe) in zip(self.inputs.ranges, fresh.ranges):
-            s[:n].copy_(fs)
-            e[:n].copy_(fe)
-            s[n:].zero_()
-            e[n:].zero_()
+        self.inputs.bounds[:, :, :n].copy_(fresh.bounds)
+        self.inputs.bounds[:, :, n:].zero_()  # padding rows: empty key ranges
         self.inputs.scale[:n].copy_(fresh.scale)
 
 

@@ -3,8 +3,16 @@
 Oracle: ``qwen1m.attention.reference.paged_decode_reference`` (same signature and semantics).
 
 Paged layout. Logical token t of sequence b lives at ``k_cache[block_tables[b, t // block_size],
-t % block_size]``; sequence b attends to keys [kv_start[b], kv_end[b]) (DCA calls this up to three
-times per layer with the intra / succ / inter ranges and merges the results by LSE, spec 2.4).
+t % block_size]``; sequence b attends to keys [kv_start[b], kv_end[b]).
+
+Several ranges, one launch (``paged_decode_attention_multi``). DCA decode attends to three disjoint
+ranges (intra / succ / inter, spec 2.4), each with its own query rotation, and merges them by LSE.
+The split kernel has a range dimension: q is [R, batch, num_heads, head_dim], kv_start / kv_end are
+[R, batch], and program_id(2) = r * num_splits + split. Every (range, split) piece writes its
+partial to one float32 workspace [batch, num_heads, R * num_splits, head_dim], and one reduce merges
+all R * num_splits pieces of a row at once (the LSE merge is associative, so this is exactly the
+merge of the R per-range results). A DCA layer is two launches instead of three splits, three
+reduces and a merge; the single-range API is the same launch with R = 1.
 
 Decode is memory-bound: the work is one read of K and V for the range, 2 * n * num_kv_heads *
 head_dim * elem bytes, and the goal is to read it exactly once at full bandwidth.
@@ -62,8 +70,9 @@ _MAX_SPLITS = 256
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, kv_start_ptr, kv_end_ptr, out_ptr, lse_ptr,
-    qk_scale,
-    stride_qb, stride_qh, stride_qd,
+    qk_scale, num_splits,
+    stride_qr, stride_qb, stride_qh, stride_qd,
+    stride_ksr, stride_ksq, stride_ker, stride_keq,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ksb, stride_kst, stride_ksh,
@@ -77,11 +86,12 @@ def _paged_decode_split_kernel(
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
+    piece = tl.program_id(2)  # rng * num_splits + split: this program's slot in the workspace
+    rng = piece // num_splits  # the key range (and the query rotation) this program attends with
+    split = piece % num_splits
 
-    kv_start = tl.load(kv_start_ptr + seq)
-    kv_end = tl.load(kv_end_ptr + seq)
+    kv_start = tl.load(kv_start_ptr + rng * stride_ksr + seq * stride_ksq)
+    kv_end = tl.load(kv_end_ptr + rng * stride_ker + seq * stride_keq)
     # whole aligned tiles of logical positions covering [kv_start, kv_end); this split's share
     tile_first = kv_start // BLOCK_N
     num_tiles = tl.where(kv_end > kv_start, (kv_end + BLOCK_N - 1) // BLOCK_N - tile_first, 0)
@@ -95,7 +105,8 @@ def _paged_decode_split_kernel(
     head = kv_head * GROUP + offs_g
     g_ok = offs_g < GROUP
     seq64 = seq.to(tl.int64)
-    q_ptrs = q_ptr + seq64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q_ptrs = (q_ptr + rng * stride_qr + seq64 * stride_qb + head[:, None] * stride_qh
+              + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0)  # [BLOCK_G, HEAD_DIM], padding rows zero
     if UPCAST_DOT:
         q = q.to(tl.float32)
@@ -153,10 +164,10 @@ def _paged_decode_split_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # * ln(2)
-    out_ptrs = (out_ptr + seq64 * stride_ob + head[:, None] * stride_oh + split * stride_os
+    out_ptrs = (out_ptr + seq64 * stride_ob + head[:, None] * stride_oh + piece * stride_os
                 + offs_d[None, :] * stride_od)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
-    tl.store(lse_ptr + seq64 * stride_lb + head * stride_lh + split * stride_ls, lse, mask=g_ok)
+    tl.store(lse_ptr + seq64 * stride_lb + head * stride_lh + piece * stride_ls, lse, mask=g_ok)
 
 
 @triton.jit
@@ -171,7 +182,8 @@ def _paged_decode_reduce_kernel(
 ):
     """One program per (sequence, query head): out = sum_s exp(lse_s - LSE) out_s, LSE = logsumexp lse_s.
 
-    Reads num_splits * (HEAD_DIM + 1) floats per row; two passes over the LSEs (max, then weights)
+    num_splits here counts every piece of the row (R ranges * splits per range). Reads
+    num_splits * (HEAD_DIM + 1) floats per row; two passes over the LSEs (max, then weights)
     keep every loop-carried value a vector.
     """
     seq = tl.program_id(0).to(tl.int64)
@@ -295,23 +307,28 @@ def _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, 
             )
 
 
-def paged_decode_attention_with_config(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
-    softmax_scale: float,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    *,
-    config: dict[str, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``paged_decode_attention`` with explicit BLOCK_N / num_warps / num_stages (for tuning sweeps)."""
-    _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale)
-    batch, num_heads, head_dim = q.shape
+def _check_multi_inputs(q, kv_start, kv_end) -> None:
+    """The range dimension of paged_decode_attention_multi; the rest is _check_inputs on range 0."""
+    if q.dim() != 4 or q.shape[0] < 1:
+        raise ValueError(
+            "paged_decode_attention_multi expects q [num_ranges >= 1, batch, num_heads, head_dim], "
+            f"got {tuple(q.shape)}."
+        )
+    want = tuple(q.shape[:2])
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if tuple(t.shape) != want or t.dtype != torch.int32:
+            raise ValueError(
+                f"paged_decode_attention_multi: {name} must be int32 [num_ranges, batch] = {want}, "
+                f"got {t.dtype} {tuple(t.shape)}."
+            )
+
+
+def _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale, num_splits,
+            config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both public entry points: q [R, batch, num_heads, head_dim], kv_start / kv_end [R, batch] int32
+    (inputs already checked). One split launch over (batch, num_kv_heads, R * num_splits) programs,
+    then, unless there is a single piece, one reduce launch over the R * num_splits pieces of a row."""
+    num_ranges, batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -326,14 +343,15 @@ def paged_decode_attention_with_config(
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
     if num_splits < 1:
         raise ValueError(f"paged_decode_attention: num_splits must be >= 1, got {num_splits}.")
+    pieces = num_ranges * num_splits
 
-    if num_splits == 1:  # the split kernel writes the result; stride 0 over the (single) split
+    if pieces == 1:  # the split kernel writes the result; stride 0 over the (single) piece
         part_out, part_lse = out, lse
         po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
         pl_strides = (lse.stride(0), lse.stride(1), 0)
-    else:  # float32 workspace: num_splits partial rows per (sequence, head)
-        part_out = _empty((batch, num_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = _empty((batch, num_heads, num_splits), torch.float32, q.device)
+    else:  # float32 workspace: R * num_splits partial rows per (sequence, head), range-major
+        part_out = _empty((batch, num_heads, pieces, head_dim), torch.float32, q.device)
+        part_lse = _empty((batch, num_heads, pieces), torch.float32, q.device)
         po_strides, pl_strides = part_out.stride(), part_lse.stride()
 
     has_scale = k_scale is not None
@@ -341,10 +359,12 @@ def paged_decode_attention_with_config(
     ks, vs = (k_scale, v_scale) if has_scale else (dummy, dummy)
     ks_strides = k_scale.stride() if has_scale else (0, 0, 0)
     vs_strides = v_scale.stride() if has_scale else (0, 0, 0)
-    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _paged_decode_split_kernel[(batch, num_kv_heads, pieces)](
         q, k_cache, v_cache, ks, vs, block_tables, kv_start, kv_end, part_out, part_lse,
-        softmax_scale * _LOG2E,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        softmax_scale * _LOG2E, num_splits,
+        stride_qr=q.stride(0), stride_qb=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
+        stride_ksr=kv_start.stride(0), stride_ksq=kv_start.stride(1),
+        stride_ker=kv_end.stride(0), stride_keq=kv_end.stride(1),
         stride_kb=k_cache.stride(0), stride_kt=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_kd=k_cache.stride(3),
         stride_vb=v_cache.stride(0), stride_vt=v_cache.stride(1), stride_vh=v_cache.stride(2),
@@ -363,17 +383,38 @@ def paged_decode_attention_with_config(
         UPCAST_DOT=interpret,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if num_splits > 1:
+    if pieces > 1:  # LSE merge is associative: merging every piece of every range at once is exact
         _paged_decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, lse, num_splits,
+            part_out, part_lse, out, lse, pieces,
             stride_pob=po_strides[0], stride_poh=po_strides[1], stride_pos=po_strides[2], stride_pod=po_strides[3],
             stride_plb=pl_strides[0], stride_plh=pl_strides[1], stride_pls=pl_strides[2],
             stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
             stride_lb=lse.stride(0), stride_lh=lse.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=min(triton.next_power_of_2(num_splits), 16),
+            HEAD_DIM=head_dim, BLOCK_S=min(triton.next_power_of_2(pieces), 16),
             num_warps=4,
         )
     return out.to(q.dtype), lse
+
+
+def paged_decode_attention_with_config(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    *,
+    config: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_decode_attention`` with explicit BLOCK_N / num_warps / num_stages (for tuning sweeps)."""
+    _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale)
+    # one range: the multi-range launch with R = 1 (views, no copies)
+    return _launch(q[None], k_cache, v_cache, block_tables, kv_start[None], kv_end[None], softmax_scale,
+                   k_scale, v_scale, num_splits, config)
 
 
 def paged_decode_attention(
@@ -408,4 +449,38 @@ def paged_decode_attention(
     )
 
 
-__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_with_config"]
+def paged_decode_attention_multi(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    softmax_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    *,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of R key ranges, each read with its own query: a whole DCA decode
+    layer (R = 3: intra, succ, inter, each with its own query rotation) in two launches.
+
+    q: [R, batch, num_heads, head_dim] (q[r] attends to the keys of range r); kv_start, kv_end:
+    [R, batch] int32, range r of sequence b is [kv_start[r, b], kv_end[r, b]) (empty ranges add
+    nothing). Every other argument as in ``paged_decode_attention``; num_splits is per range (None:
+    chosen as there, from max_blocks_per_seq * block_size); config: BLOCK_N / num_warps / num_stages
+    (None: the default). Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch,
+    num_heads] float32: exactly the LSE merge of the R single-range results (out 0, lse -inf when
+    every range of a row is empty). No host reads of device tensors: CUDA-graph capturable.
+    """
+    _check_multi_inputs(q, kv_start, kv_end)
+    _check_inputs(q[0], k_cache, v_cache, block_tables, kv_start[0], kv_end[0], k_scale, v_scale)
+    if config is None:
+        config = _default_config(q.shape[-1], k_cache.dtype, q.device)
+    return _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale,
+                   num_splits, config)
+
+
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_multi",
+           "paged_decode_attention_with_config"]

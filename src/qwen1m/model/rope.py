@@ -85,11 +85,16 @@ class RotaryEmbedding(torch.nn.Module):
     def from_config(cls, cfg: ModelConfig) -> RotaryEmbedding:
         return cls(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
 
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """inv_freq on ``device``, copied once (a decode graph captures the cached copy)."""
+        inv_freq = self._inv_freq_on.get(device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[device] = self.inv_freq.to(device)
+        return inv_freq
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] int -> cos, sin: [num_tokens, 1, head_dim] in ``dtype``."""
-        inv_freq = self._inv_freq_on.get(positions.device)
-        if inv_freq is None:
-            inv_freq = self._inv_freq_on[positions.device] = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq_on(positions.device)
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
