@@ -71,3 +71,18 @@ def test_decode_with_cache_equals_recompute(tiny_checkpoint):
     logits = llm.logits(tokens)
     recomputed = logits[len(prompt) - 1:-1].argmax(-1).tolist()
     assert recomputed == out.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_norm_kernel_path_matches_transformers(tmp_path, arch, monkeypatch):
+    """The GPU layer path (RMSNorm + residual add as one Triton kernel, here interpreted; Qwen3's
+    per-head q/k norms through it too) gives transformers' logits."""
+    from qwen1m.model.layers import RMSNorm
+
+    folder = save_tiny_checkpoint(tmp_path / "ckpt", arch=arch, seed=7)
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    monkeypatch.setattr(RMSNorm, "use_kernel", True)
+    ours = LLM(folder, dtype="float32", device="cpu").logits(ids)
+    with torch.no_grad():
+        ref = _hf_model(folder, arch)(torch.tensor([ids])).logits[0].float()
+    assert _rel_err(ours, ref) < 1e-4

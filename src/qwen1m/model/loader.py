@@ -168,4 +168,5 @@ def load_model(
         init_dummy_weights(model)
     else:
         load_weights(model, folder, shard)
+    model.fuse_projections()
     return model

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from qwen1m.attention.backend import AttentionBackend, make_backend
 from qwen1m.attention.metadata import AttentionMetadata
 from qwen1m.config import DCAConfig, ModelConfig
-from qwen1m.model.layers import MLP, RMSNorm
+from qwen1m.model.layers import MLP, RMSNorm, fuse_linears
 from qwen1m.model.rope import RotaryEmbedding
 from qwen1m.sparse_config import SparseConfig
 
@@ -44,13 +44,26 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        """q, k and v in one matrix: one GEMM (one GEMV in decode) instead of three."""
+        self.qkv_weight, self.qkv_bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [..., hidden] -> q [..., num_heads, head_dim], k, v [..., num_kv_heads, head_dim]."""
+        """x: [..., hidden] -> q [..., num_heads, head_dim], k, v [..., num_kv_heads, head_dim]
+        (with fused projections: strided views of one output, nothing copied)."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                 self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -88,14 +101,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend,
-                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                backend: AttentionBackend, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for layer 0, with residual None);
+        residual: the stream before it. Returns (this layer's MLP output, the stream before it): each
+        residual add is fused into the norm that follows it (RMSNorm.forward)."""
         # Under tensor parallelism o_proj and down_proj hold a slice of their input features, so each
         # rank's output is a partial sum that ``reduce`` (an all-reduce) completes.
-        attn = self.self_attn(self.input_layernorm(x), meta, backend)
-        x = x + (attn if reduce is None else reduce(attn))
-        mlp = self.mlp(self.post_attention_layernorm(x))
-        return x + (mlp if reduce is None else reduce(mlp))
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        attn = self.self_attn(h, meta, backend)
+        h, residual = self.post_attention_layernorm(attn if reduce is None else reduce(attn), residual)
+        mlp = self.mlp(h)
+        return (mlp if reduce is None else reduce(mlp)), residual
 
     def forward_train(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
         x = x + self.self_attn.forward_train(self.input_layernorm(x), rotary)
@@ -132,10 +150,16 @@ class Qwen2ForCausalLM(nn.Module):
         """input_ids: [num_tokens] -> final-norm hidden states [num_tokens, hidden]."""
         if self.before_forward is not None:  # tensor parallel driver: send the step to the other ranks
             self.before_forward(input_ids, meta)
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            x = layer(x, meta, self.backend, self.all_reduce)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, meta, self.backend, self.all_reduce)
+        return self.model.norm(x, residual)[0]
+
+    def fuse_projections(self) -> None:
+        """After loading, for inference: q/k/v and gate/up as single matrices (see fuse_linears)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> logits [n, vocab] in float32."""
