@@ -52,15 +52,23 @@ def ttft(llm: LLM, n: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "generated": len(out.outputs[0].token_ids)}
 
 
-def decode(llm: LLM, context: int, batch: int, steps: int) -> dict:
+def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = False) -> dict:
+    """Median step time of ``steps`` decode steps at ``context`` tokens. skip_prefill: the prompts'
+    KV slots are reserved but not computed (each sequence starts as if its prompt had been prefilled
+    and one token sampled): a decode step reads the same bytes whatever they hold, and a 1M-token
+    prefill would take minutes of device time for a number that does not depend on it."""
     prompts = [torch.randint(0, llm.config.vocab_size, (context,)).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
     times = []
     for p in prompts:
-        llm.engine.add_request(p, params)
+        rid = llm.engine.add_request(p, params)
+        if skip_prefill:
+            for seq in llm.engine.requests[rid]:
+                seq.num_computed_tokens = seq.num_prompt_tokens
+                seq.token_ids.append(0)  # the "first sampled token": the sequence is decoding
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.engine.scheduler.running) or \
             llm.engine.num_waiting():
-        llm.engine.step()  # prefill (not timed)
+        llm.engine.step()  # prefill (not timed); with skip_prefill only the admission
     while llm.engine.has_unfinished_requests():
         _sync()
         t0 = time.perf_counter()
@@ -73,7 +81,7 @@ def decode(llm: LLM, context: int, batch: int, steps: int) -> dict:
     kv_bytes = batch * context * llm.memory_plan.kv_bytes_per_token
     floor = (weight_bytes + kv_bytes) / COPY_BANDWIDTH
     return {"context": context, "batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step,
-            "floor_ms": floor * 1e3, "ratio_to_floor": step / floor}
+            "floor_ms": floor * 1e3, "ratio_to_floor": step / floor, "prefill_skipped": skip_prefill}
 
 
 def hf_baseline(n_list: list[int]) -> list[dict]:
@@ -137,6 +145,8 @@ def main() -> None:
     ap.add_argument("--ttft", default="32768,131072,262144")
     ap.add_argument("--decode", default="32768,131072")
     ap.add_argument("--batch32", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true",
+                    help="decode rows: reserve the context's KV slots without computing them (see decode())")
     ap.add_argument("--hf-baseline", default="")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1010000)
@@ -158,10 +168,10 @@ def main() -> None:
         print("ttft", results["ttft"][-1], flush=True)
     results["decode"] = []
     for n in _ints(args.decode):
-        results["decode"].append(decode(llm, n, 1, 16))
+        results["decode"].append(decode(llm, n, 1, 16, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
     if args.batch32:
-        results["decode"].append(decode(llm, 8192, 32, 16))
+        results["decode"].append(decode(llm, 8192, 32, 16, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
     save("engine", results)
     print("\n| what | figure |\n|---|---|")
