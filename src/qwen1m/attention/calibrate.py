@@ -106,12 +106,12 @@ def save_heatmap(cfg: SparseConfig, path: str) -> bool:
         logger.warning("matplotlib is not installed: no heatmap written (pip install 'qwen1m[eval]')")
         return False
     data = torch.tensor([[s if s is not None else float("nan") for s in row] for row in cfg.scores])
-    fig, ax = plt.subplots(figsize=(max(4, data.shape[1] * 0.3 + 2), max(3, data.shape[0] * 0.25 + 1)))
+    fig, ax = plt.subplots(figsize=(max(4.5, data.shape[1] * 0.3 + 2), max(3, data.shape[0] * 0.25 + 1)))
     im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=min(0.5, float(data.nan_to_num(1).min())),
                    vmax=1.0)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title("attention recall of the calibrated sparse config")
+    ax.set_title("attention recall per head", fontsize=10)
     fig.colorbar(im, ax=ax, label="recall")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
