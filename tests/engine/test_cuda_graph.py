@@ -37,3 +37,42 @@ def test_graph_decode_equals_eager(tmp_path, dca, kv_cache_dtype):
         gc.collect()  # the engine holds reference cycles: free its KV cache before the next LLM plans
         torch.cuda.empty_cache()
     assert runs[False] == runs[True]
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dca", [None, DCA])
+def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
+    """The logits every step samples from: the replayed graph (fused decode layer) and eager fused decode
+    equal the PyTorch reference path (per-sequence attention, PyTorch RoPE and norms), float32."""
+    from qwen1m.model.layers import RMSNorm
+
+    extra = {"dual_chunk_attention_config": dca} if dca else None
+    folder = save_tiny_checkpoint(tmp_path / "m", seed=82, extra_config=extra, hidden_size=256,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (7, 90, 200)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    runs = {}
+    for name in ("reference", "eager", "graph"):
+        RMSNorm.use_kernel = False if name == "reference" else None
+        try:
+            llm = LLM(folder, dtype="float32", device="cuda", enforce_eager=name != "graph", max_num_seqs=8,
+                      max_model_len=512, gpu_memory_utilization=0.3)
+            llm.model.backend.decode_kernel = name != "reference"
+            logits = []
+            sample = llm.engine._sample  # called once per step with the sampled rows' logits, never in capture
+            llm.engine._sample = lambda seqs, lg: logits.append(lg.clone()) or sample(seqs, lg)
+            runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)], logits
+        finally:
+            RMSNorm.use_kernel = None
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    ref_tokens, ref_logits = runs["reference"]
+    for name in ("eager", "graph"):
+        tokens, logits = runs[name]
+        assert tokens == ref_tokens, name
+        assert len(logits) == len(ref_logits), name
+        for a, b in zip(logits, ref_logits):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
