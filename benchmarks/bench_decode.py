@@ -44,11 +44,7 @@ import torch.nn.functional as F
 import triton
 
 from qwen1m.attention.reference import paged_decode_reference
-from qwen1m.kernels.paged_decode import (
-    choose_num_splits,
-    paged_decode_attention,
-    paged_decode_attention_with_config,
-)
+from qwen1m.kernels.paged_decode import choose_num_splits, paged_decode_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 28, 4, 128, 64
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
@@ -183,7 +179,7 @@ def sweep(device: str, cases: list[tuple[int, int]]) -> list[dict]:
         for (block_n, warps, stages), num_splits in trials:
             cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
             try:
-                fn = functools.partial(paged_decode_attention_with_config, *case[:6], SCALE, *case[6:], num_splits,
+                fn = functools.partial(paged_decode_attention, *case[:6], SCALE, *case[6:], num_splits,
                                        config=cfg)
                 ms = time_ms(fn, device)
                 row = dict(batch=batch, context=context, num_splits=num_splits, ms=ms, gbs=nbytes / ms / 1e6,

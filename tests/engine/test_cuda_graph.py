@@ -15,15 +15,20 @@ pytestmark = pytest.mark.gpu
 DCA = {"chunk_size": 64, "local_size": 16, "original_max_position_embeddings": 64}
 
 
+def _model_and_prompts(tmp_path, dca, seed: int, lengths: tuple[int, ...]):
+    """A tiny checkpoint (GQA 4/2, DCA or not) and random prompts of the given lengths."""
+    extra = {"dual_chunk_attention_config": dca} if dca else None
+    folder = save_tiny_checkpoint(tmp_path / "m", seed=seed, extra_config=extra, hidden_size=256,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
+    gen = torch.Generator().manual_seed(seed)
+    return folder, [torch.randint(0, 97, (n,), generator=gen).tolist() for n in lengths]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dca", [None, DCA])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_graph_decode_equals_eager(tmp_path, dca, kv_cache_dtype):
-    extra = {"dual_chunk_attention_config": dca} if dca else None
-    folder = save_tiny_checkpoint(tmp_path / "m", seed=81, extra_config=extra, hidden_size=256,
-                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 70, 150)]
+    folder, prompts = _model_and_prompts(tmp_path, dca, 81, (5, 70, 150))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     runs = {}
     for eager in (True, False):
@@ -47,11 +52,7 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
     equal the PyTorch reference path (per-sequence attention, PyTorch RoPE and norms), float32."""
     from qwen1m.model.layers import RMSNorm
 
-    extra = {"dual_chunk_attention_config": dca} if dca else None
-    folder = save_tiny_checkpoint(tmp_path / "m", seed=82, extra_config=extra, hidden_size=256,
-                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=512)
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (7, 90, 200)]
+    folder, prompts = _model_and_prompts(tmp_path, dca, 82, (7, 90, 200))
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     runs = {}
     for name in ("reference", "eager", "graph"):
@@ -62,7 +63,8 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
             llm.model.backend.decode_kernel = name != "reference"
             logits = []
             sample = llm.engine._sample  # called once per step with the sampled rows' logits, never in capture
-            llm.engine._sample = lambda seqs, lg: logits.append(lg.clone()) or sample(seqs, lg)
+            llm.engine._sample = lambda seqs, lg, logits=logits, sample=sample: (
+                logits.append(lg.clone()) or sample(seqs, lg))
             runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)], logits
         finally:
             RMSNorm.use_kernel = None

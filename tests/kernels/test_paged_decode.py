@@ -158,11 +158,11 @@ def test_paged_decode_matches_reference(ranges, num_heads, num_kv_heads, head_di
 @pytest.mark.parametrize("block_n,block_size", [(32, 16), (16, 1)])
 def test_paged_decode_tiles_spanning_blocks(block_n, block_size, poisoned):
     """Tiles wider than a block (each key looks up its own block), including block_size 1."""
-    from qwen1m.kernels.paged_decode import paged_decode_attention_with_config
+    from qwen1m.kernels.paged_decode import paged_decode_attention
 
     inputs = make_paged([(3, 61), (16, 17)], 4, 2, 32, block_size, torch.float32, torch.float32, seed=7)
     config = dict(BLOCK_N=block_n, num_warps=4, num_stages=1)
-    out, lse = paged_decode_attention_with_config(*inputs[:6], 0.2, *inputs[6:], num_splits=5, config=config)
+    out, lse = paged_decode_attention(*inputs[:6], 0.2, *inputs[6:], num_splits=5, config=config)
     check_kernel(out, lse, inputs, 0.2)
 
 

@@ -119,8 +119,20 @@ class AttentionBackend:
     def forward_sequence(self, layer, q, k, v, positions, seq: SequenceSlice) -> torch.Tensor:
         raise NotImplementedError
 
+    # (chunk_len, chunk_size) under DCA, for the decode kernels; None: dense
+    decode_dca: tuple[int, int] | None = None
+
     def forward_decode_batch(self, layer, q, k, v, meta: AttentionMetadata, seqs: list[SequenceSlice]):
         """q: [B, num_heads, head_dim], k, v: [B, num_kv_heads, head_dim], one new token per sequence."""
+        d = _decode_inputs(meta, self, seqs, q.dtype)
+        positions = _decode_positions(meta, d, len(seqs))
+        cache = seqs[0].cache.cache
+        if self.fused_decode:
+            return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary, self.decode_dca)
+        return self.decode_per_region(layer, q, k, v, positions, d, cache)
+
+    def decode_per_region(self, layer, q, k, v, positions, d: DecodeInputs, cache) -> torch.Tensor:
+        """The same maths as ``_fused_decode`` in PyTorch ops and one kernel call per key region."""
         raise NotImplementedError
 
     def decode_inputs(self, seqs: list[SequenceSlice], device: torch.device, dtype: torch.dtype) -> DecodeInputs:
@@ -222,12 +234,7 @@ class DenseBackend(AttentionBackend):
         out, _ = attend(q, keys, values, softmax_scale=scale, causal=True)
         return out
 
-    def forward_decode_batch(self, layer, q, k, v, meta, seqs):
-        d = _decode_inputs(meta, self, seqs, q.dtype)
-        positions = _decode_positions(meta, d, len(seqs))
-        cache = seqs[0].cache.cache
-        if self.fused_decode:
-            return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary, None)
+    def decode_per_region(self, layer, q, k, v, positions, d, cache):
         write_slots(cache, layer, d.slots, self.rotary.rotate(k, positions), v)
         (starts, ends), = d.ranges
         out, _ = _paged_decode(self.rotary.rotate(q, positions), cache, layer, d.tables, starts, ends,
@@ -242,6 +249,7 @@ class DCABackend(AttentionBackend):
                  sparse: SparseConfig | None = None):
         super().__init__(cfg, rotary, sparse)
         self.dca = dca
+        self.decode_dca = (dca.chunk_len, dca.chunk_size)
 
     def forward_sequence(self, layer, q, k, v, positions, seq):
         from qwen1m.attention.dca import dca_attention
@@ -267,17 +275,10 @@ class DCABackend(AttentionBackend):
 
     def decode_inputs(self, seqs, device, dtype):
         """DCA: three key ranges per sequence (spec 2.4) and the YaRN factor of its length (spec 2.5)."""
-        bounds = _dca_decode_ranges(seqs, self.dca.chunk_len)  # [3 regions, 2, B]
-        return _to_device(seqs, bounds.transpose(0, 1), [self.dca.yarn_scale(s.scale_len) for s in seqs],
-                          device, dtype)
+        return _to_device(seqs, _dca_decode_ranges(seqs, self.dca.chunk_len),
+                          [self.dca.yarn_scale(s.scale_len) for s in seqs], device, dtype)
 
-    def forward_decode_batch(self, layer, q, k, v, meta, seqs):
-        d = _decode_inputs(meta, self, seqs, q.dtype)
-        positions = _decode_positions(meta, d, len(seqs))
-        cache = seqs[0].cache.cache
-        if self.fused_decode:
-            return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary,
-                                 (self.dca.chunk_len, self.dca.chunk_size))
+    def decode_per_region(self, layer, q, k, v, positions, d, cache):
         pos = dca_positions(positions, self.dca)
         write_slots(cache, layer, d.slots, self.rotary.rotate(k, pos.key) * d.scale, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -293,15 +294,15 @@ class DCABackend(AttentionBackend):
 def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
     """Spec 2.4 for each sequence of length L (new token included), n = (L - 1) // s:
     intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
-    Returns int32 [3 regions (intra, succ, inter), 2 (start, end), B] on the host."""
+    Returns int32 [2 (start, end), 3 regions (intra, succ, inter), B] on the host."""
     rows = []
     for seq in seqs:
         length = seq.num_total
         n = (length - 1) // s
         succ = ((n - 1) * s, n * s) if n >= 1 else (0, 0)
         inter = (0, (n - 1) * s) if n >= 2 else (0, 0)
-        rows.append((n * s, length, *succ, *inter))
-    return torch.tensor(rows, dtype=torch.int32).t().reshape(3, 2, len(seqs))
+        rows.append((n * s, succ[0], inter[0], length, succ[1], inter[1]))  # starts, then ends
+    return torch.tensor(rows, dtype=torch.int32).t().reshape(2, 3, len(seqs))
 
 
 def make_backend(

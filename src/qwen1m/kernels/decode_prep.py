@@ -47,26 +47,12 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qwen1m.config import DCAConfig
+from qwen1m.kernels.rounding import round_to
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Heads per program: a [16, head_dim / 2] tile per half keeps registers low at head_dim 128, and
 # Qwen2.5-7B's 28 query heads + 4 kv heads become three programs per row.
 _BLOCK_H = 16
-
-
-@triton.jit
-def _round(x, DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """float32 x -> float32 holding x rounded to DTYPE, to nearest even (identity for float32)."""
-    if DTYPE == tl.float32:
-        y = x
-    elif MANUAL_BF16 and DTYPE == tl.bfloat16:
-        # the interpreter truncates float32 -> bfloat16: round the upper 16 bits to nearest even
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        y = bits.to(tl.float32, bitcast=True)
-    else:
-        y = x.to(DTYPE).to(tl.float32)
-    return y
 
 
 @triton.jit
@@ -80,11 +66,11 @@ def _rope_scale(x1, x2, pos, inv_freq, attention_scaling, yarn,
     else:
         cos = tl.cos(freqs)
         sin = tl.sin(freqs)
-    cos = _round(cos * attention_scaling, DTYPE, MANUAL_BF16)[None, :]
-    sin = _round(sin * attention_scaling, DTYPE, MANUAL_BF16)[None, :]
-    out1 = _round(_round(x1 * cos, DTYPE, MANUAL_BF16) - _round(x2 * sin, DTYPE, MANUAL_BF16), DTYPE, MANUAL_BF16)
-    out2 = _round(_round(x2 * cos, DTYPE, MANUAL_BF16) + _round(x1 * sin, DTYPE, MANUAL_BF16), DTYPE, MANUAL_BF16)
-    return _round(out1 * yarn, DTYPE, MANUAL_BF16), _round(out2 * yarn, DTYPE, MANUAL_BF16)
+    cos = round_to(cos * attention_scaling, DTYPE, MANUAL_BF16)[None, :]
+    sin = round_to(sin * attention_scaling, DTYPE, MANUAL_BF16)[None, :]
+    out1 = round_to(round_to(x1 * cos, DTYPE, MANUAL_BF16) - round_to(x2 * sin, DTYPE, MANUAL_BF16), DTYPE, MANUAL_BF16)
+    out2 = round_to(round_to(x2 * cos, DTYPE, MANUAL_BF16) + round_to(x1 * sin, DTYPE, MANUAL_BF16), DTYPE, MANUAL_BF16)
+    return round_to(out1 * yarn, DTYPE, MANUAL_BF16), round_to(out2 * yarn, DTYPE, MANUAL_BF16)
 
 
 # chunk_len / chunk_size are runtime values even when 1 (no constexpr specialisation of the arithmetic)

@@ -45,27 +45,15 @@ in natural log. Empty ranges give out = 0, lse = -inf.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from qwen1m.kernels.paged_decode_plan import check_inputs, check_multi_inputs, choose_num_splits, default_config
+
 _LOG2E = 1.4426950408889634
-_SUPPORTED_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FP8_DTYPES = (torch.float8_e4m3fn,)
-
-# Split choice (num_splits=None). Programs resident per SM for this kernel: a [64, 128] bf16 K and V
-# tile per stage is 32 KiB, so several programs fit in the H200's 228 KiB of shared memory per SM and
-# their loads overlap; aiming at this many programs per SM keeps every SM streaming.
-_PROGRAMS_PER_SM = 4
-# A split shorter than this is mostly fixed cost (query load, workspace write, reduction read).
-_MIN_TOKENS_PER_SPLIT = 256
-# Upper bound so the workspace and the reduction stay small (num_splits * head_dim floats per row).
-_MAX_SPLITS = 256
-
-
 @triton.jit
 def _paged_decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
@@ -223,106 +211,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Splits per range so batch * num_kv_heads * num_splits programs fill the GPU.
-
-    max_len: an upper bound on the longest range (the wrapper uses max_blocks_per_seq * block_size,
-    known without a device sync, so the launch stays CUDA-graph friendly). Splits shorter than
-    _MIN_TOKENS_PER_SPLIT are not worth their fixed cost.
-    """
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads))
-    useful = triton.cdiv(max(1, max_len), _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, useful, _MAX_SPLITS))
-
-
-def _default_config(head_dim: int, cache_dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """BLOCK_N / num_warps / num_stages. Interpreter: 16-key tiles so tiny tests cross tiles and blocks.
-
-    CUDA: 64-key tiles (one production block) at head_dim <= 128, 4 warps, 3 stages: a K and a V tile
-    of 16 KiB each per stage in bf16 (96 KiB of shared memory at most); float32 caches halve the tile
-    and use 2 stages. A first guess, not yet measured: benchmarks/bench_decode.py sweeps the
-    alternatives on the H200 (omit --quick).
-    """
-    if device.type != "cuda":
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-    block_n = 64 if head_dim <= 128 else 32
-    if cache_dtype == torch.float32:
-        return dict(BLOCK_N=block_n // 2 if head_dim > 64 else block_n, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
-
-
-def _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            "paged_decode_attention expects q [batch, num_heads, head_dim] and k_cache, v_cache "
-            f"[num_blocks, block_size, num_kv_heads, head_dim] of equal shape, got q {tuple(q.shape)}, "
-            f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}."
-        )
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim:
-        raise ValueError(f"paged_decode_attention: q head_dim {head_dim} differs from the cache's {cache_head_dim}.")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"paged_decode_attention supports head_dim a power of two in [16, 256], got {head_dim}.")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"paged_decode_attention needs a power-of-two block_size, got {block_size}.")
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"paged_decode_attention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}."
-        )
-    if q.dtype not in _SUPPORTED_Q_DTYPES:
-        raise ValueError(f"paged_decode_attention supports q in float16/bfloat16/float32, got {q.dtype}.")
-    fp8 = k_cache.dtype in _FP8_DTYPES
-    if v_cache.dtype != k_cache.dtype or not (fp8 or k_cache.dtype == q.dtype):
-        raise ValueError(
-            f"paged_decode_attention: k_cache / v_cache must both be q's dtype {q.dtype} or float8_e4m3fn, "
-            f"got {k_cache.dtype} and {v_cache.dtype}."
-        )
-    if (k_scale is None) != (v_scale is None) or (k_scale is not None and not fp8):
-        raise ValueError("paged_decode_attention: k_scale and v_scale go together, and only with a float8 cache.")
-    if k_scale is not None:
-        want = tuple(k_cache.shape[:3])
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if tuple(s.shape) != want or s.dtype != torch.float32:
-                raise ValueError(
-                    f"paged_decode_attention: {name} must be float32 {want} "
-                    f"[num_blocks, block_size, num_kv_heads], got {s.dtype} {tuple(s.shape)}."
-                )
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32:
-        raise ValueError(
-            f"paged_decode_attention: block_tables must be int32 [batch={batch}, max_blocks_per_seq], "
-            f"got {block_tables.dtype} {tuple(block_tables.shape)}."
-        )
-    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        if tuple(t.shape) != (batch,) or t.dtype != torch.int32:
-            raise ValueError(
-                f"paged_decode_attention: {name} must be int32 [batch={batch}], got {t.dtype} {tuple(t.shape)}."
-            )
-
-
-def _check_multi_inputs(q, kv_start, kv_end) -> None:
-    """The range dimension of paged_decode_attention_multi; the rest is _check_inputs on range 0."""
-    if q.dim() != 4 or q.shape[0] < 1:
-        raise ValueError(
-            "paged_decode_attention_multi expects q [num_ranges >= 1, batch, num_heads, head_dim], "
-            f"got {tuple(q.shape)}."
-        )
-    want = tuple(q.shape[:2])
-    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        if tuple(t.shape) != want or t.dtype != torch.int32:
-            raise ValueError(
-                f"paged_decode_attention_multi: {name} must be int32 [num_ranges, batch] = {want}, "
-                f"got {t.dtype} {tuple(t.shape)}."
-            )
-
-
 def _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale, num_splits,
             config) -> tuple[torch.Tensor, torch.Tensor]:
     """Both public entry points: q [R, batch, num_heads, head_dim], kv_start / kv_end [R, batch] int32
@@ -330,6 +218,8 @@ def _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, 
     then, unless there is a single piece, one reduce launch over the R * num_splits pieces of a row."""
     num_ranges, batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    if config is None:
+        config = default_config(head_dim, k_cache.dtype, q.device)
     group = num_heads // num_kv_heads
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     # triton's interpreter casts float32 -> bfloat16 by truncation, the GPU rounds to nearest even:
@@ -396,27 +286,6 @@ def _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, 
     return out.to(q.dtype), lse
 
 
-def paged_decode_attention_with_config(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
-    softmax_scale: float,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    *,
-    config: dict[str, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``paged_decode_attention`` with explicit BLOCK_N / num_warps / num_stages (for tuning sweeps)."""
-    _check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale)
-    # one range: the multi-range launch with R = 1 (views, no copies)
-    return _launch(q[None], k_cache, v_cache, block_tables, kv_start[None], kv_end[None], softmax_scale,
-                   k_scale, v_scale, num_splits, config)
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -428,6 +297,8 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
+    *,
+    config: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence to a range of its paged KV cache, with the LSE.
 
@@ -438,15 +309,15 @@ def paged_decode_attention(
     [kv_start, kv_end) in logical positions (kv_start == kv_end: empty). k_scale, v_scale:
     [num_blocks, block_size, num_kv_heads] float32 per-token dequant scales (fp8 only; None with an
     fp8 cache means scale 1). num_splits: pieces per range (None: enough to fill the GPU, from
-    max_blocks_per_seq * block_size and the SM count, without a device sync).
+    max_blocks_per_seq * block_size and the SM count, without a device sync). config: BLOCK_N /
+    num_warps / num_stages (None: ``default_config``; benchmarks/bench_decode.py sweeps them).
     Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch, num_heads] float32 (natural
     log); empty ranges give out = 0, lse = -inf.
     """
-    config = _default_config(q.shape[-1], k_cache.dtype, q.device)
-    return paged_decode_attention_with_config(
-        q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale, num_splits,
-        config=config,
-    )
+    check_inputs(q, k_cache, v_cache, block_tables, kv_start, kv_end, k_scale, v_scale)
+    # one range: the multi-range launch with R = 1 (views, no copies)
+    return _launch(q[None], k_cache, v_cache, block_tables, kv_start[None], kv_end[None], softmax_scale,
+                   k_scale, v_scale, num_splits, config)
 
 
 def paged_decode_attention_multi(
@@ -468,19 +339,15 @@ def paged_decode_attention_multi(
 
     q: [R, batch, num_heads, head_dim] (q[r] attends to the keys of range r); kv_start, kv_end:
     [R, batch] int32, range r of sequence b is [kv_start[r, b], kv_end[r, b]) (empty ranges add
-    nothing). Every other argument as in ``paged_decode_attention``; num_splits is per range (None:
-    chosen as there, from max_blocks_per_seq * block_size); config: BLOCK_N / num_warps / num_stages
-    (None: the default). Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch,
-    num_heads] float32: exactly the LSE merge of the R single-range results (out 0, lse -inf when
-    every range of a row is empty). No host reads of device tensors: CUDA-graph capturable.
+    nothing). Every other argument as in ``paged_decode_attention`` (num_splits is per range).
+    Returns out [batch, num_heads, head_dim] in q's dtype and lse [batch, num_heads] float32: exactly
+    the LSE merge of the R single-range results (out 0, lse -inf when every range of a row is empty).
+    No host reads of device tensors: CUDA-graph capturable.
     """
-    _check_multi_inputs(q, kv_start, kv_end)
-    _check_inputs(q[0], k_cache, v_cache, block_tables, kv_start[0], kv_end[0], k_scale, v_scale)
-    if config is None:
-        config = _default_config(q.shape[-1], k_cache.dtype, q.device)
+    check_multi_inputs(q, kv_start, kv_end)
+    check_inputs(q[0], k_cache, v_cache, block_tables, kv_start[0], kv_end[0], k_scale, v_scale)
     return _launch(q, k_cache, v_cache, block_tables, kv_start, kv_end, softmax_scale, k_scale, v_scale,
                    num_splits, config)
 
 
-__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_multi",
-           "paged_decode_attention_with_config"]
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_multi"]

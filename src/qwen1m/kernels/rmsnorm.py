@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.kernels.decode_prep import _round
+from qwen1m.kernels.rounding import round_to
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MAX_N = 16384
@@ -46,12 +46,12 @@ def _rmsnorm_kernel(
     h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
-        h = _round(h + r, X_DTYPE, MANUAL_BF16)
+        h = round_to(h + r, X_DTYPE, MANUAL_BF16)
         tl.store(res_out_ptr + row * stride_ro + offs, h.to(res_out_ptr.dtype.element_ty), mask=ok)
     var = tl.sum(h * h, 0) / N
-    normed = _round(h * (1.0 / tl.sqrt(var + eps)), X_DTYPE, MANUAL_BF16)
+    normed = round_to(h * (1.0 / tl.sqrt(var + eps)), X_DTYPE, MANUAL_BF16)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    y = _round(w * normed, O_DTYPE, MANUAL_BF16)
+    y = round_to(w * normed, O_DTYPE, MANUAL_BF16)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
