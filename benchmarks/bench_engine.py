@@ -49,7 +49,8 @@ def ttft(llm: LLM, n: int) -> dict:
     _sync()
     t = time.perf_counter() - t0
     return {"tokens": n, "ttft_s": t, "prefill_tokens_per_s": n / t,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "generated": len(out.outputs[0].token_ids)}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "generated": len(out.outputs[0].token_ids)}
 
 
 def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = False) -> dict:
@@ -150,30 +151,48 @@ def main() -> None:
     ap.add_argument("--hf-baseline", default="")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=1010000)
+    ap.add_argument("--kv-cache-tokens", type=int, default=0,
+                    help="size the KV cache for this many tokens (default: gpu_memory_utilization 0.9), so the "
+                         "peak memory of a TTFT row is what that context needs, not what the GPU has")
     ap.add_argument("--sparse", default="", help="'uniform' or '7b-mix': sparse prefill above 32K tokens")
+    ap.add_argument("--name", default="", help="results file name (default engine, engine_sparse with --sparse)")
     args = ap.parse_args()
+    name = args.name or ("engine_sparse" if args.sparse else "engine")
     results: dict = {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16)", "kv_cache_dtype": args.kv_cache_dtype}
     if args.hf_baseline:
         results["transformers_sdpa"] = hf_baseline(_ints(args.hf_baseline))
         print("transformers", results["transformers_sdpa"], flush=True)
+        save(name, results)
     sparse = sparse_config(args.sparse, 28, 28) if args.sparse else None
     results["sparse"] = args.sparse or None
+    kv_memory = None
+    if args.kv_cache_tokens:
+        from qwen1m.cache.paged_kv import PagedKVCache
+        from qwen1m.config import load_model_config
+
+        cfg = load_model_config(CONFIG)
+        per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                                 torch.bfloat16, args.kv_cache_dtype == "fp8")
+        kv_memory = args.kv_cache_tokens * per_token
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse)
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse,
+              kv_cache_memory=kv_memory)
     results["memory_plan"] = str(llm.memory_plan)
     print(llm.memory_plan, flush=True)
     results["ttft"] = []
     for n in _ints(args.ttft):
         results["ttft"].append(ttft(llm, n))
         print("ttft", results["ttft"][-1], flush=True)
+        save(name, results)  # after every row: a run cut by its time limit keeps what it measured
     results["decode"] = []
     for n in _ints(args.decode):
         results["decode"].append(decode(llm, n, 1, 16, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
+        save(name, results)
     if args.batch32:
         results["decode"].append(decode(llm, 8192, 32, 16, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
-    save("engine", results)
+    save(name, results)
     print("\n| what | figure |\n|---|---|")
     for r in results["ttft"]:
         print(f"| TTFT {r['tokens']:,} | {r['ttft_s']:.2f} s, peak {r['peak_gib']:.1f} GiB |")

@@ -33,7 +33,7 @@ def test_graph_decode_equals_eager(tmp_path, dca, kv_cache_dtype):
     runs = {}
     for eager in (True, False):
         llm = LLM(folder, dtype="float32", device="cuda", kv_cache_dtype=kv_cache_dtype, enforce_eager=eager,
-                  max_num_seqs=8, max_model_len=512, gpu_memory_utilization=0.3)
+                  max_num_seqs=8, max_model_len=512, kv_cache_memory=256 << 20)
         assert (llm.engine.graph_runner is None) == eager
         runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         if not eager:
@@ -59,7 +59,7 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
         RMSNorm.use_kernel = False if name == "reference" else None
         try:
             llm = LLM(folder, dtype="float32", device="cuda", enforce_eager=name != "graph", max_num_seqs=8,
-                      max_model_len=512, gpu_memory_utilization=0.3)
+                      max_model_len=512, kv_cache_memory=256 << 20)
             llm.model.backend.decode_kernel = name != "reference"
             logits = []
             sample = llm.engine._sample  # called once per step with the sampled rows' logits, never in capture

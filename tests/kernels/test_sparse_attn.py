@@ -169,14 +169,16 @@ def test_rejects_mismatched_index():
         vertical_slash_attention(q, k, v, small, softmax_scale=0.1, causal=True)
 
 
-# GPU: Qwen2.5-7B-1M shapes, a chunk of queries at the end of the keys (chunked prefill)
+# GPU: a chunk of queries at the end of the keys (chunked prefill), in Qwen2.5-7B-1M's head shape
+# and in the bundled model's (4 heads, 2 KV heads, head_dim 64: the eval's dca+sparse mode)
 GPU_CASES = [(4096, 4096, True), (2048, 16384, True), (3000, 12289, False), (1000, 5000, True)]
+HEAD_SHAPES = [(28, 4, 128), (4, 2, 64)]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_SHAPES)
 @pytest.mark.parametrize("num_q,num_kv,causal", GPU_CASES)
-def test_kernel_gpu(num_q, num_kv, causal):
-    num_heads, num_kv_heads, head_dim = 28, 4, 128
+def test_kernel_gpu(num_q, num_kv, causal, num_heads, num_kv_heads, head_dim):
     q, k, v = make_inputs(num_q, num_kv, num_heads, num_kv_heads, head_dim, torch.bfloat16, strided=True,
                           device="cuda")
     index = make_index(num_heads, 300, 500, num_q, num_kv, causal=causal, block_m=64, block_n=64,
