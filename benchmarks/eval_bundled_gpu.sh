@@ -48,11 +48,11 @@ run() {  # name, time limit, KV bytes, then the eval arguments
   echo "$name: exit $? after $SECONDS s"
 }
 run passkey "${T_PASSKEY:-540}" "${KV_BIG:-30000000000}" passkey --lengths "$LENGTHS" --depths "$DEPTHS" --samples "${PK_SAMPLES:-10}" \
-  --modes rope,dca,dca+sparse "${SP[@]}" &
+  --modes "${MODES:-rope,dca,dca+sparse}" "${SP[@]}" &
 run needle "${T_NEEDLE:-540}" "${KV_SMALL:-15000000000}" ruler --tasks niah_single_1 --lengths "$NEEDLE_LENGTHS" \
   --samples "${NEEDLE_SAMPLES:-100}" --modes rope,dca &
 run ruler "${T_RULER:-540}" "${KV_BIG:-30000000000}" ruler --tasks $NIAH --lengths "$LENGTHS" --samples "${RULER_SAMPLES:-10}" \
-  --modes rope,dca,dca+sparse "${SP[@]}" &
+  --modes "${MODES:-rope,dca,dca+sparse}" "${SP[@]}" &
 wait
 for name in passkey needle ruler; do
   echo "== $name"; tr "\r" "\n" <"$W/$name.log" | grep -v ETA | tail -12
