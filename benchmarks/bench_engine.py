@@ -43,9 +43,16 @@ def _sync():
 def ttft(llm: LLM, n: int) -> dict:
     ids = torch.randint(0, llm.config.vocab_size, (n,)).tolist()
     torch.cuda.reset_peak_memory_stats()
+    shown = [0]
+
+    def progress(p) -> None:  # a prompt of 256K+ tokens: print the rate, so a run cut short still tells
+        if p.total >= 1 << 18 and p.done - shown[0] >= 1 << 17:
+            shown[0] = p.done
+            print(f"  prefill {p.done:,}/{p.total:,} tokens at {time.perf_counter() - t0:.1f} s", flush=True)
+
     _sync()
     t0 = time.perf_counter()
-    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))[0]
+    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), progress=progress)[0]
     _sync()
     t = time.perf_counter() - t0
     return {"tokens": n, "ttft_s": t, "prefill_tokens_per_s": n / t,
@@ -158,6 +165,8 @@ def main() -> None:
                     help="size the KV cache for this many tokens (default: gpu_memory_utilization 0.9), so the "
                          "peak memory of a TTFT row is what that context needs, not what the GPU has")
     ap.add_argument("--sparse", default="", help="'uniform' or '7b-mix': sparse prefill above 32K tokens")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="no CUDA graphs (saves their capture in a TTFT-only run; decode rows get slower)")
     ap.add_argument("--name", default="", help="results file name (default engine, engine_sparse with --sparse)")
     args = ap.parse_args()
     name = args.name or ("engine_sparse" if args.sparse else "engine")
@@ -179,7 +188,7 @@ def main() -> None:
         kv_memory = args.kv_cache_tokens * per_token
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse,
-              kv_cache_memory=kv_memory)
+              kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager)
     results["memory_plan"] = str(llm.memory_plan)
     print(llm.memory_plan, flush=True)
     results["ttft"] = []

@@ -5,9 +5,11 @@
 #           transformers (sdpa) at 32K and 128K in the same run, where a decode step's time goes
 #           (profile_decode), then sparse prefill TTFT at 128K / 256K with the 7B budget mix;
 #   PART=B  TTFT of a 1M-token prompt, dense attention with DCA, the KV cache sized for 1M tokens so
-#           the peak memory is what a 1M context needs (~8 minutes);
-#   PART=C  sparse prefill: end-to-end TTFT 128K / 256K / 1M with the 7B budget mix, and the
-#           attention-only kernel table at 1M;
+#           the peak memory is what a 1M context needs (about 9 minutes: give it a call of its own; it
+#           prints its progress, so a cut run still gives the rate);
+#   PART=C  sparse prefill: where its time goes (profile_sparse_prefill at 128K), the attention-only
+#           kernel table at 1M (both index builders), then end-to-end TTFT 128K / 256K / 1M with the
+#           7B budget mix;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -27,12 +29,15 @@ A)
   ;;
 B)
   timeout "${T_ENGINE:-580}" python3 benchmarks/bench_engine.py --ttft 1000000 --decode "" \
-    --max-model-len 1000064 --kv-cache-tokens 1000064 --name engine_1m 2>&1 | tail -8
+    --max-model-len 1000064 --kv-cache-tokens 1000064 --enforce-eager --name engine_1m 2>&1 | tail -16
   ;;
 C)
-  timeout "${T_ENGINE:-420}" python3 benchmarks/bench_engine.py --sparse 7b-mix --ttft 131072,262144,1000000 \
-    --decode "" 2>&1 | tail -8
+  timeout "${T_PROFILE:-150}" python3 benchmarks/profile_sparse_prefill.py --tokens 131072 2>&1 | tail -60 \
+    > "$OUT/profile_sparse_prefill.txt"
+  head -8 "$OUT/profile_sparse_prefill.txt"
   timeout "${T_SPARSE:-150}" python3 benchmarks/bench_sparse.py --sizes 1048576 2>&1 | tail -20
+  timeout "${T_ENGINE:-280}" python3 benchmarks/bench_engine.py --sparse 7b-mix --ttft 131072,262144,1000000 \
+    --decode "" --enforce-eager 2>&1 | tail -12
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \
