@@ -12,9 +12,12 @@ uniform, the other diagonals drawn two ways (one row each): "loguniform" (P(d) ~
 with distance, the realistic case) and "uniform" (the worst case for the 64-key rounding). Steps:
   1. self-check: the kernel vs ``sparse_attend_reference`` in float64 on a small problem, then on the
      first and last query blocks of every size (one kv group of heads); any mismatch aborts;
-  2. times: the index builder, the sparse kernel, our dense kernel (``flash_attn``, same q, same N keys,
-     causal), and torch cuDNN SDPA (its causal mask is top-left aligned, so: non-causal over the N - 32768
-     earlier keys + causal over the chunk's own keys + LSE merge);
+  2. times: both index builders (the PyTorch ``build_vertical_slash_index``, ``index_ms``, and the Triton
+     ``build_vertical_slash_index_triton`` that CUDA runs use, ``index_triton_ms``; its index must be
+     exactly equal, else the run aborts), the sparse kernel, our dense kernel (``flash_attn``, same q,
+     same N keys, causal), and torch cuDNN SDPA (its causal mask is top-left aligned, so: non-causal over
+     the N - 32768 earlier keys + causal over the chunk's own keys + LSE merge); "x incl idx" adds the
+     Triton builder's time (``speedup_vs_dense_incl_torch_index``: the PyTorch builder's);
   3. density: query-key pairs the sparse kernel computes under the causal mask / all causal pairs
      ("tile density" also counts the masked positions inside the tiles it runs).
 TFLOP/s are effective: 4 * pairs * head_dim * num_heads / time (two matmuls, 2 FLOPs per multiply-add),
@@ -45,6 +48,7 @@ from qwen1m.attention.vertical_slash import (  # noqa: E402
 )
 from qwen1m.kernels.flash_attn import flash_attn  # noqa: E402
 from qwen1m.kernels.sparse_attn import vertical_slash_attention  # noqa: E402
+from qwen1m.kernels.vs_index import build_vertical_slash_index_triton  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-7B-Instruct-1M
 CHUNK = 32768  # queries per prefill chunk
@@ -175,6 +179,20 @@ def check_kernel(q, k, v, index: VerticalSlashIndex, blocks: list[int], heads: i
     return worst
 
 
+def check_same_index(ref: VerticalSlashIndex, out: VerticalSlashIndex) -> None:
+    """The Triton index equals the PyTorch one: counts, and entries within the counts (the padding and
+    the padded widths may differ)."""
+    if not (torch.equal(ref.block_count, out.block_count) and torch.equal(ref.column_count, out.column_count)):
+        raise SystemExit("self-check failed: the Triton index builder's counts differ")
+    for entries, counts in (("block_offset", "block_count"), ("column_index", "column_count")):
+        a, b, n = getattr(ref, entries), getattr(out, entries), getattr(ref, counts)
+        used = int(n.max()) if n.numel() else 0
+        valid = torch.arange(used, device=n.device) < n[..., None]
+        if used > b.shape[-1] or not torch.equal(torch.where(valid, a[..., :used], 0),
+                                                 torch.where(valid, b[..., :used], 0)):
+            raise SystemExit(f"self-check failed: the Triton index builder's {entries} differs")
+
+
 def timer(device: torch.device):
     if device.type == "cuda":
         return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
@@ -232,7 +250,12 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         def build(v_idx=v_idx, s_idx=s_idx):
             return build_vertical_slash_index(v_idx, s_idx, chunk, n, causal=True, block_m=block, block_n=block)
 
+        def build_triton(v_idx=v_idx, s_idx=s_idx):
+            return build_vertical_slash_index_triton(v_idx, s_idx, chunk, n, causal=True, block_m=block,
+                                                     block_n=block)
+
         index = build()
+        check_same_index(index, build_triton())  # 1c. the Triton builder: exactly the same index
         # 1b. first and last query blocks of the real size, one kv group of heads
         errs = check_kernel(q, k, v, index, [0, index.block_count.shape[1] - 1], NUM_HEADS // NUM_KV_HEADS, scale)
         print(f"self-check N={n} {dist} ok: {errs}", flush=True)
@@ -246,12 +269,16 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         if cudnn_error:
             row["sdpa_cudnn_error"] = cudnn_error
         row["index_ms"] = ms(build)
+        row["index_triton_ms"] = ms(build_triton)
+        row["index_speedup"] = row["index_ms"] / row["index_triton_ms"]
         row["sparse_ms"] = ms(lambda index=index: vertical_slash_attention(
             q, k, v, index, softmax_scale=scale, causal=True, out=out, lse=lse))
         row["sparse_tflops_eff"] = flops_per_pair * pairs / row["sparse_ms"] / 1e9
         row["dense_tflops"] = flops_per_pair * dense_pairs / dense_ms / 1e9
         row["speedup_vs_dense"] = dense_ms / row["sparse_ms"]
-        row["speedup_vs_dense_incl_index"] = dense_ms / (row["sparse_ms"] + row["index_ms"])
+        # the Triton builder is the one used on CUDA (sparse_prefill._region_index)
+        row["speedup_vs_dense_incl_index"] = dense_ms / (row["sparse_ms"] + row["index_triton_ms"])
+        row["speedup_vs_dense_incl_torch_index"] = dense_ms / (row["sparse_ms"] + row["index_ms"])
         rows.append(row)
         print(row, flush=True)
         del index
@@ -307,11 +334,13 @@ def main() -> None:
 
     print(f"\n== vertical-slash sparse prefill: {chunk} causal queries at the end of N keys, "
           f"(v {nv}, s {ns}) per head, {res['device']}; FLOPs = {FLOP_FORMULA}")
-    print(f"{'N':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'index ms':>9} {'sparse ms':>10} {'dense ms':>9} "
+    print(f"{'N':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'idx torch':>9} {'idx triton':>10} "
+          f"{'sparse ms':>10} {'dense ms':>9} "
           f"{'cudnn ms':>9} {'x dense':>8} {'x incl idx':>10} {'eff TF/s':>9} {'dense TF/s':>10}")
     for r in res["rows"]:
         cudnn = f"{r['sdpa_cudnn_ms']:9.2f}" if r["sdpa_cudnn_ms"] is not None else f"{'n/a':>9}"
         print(f"{r['N']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} {r['index_ms']:9.2f} "
+              f"{r['index_triton_ms']:10.3f} "
               f"{r['sparse_ms']:10.2f} {r['dense_ms']:9.2f} {cudnn} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f}")
     print("json:", path)

@@ -16,6 +16,7 @@ Without DCA the whole prompt is one region (intra), so this is MInference's chun
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,11 @@ from qwen1m.attention.reference import exp_floor, logsumexp, merge_attn_states
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash
 from qwen1m.attention.vertical_slash import VerticalSlashIndex, build_vertical_slash_index
 from qwen1m.sparse_config import SparseConfig
+
+log = logging.getLogger(__name__)
+# The Triton index builder is used on CUDA until it fails once (e.g. a Triton version that cannot
+# compile it); the PyTorch builder computes the same index, only slower.
+_TRITON_INDEX = {"usable": True}
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
@@ -104,17 +110,27 @@ def _region_index(v_idx, s_idx, key_begin, key_end, piece_begin, piece_end, caus
     cols = torch.where((v_idx >= key_begin) & (v_idx < key_end), v_idx - key_begin, torch.full_like(v_idx, -1))
     # distance D -> region offset; -1 padding stays invalid (very negative)
     d = torch.where(s_idx >= 0, s_idx - (piece_end - key_end), torch.full_like(s_idx, -(1 << 40)))
-    lo = 0 if causal else 1 - num_q
-    has_slash = ((d >= lo) & (d <= num_kv - 1)).any(-1)
-    has_col = (cols >= 0).any(-1)
-    if cfg.empty_region_columns and not bool((has_slash | has_col).all()):
-        # a head that picked nothing here keeps a few evenly spaced columns (vLLM's fallback)
+    if cfg.empty_region_columns:
+        # a head that picked nothing here keeps a few evenly spaced columns (vLLM's fallback); appended
+        # as -1 (dropped by the builders) for the other heads, so that no host sync decides whether
+        lo = 0 if causal else 1 - num_q
+        has_slash = ((d >= lo) & (d <= num_kv - 1)).any(-1)
+        has_col = (cols >= 0).any(-1)
         spread = torch.linspace(0, num_kv - 1, cfg.empty_region_columns, device=cols.device).long()
         empty = ~(has_slash | has_col)
         fallback = torch.where(empty[:, None], spread[None, :], torch.full_like(spread, -1)[None, :])
         cols = torch.cat([cols, fallback], dim=1)
-    return build_vertical_slash_index(cols, d, num_q, num_kv, causal=causal, block_m=cfg.block_size,
-                                      block_n=cfg.block_size)
+    args = (cols, d, num_q, num_kv)
+    kw = dict(causal=causal, block_m=cfg.block_size, block_n=cfg.block_size)
+    if cols.device.type == "cuda" and _TRITON_INDEX["usable"]:  # no host sync, padded to host-known widths
+        from qwen1m.kernels.vs_index import build_vertical_slash_index_triton
+
+        try:
+            return build_vertical_slash_index_triton(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+            _TRITON_INDEX["usable"] = False
+            log.warning("the Triton vertical-slash index builder failed (%s); using the PyTorch builder", e)
+    return build_vertical_slash_index(*args, **kw)
 
 
 def sparse_prefill_attention(
