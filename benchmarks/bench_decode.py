@@ -14,7 +14,13 @@ Sections:
   3. time per call (median, triton.testing.do_bench, L2 flushed between calls) at 28 q heads,
      4 kv heads, head_dim 128, block_size 64: batch 1 at 32K / 128K / 1M keys and batch 32 at 8K,
      bf16 and fp8 caches; and the same attention through torch SDPA on a contiguous bf16 copy
-     (flash, efficient and cuDNN backends; the 7 query heads of a kv head become 7 query rows).
+     (flash, efficient and cuDNN backends; the 7 query heads of a kv head become 7 query rows);
+  4. the DCA decode launch, paged_decode_attention_multi with R = 3 ranges (bf16), same sizes: at
+     32K / 128K only the first range is non-empty (as with Qwen2.5-7B-1M's 256K chunks), at 1M all
+     three are (chunk DCA_CHUNK keys).
+Sections 3 and 4 also time the split-K reduce alone ("reduce ms": _reduce on a workspace of the
+launch's shape, L2 flushed, so an upper bound: in the launch the workspace was just written and is
+in L2); the split kernel's share is about ms - reduce ms.
 Bandwidth = bytes of K + V read / time, bytes = tokens * num_kv_heads * head_dim * 2 (K and V) *
 element size, + tokens * num_kv_heads * 2 * 4 for the fp8 scales; compared with the measured
 device-to-device copy ceiling (4,266 GB/s on the H200, docs GPU.md).
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 import triton
 
 from qwen1m.attention.reference import paged_decode_reference
-from qwen1m.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from qwen1m.kernels.paged_decode import _reduce, choose_num_splits, paged_decode_attention, paged_decode_attention_multi
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 28, 4, 128, 64
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
@@ -56,6 +62,7 @@ SWEEP = [  # (BLOCK_N, num_warps, num_stages)
     (64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (32, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
 ]
 SPLIT_FACTORS = (0.25, 0.5, 1.0, 2.0)
+DCA_CHUNK = 262144 - 8192  # Qwen2.5-7B-Instruct-1M: chunk_size - local_size keys per DCA chunk
 
 
 def make_case(batch: int, context: int, cache_dtype: torch.dtype, device: str, block_size: int, seed: int = 0):
@@ -191,6 +198,56 @@ def sweep(device: str, cases: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
+def reduce_ms(batch: int, pieces: int, device: str) -> float:
+    """The split-K reduce alone over a workspace of the launch's shape (0 when there is one piece:
+    the split kernel then writes the result itself)."""
+    if pieces <= 1:
+        return 0.0
+    part_out = torch.randn(batch, NUM_HEADS, pieces, HEAD_DIM, device=device)
+    part_lse = torch.randn(batch, NUM_HEADS, pieces, device=device)
+    out_dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as _launch (interpreter: float32)
+    out = torch.empty(batch, NUM_HEADS, HEAD_DIM, device=device, dtype=out_dtype)
+    lse = torch.empty(batch, NUM_HEADS, device=device)
+    return time_ms(functools.partial(_reduce, part_out, part_lse, out, lse), device)
+
+
+def dca_bounds(context: int, chunk: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_start / kv_end [3, batch] of spec 2.4 for a sequence of `context` keys, n = (context - 1) // chunk:
+    intra [n chunk, context), succ [(n - 1) chunk, n chunk), inter [0, (n - 1) chunk); (0, 0) when absent."""
+    n = (context - 1) // chunk
+    rows = [(n * chunk, context), ((n - 1) * chunk, n * chunk) if n >= 1 else (0, 0),
+            (0, (n - 1) * chunk) if n >= 2 else (0, 0)]
+    starts = torch.tensor([[s] * batch for s, _ in rows], dtype=torch.int32, device=device)
+    ends = torch.tensor([[e] * batch for _, e in rows], dtype=torch.int32, device=device)
+    return starts, ends
+
+
+def measure_multi(device: str, cases: list[tuple[int, int]], chunk: int) -> list[dict]:
+    """paged_decode_attention_multi with R = 3 DCA ranges over the whole context (one query per range)."""
+    rows = []
+    for batch, context in cases:
+        case = make_case(batch, context, torch.bfloat16, device, BLOCK_SIZE)
+        q, k_cache, v_cache, block_tables = case[:4]
+        q3 = torch.stack([q, q.roll(1, dims=-1), q.roll(2, dims=-1)])  # [3, batch, heads, dim]
+        starts, ends = dca_bounds(context, chunk, batch, device)
+        num_splits = choose_num_splits(batch, NUM_KV_HEADS, block_tables.shape[1] * BLOCK_SIZE, q.device,
+                                       num_ranges=3)
+        fn = functools.partial(paged_decode_attention_multi, q3, k_cache, v_cache, block_tables, starts, ends,
+                               SCALE)
+        ms = time_ms(fn, device)
+        nbytes = kv_bytes(batch, context, torch.bfloat16)
+        row = dict(batch=batch, context=context, cache="bfloat16", ranges=3,
+                   non_empty_ranges=int((ends[:, 0] > starts[:, 0]).sum()), num_splits=num_splits,
+                   pieces=3 * num_splits, bytes=nbytes, ms=ms, reduce_ms=reduce_ms(batch, 3 * num_splits, device),
+                   gbs=nbytes / ms / 1e6, pct_copy_ceiling=100 * nbytes / ms / 1e6 / COPY_CEILING_GBS)
+        rows.append(row)
+        print("decode multi", row)
+        del case, q3, fn
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def measure(device: str, cases: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for batch, context in cases:
@@ -203,8 +260,8 @@ def measure(device: str, cases: list[tuple[int, int]]) -> list[dict]:
             ms = time_ms(fn, device)
             out, _ = fn()
             row = dict(batch=batch, context=context, cache=str(cache_dtype).replace("torch.", ""),
-                       num_splits=num_splits, bytes=nbytes, ms=ms, gbs=nbytes / ms / 1e6,
-                       pct_copy_ceiling=100 * nbytes / ms / 1e6 / COPY_CEILING_GBS)
+                       num_splits=num_splits, bytes=nbytes, ms=ms, reduce_ms=reduce_ms(batch, num_splits, device),
+                       gbs=nbytes / ms / 1e6, pct_copy_ceiling=100 * nbytes / ms / 1e6 / COPY_CEILING_GBS)
             k, v = contiguous_kv(case)  # bf16 (dequantised for fp8): SDPA cannot read the paged / fp8 cache
             ref = sdpa_decode(case[0], k, v)
             row["max_abs_diff_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
@@ -263,10 +320,13 @@ def main() -> None:
         sweep_cases = [(1, 131072), (32, 8192)]
     else:
         cases, sweep_cases = [(1, 200), (2, 64)], [(1, 200)]
+    chunk = DCA_CHUNK if device == "cuda" else 96  # smoke: 200 keys in three ranges, 64 in two
     try:
         if not args.quick:
             results["sweep"] = sweep(device, sweep_cases)
         results["decode"] = measure(device, cases)
+        results["dca_chunk"] = chunk
+        results["decode_multi"] = measure_multi(device, cases, chunk)
     except Exception:
         results["error"] = traceback.format_exc()
         print(results["error"])
@@ -274,15 +334,24 @@ def main() -> None:
         json.dump(results, f, indent=1, default=str)
 
     print(f"\nbytes = {BYTES_FORMULA}; copy ceiling {COPY_CEILING_GBS:.0f} GB/s")
-    print(f"{'batch':>5} {'context':>9} {'cache':>13} {'splits':>6} {'ms':>8} {'GB/s':>7} {'%copy':>6} "
-          f"{'sdpa best':>16} {'ms':>8} {'GB/s':>7}")
+    print(f"{'batch':>5} {'context':>9} {'cache':>13} {'splits':>6} {'ms':>8} {'reduce ms':>9} {'GB/s':>7} "
+          f"{'%copy':>6} {'sdpa best':>16} {'ms':>8} {'GB/s':>7}")
     for r in results.get("decode", []):
         ok_peers = {n: p for n, p in r["sdpa_bf16_copy"].items() if "ms" in p}
         best = min(ok_peers, key=lambda n: ok_peers[n]["ms"]) if ok_peers else "none"
         pm = ok_peers[best]["ms"] if ok_peers else float("nan")
         pg = ok_peers[best]["gbs"] if ok_peers else float("nan")
         print(f"{r['batch']:>5} {r['context']:>9} {r['cache']:>13} {r['num_splits']:>6} {r['ms']:>8.4f} "
-              f"{r['gbs']:>7.0f} {r['pct_copy_ceiling']:>6.1f} {best:>16} {pm:>8.4f} {pg:>7.0f}")
+              f"{r['reduce_ms']:>9.4f} {r['gbs']:>7.0f} {r['pct_copy_ceiling']:>6.1f} {best:>16} {pm:>8.4f} "
+              f"{pg:>7.0f}")
+    if results.get("decode_multi"):
+        print(f"\nDCA launch, R = 3 (chunk {chunk}), bf16:")
+        print(f"{'batch':>5} {'context':>9} {'ranges':>6} {'splits':>6} {'pieces':>6} {'ms':>8} {'reduce ms':>9} "
+              f"{'GB/s':>7} {'%copy':>6}")
+        for r in results["decode_multi"]:
+            print(f"{r['batch']:>5} {r['context']:>9} {r['non_empty_ranges']:>6} {r['num_splits']:>6} "
+                  f"{r['pieces']:>6} {r['ms']:>8.4f} {r['reduce_ms']:>9.4f} {r['gbs']:>7.0f} "
+                  f"{r['pct_copy_ceiling']:>6.1f}")
     print("json:", path)
     if "error" in results:
         sys.exit(1)

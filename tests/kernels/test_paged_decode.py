@@ -181,6 +181,101 @@ def test_paged_decode_rejects_bad_inputs():
                                v_scale=torch.ones(inputs[1].shape[:3]))
 
 
+def merge_pieces_f64(part_out, part_lse):
+    """float64 LSE merge of the pieces (dim 2): out [B, H, D], lse [B, H]; all-empty rows: 0, -inf."""
+    lse64 = part_lse.double()
+    total = torch.logsumexp(lse64, dim=2)
+    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    w = torch.exp(lse64 - safe[..., None])  # -inf pieces: 0
+    return (w[..., None] * part_out.double()).sum(2), total
+
+
+@cpu_only
+@pytest.mark.parametrize("reduce_cfg", [None, dict(BLOCK_S=32, BLOCK_D=16, num_warps=4)], ids=["plan", "small"])
+def test_reduce_many_pieces(reduce_cfg, monkeypatch):
+    """The reduce alone over 300 pieces (plan: 2 sweeps of 256 pieces, 2 head_dim slices of 16; small:
+    10 sweeps of 32): rows with every piece empty, only the last piece, only the first, an LSE rising
+    to 300 (exp overflows float32 unless the running max is subtracted and rescaled), one falling
+    to -300, and a random half of the pieces empty. Empty pieces hold garbage partials (weight 0)."""
+    from qwen1m.kernels import paged_decode
+
+    if reduce_cfg is not None:
+        monkeypatch.setattr(paged_decode, "reduce_config", lambda pieces, head_dim: reduce_cfg)
+    g = torch.Generator().manual_seed(2)
+    batch, heads, pieces, head_dim = 2, 3, 300, 32
+    part_out = torch.randn(batch, heads, pieces, head_dim, generator=g) * 3
+    part_lse = torch.full((batch, heads, pieces), float("-inf"))
+    part_lse[0, 1, -1] = 1.5
+    part_lse[0, 2, 0] = -2.0
+    part_lse[1, 0] = torch.linspace(-5.0, 300.0, pieces)
+    part_lse[1, 1] = torch.linspace(4.0, -300.0, pieces)
+    keep = torch.rand(pieces, generator=g) < 0.5
+    part_lse[1, 2, keep] = torch.randn(int(keep.sum()), generator=g) * 5
+    out = torch.full((batch, heads, head_dim), float("nan"))
+    lse = torch.full((batch, heads), float("nan"))
+    paged_decode._reduce(part_out, part_lse, out, lse)
+    ref_out, ref_lse = merge_pieces_f64(part_out, part_lse)
+    assert torch.isneginf(lse[0, 0]) and (out[0, 0] == 0).all()
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_choose_num_splits_counts_every_range(monkeypatch):
+    """Pure arithmetic, with a 132-SM GPU faked: batch * num_kv_heads * R * splits programs together
+    aim at 4 per SM, bounded by the piece length floor and the piece cap."""
+    from qwen1m.kernels import paged_decode_plan as plan
+
+    monkeypatch.setattr(plan, "_num_sms", lambda index: 132)
+    gpu = torch.device("cuda", 0)  # a device object only: nothing is allocated or queried
+    # Qwen2.5-7B decode, batch 1, 4 kv heads, 32K keys: one range 128 splits (32768 / 256 keys),
+    # three ranges 43 each: 516 programs (4 * 132 = 528 would be 44; the 256-key floor, cdiv(32768,
+    # 3 * 256), binds first), not 3 * 512
+    assert plan.choose_num_splits(1, 4, 32768, gpu) == 128
+    assert plan.choose_num_splits(1, 4, 32768, gpu, num_ranges=3) == 43
+    assert plan.choose_num_splits(1, 4, 131072, gpu, num_ranges=3) == 44  # cdiv(528, 12)
+    assert plan.choose_num_splits(1, 4, 8192, gpu, num_ranges=3) == 11  # cdiv(8192, 3 * 256): pieces >= ~256 keys
+    assert plan.choose_num_splits(32, 4, 8192, gpu, num_ranges=3) == 2  # cdiv(528, 384)
+    assert plan.choose_num_splits(200, 4, 8192, gpu, num_ranges=3) == 1
+    assert plan.choose_num_splits(1, 1, 1 << 20, gpu, num_ranges=3) == 85  # 255 pieces <= _MAX_PIECES
+    assert plan.choose_num_splits(1, 4, 1, gpu, num_ranges=3) == 1
+    target = plan._PROGRAMS_PER_SM * 132
+    for batch in (1, 2, 5, 32, 256):
+        for num_kv_heads in (1, 4, 8):
+            for max_len in (64, 4096, 32768, 1 << 20):
+                for num_ranges in (1, 2, 3):
+                    splits = plan.choose_num_splits(batch, num_kv_heads, max_len, gpu, num_ranges)
+                    rows = batch * num_kv_heads * num_ranges
+                    assert splits >= 1 and num_ranges * splits <= max(plan._MAX_PIECES, num_ranges)
+                    assert splits == 1 or rows * (splits - 1) < target  # never a whole step past the target
+                    assert splits == 1 or num_ranges * (splits - 1) * plan._MIN_TOKENS_PER_SPLIT < max_len
+                    # short of the target only where one more split would break the floor or the cap
+                    floor_binds = num_ranges * splits * plan._MIN_TOKENS_PER_SPLIT >= max_len
+                    cap_binds = num_ranges * (splits + 1) > plan._MAX_PIECES
+                    assert rows * splits >= target or floor_binds or cap_binds, (batch, num_kv_heads, max_len,
+                                                                                 num_ranges)
+    # the CPU plan (interpreter) counts 4 "SMs": cdiv(16, 1 * 2 * 3) = 3, cdiv(1000, 768) = 2
+    assert plan.choose_num_splits(1, 2, 1000, torch.device("cpu"), num_ranges=3) == 2
+    with pytest.raises(ValueError, match="num_ranges"):
+        plan.choose_num_splits(1, 4, 1024, gpu, num_ranges=0)
+
+
+def test_reduce_config_bounds():
+    """The reduce tile fits its registers, head_dim splits into whole slices, and every piece count the
+    default plan can produce (<= _MAX_PIECES) is covered in one sweep."""
+    from qwen1m.kernels import paged_decode_plan as plan
+
+    for head_dim in (16, 32, 64, 128, 256):
+        for pieces in (2, 3, 9, 16, 66, 128, 129, 132, 256, 300, 768):
+            cfg = plan.reduce_config(pieces, head_dim)
+            assert cfg["BLOCK_S"] * cfg["BLOCK_D"] <= max(plan._REDUCE_TILE_ELEMS, 16 * cfg["BLOCK_S"])
+            assert head_dim % cfg["BLOCK_D"] == 0 and cfg["BLOCK_D"] >= 16
+            assert cfg["BLOCK_S"] & (cfg["BLOCK_S"] - 1) == 0
+            if pieces <= plan._MAX_PIECES:
+                assert cfg["BLOCK_S"] >= pieces
+    assert plan.reduce_config(132, 128) == dict(BLOCK_S=256, BLOCK_D=16, num_warps=4)
+    assert plan.reduce_config(6, 128) == dict(BLOCK_S=8, BLOCK_D=128, num_warps=4)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("ranges,num_heads,num_kv_heads,head_dim,block_size", CASES)
 def test_reference_matches_contiguous_attend(ranges, num_heads, num_kv_heads, head_dim, block_size, fp8):

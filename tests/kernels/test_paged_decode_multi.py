@@ -212,3 +212,80 @@ def test_multi_gpu(batch, lengths, cache_dtype, poisoned):
         out, lse = paged_decode_attention_multi(*inputs[:6], scale, *inputs[6:], num_splits=num_splits)
         torch.cuda.synchronize()
         check_multi(out, lse, inputs, scale)
+
+
+# ---- many pieces, pieces over range boundaries, the default split count of R ranges ----
+
+
+@cpu_only
+def test_multi_many_pieces(poisoned):
+    """R = 3 and num_splits = 22: 66 pieces per row over the concatenated tiles of the three ranges.
+    Rows: only the last range non-empty (short: most pieces get no tile), all three, a long first
+    range and a one-key middle one, every range empty."""
+    from qwen1m.kernels.paged_decode import paged_decode_attention_multi
+
+    ranges = [[(0, 0), (0, 40), (0, 600), (0, 0)],
+              [(0, 0), (40, 75), (600, 601), (0, 0)],
+              [(3, 90), (75, 130), (601, 640), (0, 0)]]
+    inputs = make_multi(ranges, 4, 1, 32, 16, torch.float32, torch.float32, seed=21)
+    out, lse = paged_decode_attention_multi(*inputs[:6], 0.2, num_splits=22)
+    check_multi(out, lse, inputs, 0.2)
+
+
+def capture_reduce(monkeypatch):
+    """Record the workspaces _launch hands to the reduce (and still reduce them)."""
+    from qwen1m.kernels import paged_decode
+
+    seen = []
+    real = paged_decode._reduce
+
+    def spy(part_out, part_lse, out, lse):
+        seen.append((part_out.clone(), part_lse.clone()))
+        real(part_out, part_lse, out, lse)
+
+    monkeypatch.setattr(paged_decode, "_reduce", spy)
+    return seen
+
+
+@cpu_only
+def test_multi_pieces_run_across_ranges(poisoned, monkeypatch):
+    """Ranges 0 and 2 of 50 keys with range 1 empty between them, num_splits = 1: the 8 tiles (16 keys;
+    tile 3 holds keys of both ranges) are cut into 3 pieces of 3, 3 and 2 tiles. Piece 1 ends range 0
+    and starts range 2 (two queries in one program); the empty range takes no piece, so all three
+    pieces hold keys (with one piece per range, piece 1 would be range 1's, empty)."""
+    from qwen1m.kernels.paged_decode import paged_decode_attention_multi
+
+    seen = capture_reduce(monkeypatch)
+    ranges = [[(0, 50), (5, 9)], [(50, 50), (0, 0)], [(50, 100), (9, 40)]]
+    inputs = make_multi(ranges, 4, 2, 32, 16, torch.float32, torch.float32, seed=8)
+    out, lse = paged_decode_attention_multi(*inputs[:6], 0.2, num_splits=1)
+    check_multi(out, lse, inputs, 0.2)
+    (part_out, part_lse), = seen
+    assert part_lse.shape == (2, 4, 3)
+    assert torch.isfinite(part_lse[0]).all(), "a piece of sequence 0 holds no key"
+    # piece 1 of sequence 0: keys 48, 49 of range 0 (query 0) and keys 50..79 of range 2 (query 2)
+    q, k_cache, v_cache, block_tables = inputs[:4]
+    pos = torch.arange(48, 80)
+    k = k_cache[block_tables[0, pos // 16].long(), pos % 16].double()  # [32, kv_heads, D]
+    group = q.shape[2] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    q_rows = torch.where((pos < 50)[:, None, None], q[0, 0].double()[None], q[2, 0].double()[None])
+    scores = (q_rows * k).sum(-1) * 0.2  # [32, heads]
+    torch.testing.assert_close(part_lse[0, :, 1].double(), torch.logsumexp(scores, dim=0), rtol=1e-6, atol=1e-6)
+
+
+@cpu_only
+def test_multi_default_splits_count_every_range(poisoned, monkeypatch):
+    """num_splits=None: choose_num_splits gets num_ranges = R, so R * splits pieces (not R times one
+    range's share) fill the GPU. CPU plan: 4 "SMs" * 4 programs = 16; batch 1, 1 kv head, R = 3,
+    max_len = 300 blocks * 16 = 4800: splits = min(cdiv(16, 3), cdiv(4800, 768)) = 6, 18 pieces."""
+    from qwen1m.kernels.paged_decode import paged_decode_attention_multi
+
+    seen = capture_reduce(monkeypatch)
+    ranges = [[(70, 100)], [(40, 70)], [(0, 40)]]
+    q, kc, vc, bt, starts, ends, _, _ = make_multi(ranges, 4, 1, 32, 16, torch.float32, torch.float32, seed=4)
+    bt = torch.cat([bt, bt[:, -1:].expand(1, 300 - bt.shape[1])], dim=1)  # wider table: the NaN block
+    out, lse = paged_decode_attention_multi(q, kc, vc, bt, starts, ends, 0.2)
+    check_multi(out, lse, (q, kc, vc, bt, starts, ends, None, None), 0.2)
+    (part_out, part_lse), = seen
+    assert part_lse.shape[-1] == 18

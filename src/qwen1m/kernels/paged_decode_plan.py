@@ -16,10 +16,16 @@ _FP8_DTYPES = (torch.float8_e4m3fn,)
 # tile per stage is 32 KiB, so several programs fit in the H200's 228 KiB of shared memory per SM and
 # their loads overlap; aiming at this many programs per SM keeps every SM streaming.
 _PROGRAMS_PER_SM = 4
-# A split shorter than this is mostly fixed cost (query load, workspace write, reduction read).
+# A piece shorter than this is mostly fixed cost (query load, workspace write, reduction read).
 _MIN_TOKENS_PER_SPLIT = 256
-# Upper bound so the workspace and the reduction stay small (num_splits * head_dim floats per row).
-_MAX_SPLITS = 256
+# Upper bound on the pieces of a row (R ranges * splits), so the workspace and the reduction stay
+# small (pieces * head_dim floats per row) and the reduce covers a row in one sweep (BLOCK_S 256).
+_MAX_PIECES = 256
+# The reduce kernel's [BLOCK_S, BLOCK_D] float32 tile: at most this many elements, i.e. 32 registers
+# per thread with its 4 warps (a [128, 128] tile would need 128).
+_REDUCE_TILE_ELEMS = 4096
+_REDUCE_MAX_BLOCK_S = 256
+_REDUCE_MIN_BLOCK_D = 16
 
 
 @functools.cache
@@ -27,18 +33,43 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Splits per range so batch * num_kv_heads * num_splits programs fill the GPU.
+def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device, num_ranges: int = 1) -> int:
+    """Splits per range, so that the batch * num_kv_heads * num_ranges * num_splits programs of the
+    launch (all of them, not one range's share) fill the GPU: about _PROGRAMS_PER_SM per SM.
 
-    max_len: an upper bound on the longest range (the wrapper uses max_blocks_per_seq * block_size,
-    known without a device sync, so the launch stays CUDA-graph friendly). Splits shorter than
-    _MIN_TOKENS_PER_SPLIT are not worth their fixed cost.
+        splits = max(1, min(cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads * num_ranges),
+                            cdiv(max_len, _MIN_TOKENS_PER_SPLIT * num_ranges),
+                            _MAX_PIECES // num_ranges))
+
+    max_len: an upper bound on the keys a sequence attends to (the wrapper uses max_blocks_per_seq *
+    block_size, known without a device sync, so the launch stays CUDA-graph friendly). The kernel
+    cuts the concatenated tiles of a sequence's R ranges into R * splits equal pieces, and R ranges
+    (disjoint, as DCA's) hold at most max_len keys together, hence the second bound: pieces shorter
+    than _MIN_TOKENS_PER_SPLIT are not worth their fixed cost. Example, H200 (132 SMs), batch 1,
+    4 kv heads, 32K keys: 128 splits at R = 1 (512 programs), 43 at R = 3 (516 programs, 129 pieces
+    of ~4 tiles; the piece floor binds just before 4 programs per SM), 44 at R = 3 and 128K keys.
     """
+    if num_ranges < 1:
+        raise ValueError(f"choose_num_splits: num_ranges must be >= 1, got {num_ranges}.")
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads))
-    useful = triton.cdiv(max(1, max_len), _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, useful, _MAX_SPLITS))
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads * num_ranges))
+    useful = triton.cdiv(max(1, max_len), _MIN_TOKENS_PER_SPLIT * num_ranges)
+    return max(1, min(want, useful, _MAX_PIECES // num_ranges))
+
+
+def reduce_config(pieces: int, head_dim: int) -> dict[str, int]:
+    """BLOCK_S / BLOCK_D / num_warps of the reduce kernel, which merges `pieces` partial rows.
+
+    At batch 1 the reduce has few rows (28 at Qwen2.5-7B) and is latency-bound: the pieces of a row
+    are covered in as few dependent iterations as possible (BLOCK_S up to _REDUCE_MAX_BLOCK_S, one
+    iteration for any default split choice), and head_dim is cut into slices of BLOCK_D, one program
+    each, so that the [BLOCK_S, BLOCK_D] float32 tile stays within _REDUCE_TILE_ELEMS (registers of
+    4 warps) and more SMs pull the workspace in parallel (28 rows -> 224 programs at 129+ pieces).
+    """
+    block_s = min(triton.next_power_of_2(max(1, pieces)), _REDUCE_MAX_BLOCK_S)
+    block_d = min(head_dim, max(_REDUCE_MIN_BLOCK_D, _REDUCE_TILE_ELEMS // block_s))
+    return dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
 def default_config(head_dim: int, cache_dtype: torch.dtype, device: torch.device) -> dict[str, int]:
