@@ -142,6 +142,18 @@ def _build_heads(d, d_ok, cols, c_ok, starts, ends, num_kv, offset, causal, bloc
             column_count.to(torch.int32).reshape(shape), column_index.reshape(*shape, col_width))
 
 
+def check_index_args(who: str, v_idx, s_idx, num_q: int, num_kv: int, block_m: int, block_n: int) -> None:
+    """The argument checks every index builder shares (``who`` names the builder in the message)."""
+    if v_idx.dim() != 2 or s_idx.dim() != 2 or v_idx.shape[0] != s_idx.shape[0]:
+        raise ValueError(
+            f"{who} expects v_idx [num_heads, nv] and s_idx [num_heads, ns], "
+            f"got {tuple(v_idx.shape)} and {tuple(s_idx.shape)}."
+        )
+    if block_m < 1 or block_n < 1 or num_q < 0 or num_kv < 0:
+        raise ValueError(f"block_m {block_m} and block_n {block_n} must be >= 1, num_q {num_q} and "
+                         f"num_kv {num_kv} >= 0.")
+
+
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     width = max(p.shape[-1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts], dim=0)
@@ -163,14 +175,7 @@ def build_vertical_slash_index(
     j = i + num_kv - num_q - d for query i). Any order; duplicates and values selecting no key are
     dropped; nv or ns may be 0. The covered key set is defined in the module docstring.
     """
-    if v_idx.dim() != 2 or s_idx.dim() != 2 or v_idx.shape[0] != s_idx.shape[0]:
-        raise ValueError(
-            f"build_vertical_slash_index expects v_idx [num_heads, nv] and s_idx [num_heads, ns], "
-            f"got {tuple(v_idx.shape)} and {tuple(s_idx.shape)}."
-        )
-    if block_m < 1 or block_n < 1 or num_q < 0 or num_kv < 0:
-        raise ValueError(f"block_m {block_m} and block_n {block_n} must be >= 1, num_q {num_q} and "
-                         f"num_kv {num_kv} >= 0.")
+    check_index_args("build_vertical_slash_index", v_idx, s_idx, num_q, num_kv, block_m, block_n)
     device = v_idx.device
     num_heads = v_idx.shape[0]
     offset = num_kv - num_q

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.attention.vertical_slash import VerticalSlashIndex
+from qwen1m.attention.vertical_slash import VerticalSlashIndex, check_index_args
 
 SLASH_TILE, SLOT_TILE, COL_TILE = 256, 256, 256  # elements per vector step (GPU defaults)
 ROWS = 1  # (head, query block) pairs per program on the GPU (not tuned)
@@ -198,14 +198,7 @@ def index_widths(nv: int, ns: int, num_q: int, num_kv: int, *, causal: bool, blo
 
 
 def _check_args(v_idx, s_idx, num_q, num_kv, block_m, block_n):
-    if v_idx.dim() != 2 or s_idx.dim() != 2 or v_idx.shape[0] != s_idx.shape[0]:
-        raise ValueError(
-            f"build_vertical_slash_index_triton expects v_idx [num_heads, nv] and s_idx [num_heads, ns], "
-            f"got {tuple(v_idx.shape)} and {tuple(s_idx.shape)}."
-        )
-    if block_m < 1 or block_n < 1 or num_q < 0 or num_kv < 0:
-        raise ValueError(f"block_m {block_m} and block_n {block_n} must be >= 1, num_q {num_q} and "
-                         f"num_kv {num_kv} >= 0.")
+    check_index_args("build_vertical_slash_index_triton", v_idx, s_idx, num_q, num_kv, block_m, block_n)
     if num_q + num_kv + 2 * (block_m + block_n) >= 1 << 31:
         raise ValueError(f"build_vertical_slash_index_triton computes in int32: num_q {num_q} + num_kv "
                          f"{num_kv} is too large.")
