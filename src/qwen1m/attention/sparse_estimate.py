@@ -14,15 +14,33 @@ attention itself later uses the DCA rotations.
 Memory: two passes over key blocks (max and sum-exp first, then normalised sums), so the
 [heads, last_q, keys] probability matrix never exists whole: at 1M keys and 28 heads it would be
 7 GB; a block of ``key_block`` keys costs heads * last_q * key_block * 4 bytes.
+
+On CUDA ``attention_sums`` runs the Triton kernels of ``qwen1m.kernels.sparse_estimate`` (same sums,
+K read twice, no score tensor in memory) until they fail once; the PyTorch code below is the CPU
+path and the oracle.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from qwen1m.attention.reference import exp_floor
 
 _KEY_BLOCK = 1 << 15
+log = logging.getLogger(__name__)
+# The Triton kernels are used on CUDA until they fail once (e.g. a Triton version that cannot compile
+# them); the PyTorch code computes the same sums, only slower.
+_TRITON_SUMS = {"usable": True}
+
+
+def _triton_supported(queries: dict[str, torch.Tensor], k: torch.Tensor, key_ranges) -> bool:
+    head_dim = k.shape[-1]
+    return (k.device.type == "cuda" and _TRITON_SUMS["usable"] and k.dtype in (torch.float16, torch.bfloat16,
+            torch.float32) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and all(queries[kind].dtype == k.dtype and queries[kind].device == k.device
+                    for kind, _, _ in key_ranges))
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,6 +68,14 @@ def attention_sums(
       disjoint ranges covering [0, query_end); k: [>= query_end, num_kv_heads, head_dim].
     Returns vertical [num_heads, query_end] and slash [num_heads, query_end] (index d = distance), fp32.
     """
+    if _triton_supported(queries, k, key_ranges):
+        from qwen1m.kernels.sparse_estimate import attention_sums_triton
+
+        try:
+            return attention_sums_triton(queries, k, key_ranges, query_end, softmax_scale=softmax_scale)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+            _TRITON_SUMS["usable"] = False
+            log.warning("the Triton attention-sums kernels failed (%s); using the PyTorch path", e)
     any_q = next(iter(queries.values()))
     num_l, num_heads, _ = any_q.shape
     device = any_q.device

@@ -1,0 +1,217 @@
+"""Triton kernels for ``attention.sparse_estimate.attention_sums`` (vertical and slash sums).
+
+Oracle: ``qwen1m.attention.sparse_estimate.attention_sums`` on CPU (same contract, same arguments).
+
+The last L queries (positions query_end - L ... query_end - 1) attend causally to every key of
+[0, query_end); the keys come in disjoint ranges, each scored with its own query copy (DCA). Two
+passes read K, nothing of size heads x L x keys is ever written:
+
+1. LSE pass, grid (query head, row tile, key split), one launch per key range: online max / sum-exp
+   of the masked scores of the tile's rows over the split's keys, in base 2. Each program writes one
+   partial (max + log2 sum) per row; ``torch.logsumexp`` over the partials of every range and split
+   gives lse [num_heads, L].
+2. Sums pass, grid (query head, key tile), one launch per key range: the program loads its K tile
+   once and loops over the row tiles: p = exp2(s - lse) (masked entries exactly 0); the column sums
+   are the vertical sums of the tile's keys (one program per key tile and head: plain stores); the
+   entries are added into slash[h, q_pos - key] with ``tl.atomic_add`` on a [BLOCK_M, BLOCK_N]
+   pointer tensor (entries of one diagonal inside a tile hit one address; atomics make that exact).
+
+GQA: query head h reads kv head h // (num_heads // num_kv_heads); program axis 0 is the query head,
+so the heads sharing a K tile run next to each other and K is read from HBM about once per pass.
+
+``exp_floor`` (attention/reference.py) flushes probabilities below exp(-80) to 0; the sums pass does
+the same (one ``tl.where``), so a probability the oracle zeroes is zero here too (the difference
+would be below 1.8e-35 per entry anyway). The LSE pass does not flush (an online softmax rescales
+against running maxima, so it could not match bit for bit; the effect is < 1e-34 relative).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _scores(q, k_ptr, kv_head, key, key_ok, offs_d, stride_kn, stride_kh, stride_kd, qk_scale,
+            DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Scores q [BLOCK_M, HEAD_DIM] x keys ``key`` [BLOCK_N] of kv head ``kv_head``, times qk_scale."""
+    k_ptrs = (k_ptr + kv_head * stride_kh + key.to(tl.int64)[None, :] * stride_kn
+              + offs_d[:, None] * stride_kd)
+    k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+    if UPCAST_DOT:  # the interpreter's 16-bit tl.dot is wrong; fp32 operands hold the same values
+        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+    return s * qk_scale
+
+
+@triton.jit
+def _lse_kernel(
+    q_ptr, k_ptr, part_ptr,
+    num_l, q_pos0, key_begin, key_end, split_len, qk_scale,
+    stride_ql, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_pp, stride_ph, stride_pl,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    head = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_head = head // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_l
+    q_pos = q_pos0 + rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + rows[:, None] * stride_ql + head * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    start = key_begin + split * split_len
+    stop = tl.minimum(start + split_len, key_end)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        key = n0 + offs_n
+        key_ok = key < stop
+        s = _scores(q, k_ptr, kv_head, key, key_ok, offs_d, stride_kn, stride_kh, stride_kd, qk_scale,
+                    DOT_PRECISION, UPCAST_DOT)
+        visible = key_ok[None, :] & (key[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    part = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    tl.store(part_ptr + split * stride_pp + head * stride_ph + rows * stride_pl, part, mask=row_ok)
+
+
+@triton.jit
+def _sums_kernel(
+    q_ptr, k_ptr, lse_ptr, vert_ptr, slash_ptr,
+    num_l, q_pos0, key_begin, key_end, qk_scale,
+    stride_ql, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_lh, stride_ll,
+    stride_vh, stride_sh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    head = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = head // GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    key = key_begin + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = key < key_end
+    k_ptrs = k_ptr + kv_head * stride_kh + key.to(tl.int64)[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N], read once for all rows
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    col_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    slash_row = slash_ptr + head.to(tl.int64) * stride_sh
+    for m0 in range(0, num_l, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < num_l
+        q_pos = q_pos0 + rows
+        q = tl.load(q_ptr + rows[:, None] * stride_ql + head * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            s = tl.dot(q.to(tl.float32), k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        lse = tl.load(lse_ptr + head * stride_lh + rows * stride_ll, mask=row_ok, other=0.0)
+        x = s * qk_scale - lse[:, None]
+        dist = q_pos[:, None] - key[None, :]
+        valid = row_ok[:, None] & key_ok[None, :] & (dist >= 0) & (x >= -115.41560327111707)
+        p = tl.where(valid, tl.math.exp2(x), 0.0)  # (-115.4... = -80 * log2(e): exp_floor's cut)
+        col_sum += tl.sum(p, 0)
+        tl.atomic_add(slash_row + dist, p, mask=valid, sem="relaxed")  # slash is contiguous in d
+    tl.store(vert_ptr + head.to(tl.int64) * stride_vh + key, col_sum, mask=key_ok)
+
+
+def _launch_config(device: torch.device, num_l: int) -> dict[str, int]:
+    if device.type != "cuda":  # interpreter: small tiles so tiny tests cross tile edges
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    block_m = min(64, max(16, triton.next_power_of_2(num_l)))
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def attention_sums_triton(
+    queries: dict[str, torch.Tensor],
+    k: torch.Tensor,
+    key_ranges: list[tuple[str, int, int]],
+    query_end: int,
+    *,
+    softmax_scale: float,
+    config: dict[str, int] | None = None,
+    split_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``attention_sums``: vertical, slash [num_heads, query_end] float32.
+
+    config: BLOCK_M / BLOCK_N / num_warps / num_stages (default per device); split_len: keys per
+    LSE-pass program (a multiple of BLOCK_N; default sized for a few programs per SM).
+    """
+    any_q = next(iter(queries.values()))
+    num_l, num_heads, head_dim = any_q.shape
+    num_kv_heads = k.shape[1]
+    if num_heads % num_kv_heads or k.shape[2] != head_dim:
+        raise ValueError(f"attention_sums_triton: q {tuple(any_q.shape)} does not match k {tuple(k.shape)}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"attention_sums_triton supports head_dim a power of two >= 16, got {head_dim}")
+    for kind, _, _ in key_ranges:
+        if queries[kind].shape != any_q.shape or queries[kind].dtype != k.dtype:
+            raise ValueError("attention_sums_triton: every query copy must be [L, H, D] in k's dtype")
+    group = num_heads // num_kv_heads
+    device = k.device
+    cfg = config or _launch_config(device, num_l)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    q_pos0 = query_end - num_l
+    ranges = [(kind, a, b) for kind, a, b in key_ranges if b > a]
+    dot = dict(
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",  # fp32: no tf32 rounding
+        UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
+    )
+    qk_scale = softmax_scale * _LOG2E
+    row_tiles = triton.cdiv(num_l, bm)
+    if split_len is None:  # ~4 programs per SM over all heads and ranges, at least 16 key tiles each
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        target = 4 * sms // max(1, num_heads * row_tiles)
+        split_len = max(16 * bn, triton.cdiv(max(1, query_end // max(1, target)), bn) * bn)
+    if split_len % bn:
+        raise ValueError(f"split_len {split_len} must be a multiple of BLOCK_N {bn}")
+
+    if any(triton.cdiv(b - a, bn) > 65535 for _, a, b in ranges):  # CUDA's limit on grid axis 1
+        raise ValueError(f"attention_sums_triton: a key range longer than {65535 * bn} keys")
+    splits = [triton.cdiv(b - a, split_len) for _, a, b in ranges]
+    parts = torch.empty(sum(splits), num_heads, num_l, dtype=torch.float32, device=device)
+    first = 0
+    for (kind, a, b), n_split in zip(ranges, splits):
+        q = queries[kind]
+        out = parts[first:first + n_split]
+        _lse_kernel[(num_heads, row_tiles, n_split)](
+            q, k, out, num_l, q_pos0, a, b, split_len, qk_scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, **dot, **launch,
+        )
+        first += n_split
+    lse = torch.logsumexp(parts * _LN2, dim=0) * _LOG2E  # [num_heads, L], base 2 like the parts
+
+    vertical = torch.zeros(num_heads, query_end, dtype=torch.float32, device=device)
+    slash = torch.zeros(num_heads, query_end, dtype=torch.float32, device=device)
+    for kind, a, b in ranges:
+        q = queries[kind]
+        _sums_kernel[(num_heads, triton.cdiv(b - a, bn))](
+            q, k, lse, vertical, slash, num_l, q_pos0, a, b, qk_scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            lse.stride(0), lse.stride(1), vertical.stride(0), slash.stride(0),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, **dot, **launch,
+        )
+    return vertical, slash

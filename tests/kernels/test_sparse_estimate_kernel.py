@@ -1,0 +1,146 @@
+"""attention_sums_triton vs attention_sums (the PyTorch path, CPU) and a float64 dense oracle.
+
+CPU: TRITON_INTERPRET=1 (tests/conftest.py) at small sizes with 16 x 16 tiles: GQA groups 1 and 3,
+head_dim 16 and 32, L smaller and larger than a row tile, query_end not a multiple of the key tile,
+the DCA key ranges ("inter_critical", "succ_critical", "intra") with different query copies,
+L == query_end, several LSE splits per range, K a strided view longer than query_end, scores large
+enough for exp_floor's flush, fp32 and bf16 inputs. GPU (-m gpu): Qwen2.5-7B shapes at 64K keys.
+Error bound: both the kernel and the PyTorch path differ from float64 only by fp32 rounding (bf16
+inputs are exact in fp32 and both multiply them exactly), so both must be within
+1e-5 relative + 1e-6 absolute of the oracle, and of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from qwen1m.attention import sparse_estimate
+from qwen1m.attention.sparse_estimate import attention_sums
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU tests run through TRITON_INTERPRET=1")
+RTOL, ATOL = 1e-5, 1e-6
+DCA_KINDS = ("inter_critical", "succ_critical", "intra")
+
+
+def make_inputs(num_heads, num_kv_heads, head_dim, last, query_end, bounds, dtype, *, extra_keys=0,
+                strided=False, seed=0, device="cpu"):
+    """Queries per kind, K [query_end + extra_keys, KVH, D] and ranges cut at ``bounds``."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = [0, *bounds, query_end]
+    ranges = [(DCA_KINDS[-len(cuts) + 1 + i], a, b) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    queries = {kind: torch.randn(last, num_heads, head_dim, generator=g).to(dtype).to(device)
+               for kind, _, _ in ranges}
+    n = query_end + extra_keys
+    if strided:  # K as a view of a wider cache: every other token, heads interleaved with V's
+        k = torch.randn(2 * n, num_kv_heads, 2, head_dim, generator=g).to(dtype).to(device)[::2, :, 0]
+    else:
+        k = torch.randn(n, num_kv_heads, head_dim, generator=g).to(dtype).to(device)
+    return queries, k, ranges
+
+
+def dense_oracle(queries, k, ranges, query_end, scale):
+    """float64 softmax over the whole [heads, L, query_end] score matrix; vertical and slash sums."""
+    last, num_heads, _ = next(iter(queries.values())).shape
+    group = num_heads // k.shape[1]
+    scores = torch.full((num_heads, last, query_end), float("-inf"), dtype=torch.float64)
+    for kind, a, b in ranges:
+        kk = k[a:b].double().cpu().repeat_interleave(group, dim=1)
+        scores[:, :, a:b] = torch.einsum("lhd,nhd->hln", queries[kind].double().cpu(), kk) * scale
+    q_pos = torch.arange(query_end - last, query_end)
+    dist = q_pos[:, None] - torch.arange(query_end)[None, :]
+    probs = torch.softmax(scores.masked_fill((dist < 0)[None], float("-inf")), -1)
+    slash = torch.zeros(num_heads, query_end, dtype=torch.float64)
+    slash.scatter_add_(1, dist.clamp_min(0).reshape(1, -1).expand(num_heads, -1), probs.reshape(num_heads, -1))
+    return probs.sum(1), slash
+
+
+def assert_close(out, ref, what):
+    err = (out.double().cpu() - ref.double().cpu()).abs()
+    bound = ATOL + RTOL * ref.double().cpu().abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: max error {err.max().item():.3g} exceeds the bound by {worst:.3g}"
+
+
+CASES = {
+    # name: (heads, kv heads, head_dim, L, query_end, range bounds, scale, LSE split_len, input kwargs)
+    "mha_small_L": (2, 2, 16, 8, 37, [], 0.25, None, {}),
+    "gqa3_dca_long_L": (6, 2, 32, 24, 101, [23, 60], 0.18, 32, {}),
+    "L_equals_query_end": (4, 2, 16, 20, 20, [9], 0.25, 16, {}),
+    "strided_longer_k_flush": (4, 1, 16, 17, 53, [16], 6.0, 16, dict(extra_keys=9, strided=True)),
+}
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_pytorch_and_float64(case, dtype):
+    from qwen1m.kernels.sparse_estimate import attention_sums_triton
+
+    heads, kv_heads, head_dim, last, query_end, bounds, scale, split_len, kw = CASES[case]
+    queries, k, ranges = make_inputs(heads, kv_heads, head_dim, last, query_end, bounds, dtype, **kw)
+    vert, slash = attention_sums_triton(queries, k, ranges, query_end, softmax_scale=scale, split_len=split_len)
+    assert vert.shape == slash.shape == (heads, query_end)
+    assert vert.dtype == slash.dtype == torch.float32
+    ref_v, ref_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale, key_block=13)
+    dv, ds = dense_oracle(queries, k, ranges, query_end, scale)
+    assert_close(ref_v, dv, "torch vertical vs float64")  # the bound holds for the oracle path too
+    assert_close(ref_s, ds, "torch slash vs float64")
+    assert_close(vert, dv, "kernel vertical vs float64")
+    assert_close(slash, ds, "kernel slash vs float64")
+    assert_close(vert, ref_v, "kernel vertical vs torch")
+    assert_close(slash, ref_s, "kernel slash vs torch")
+    assert torch.allclose(vert.sum(-1).double(), torch.full((heads,), float(last), dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(slash.sum(-1), vert.sum(-1), rtol=1e-5)
+
+
+def test_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
+    """CUDA dispatch (simulated): a failing kernel is logged, disabled, and the PyTorch sums returned."""
+    import qwen1m.kernels.sparse_estimate as kernels
+
+    queries, k, ranges = make_inputs(4, 2, 16, 8, 30, [11], torch.float32)
+    expected = attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(kernels, "attention_sums_triton", broken)
+    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
+    monkeypatch.setattr(sparse_estimate, "_triton_supported",
+                        lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    with caplog.at_level(logging.WARNING):
+        got = attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
+        again = attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
+    assert len(calls) == 1 and not sparse_estimate._TRITON_SUMS["usable"]
+    assert "Triton attention-sums kernels failed" in caplog.text
+    for a, b in zip((*got, *again), (*expected, *expected)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_7b_shapes_match_pytorch(dtype, monkeypatch):
+    """Qwen2.5-7B: 28 / 4 heads, head_dim 128, L 64, 65536 keys in three DCA ranges, vs the torch path."""
+    from qwen1m.kernels.sparse_estimate import attention_sums_triton
+
+    query_end = 65536
+    queries, k, ranges = make_inputs(28, 4, 128, 64, query_end, [20000, 41000], dtype, device="cuda")
+    scale = 128 ** -0.5
+    vert, slash = attention_sums_triton(queries, k, ranges, query_end, softmax_scale=scale)
+    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", False)
+    ref_v, ref_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale)
+    torch.cuda.synchronize()
+    # both are fp32 maths over the same (exactly representable) inputs: summation order only
+    assert torch.allclose(vert, ref_v, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(slash, ref_s, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(vert.sum(-1), torch.full((28,), 64.0, device="cuda"), rtol=1e-4)
+    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
+    got_v, got_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale)  # the dispatch
+    assert sparse_estimate._TRITON_SUMS["usable"] and torch.equal(got_v, vert) and torch.equal(got_s, slash)
