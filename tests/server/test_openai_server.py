@@ -33,6 +33,9 @@ API_KEY = "test-key"
 MODEL = "tiny"
 MAX_MODEL_LEN = 1024
 ENGINE = dict(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)
+# Every wait in this file is for an explicit condition and gives up only after TIMEOUT seconds, a
+# hang guard: on a slow, loaded machine things take longer, but never change order.
+TIMEOUT = 30.0
 WORDS = "the quick brown fox jumps over the lazy dog while long context models read whole books".split()
 
 
@@ -70,13 +73,13 @@ def base_url(server_llm):
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + TIMEOUT
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
-    thread.join(15)
+    thread.join(TIMEOUT)
     assert not thread.is_alive()
 
 
@@ -87,13 +90,31 @@ def client(base_url):
 
 
 def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(base_url + "/metrics", timeout=10).text
+    text = httpx.get(base_url + "/metrics", timeout=TIMEOUT).text
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+def wait_until_idle(base_url: str) -> dict[str, float]:
+    """The metrics once the engine reports no request running or waiting and an empty KV cache.
+
+    The engine thread updates these gauges at the end of each pass of its loop, after it has counted
+    the requests that finished or were aborted in that pass, so once a request that showed in the
+    gauges (one in the engine for more than one step) has ended, idle gauges also mean its counters
+    are settled.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        m = metrics(base_url)
+        gauges = {k: m[f"qwen1m_{k}"] for k in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")}
+        if not any(gauges.values()):
+            return m
+        assert time.monotonic() < deadline, f"the engine is still busy after {TIMEOUT:.0f} s: {gauges}"
+        time.sleep(0.02)
 
 
 def prompt_of(num_words: int) -> str:
@@ -106,7 +127,7 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 # ---- completions and chat -------------------------------------------------------------------------
 def test_health_and_models(base_url, client):
-    assert httpx.get(base_url + "/health").json() == {"status": "ok"}
+    assert httpx.get(base_url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
 
@@ -186,7 +207,7 @@ def test_sixteen_concurrent_clients(base_url, client, ref):
     at a time, so most wait in its queue; every answer matches LLM.generate on its own."""
     prompts = [prompt_of(3 + 9 * i) for i in range(16)]
     expected = [o.outputs[0].text for o in ref.generate(prompts, greedy(8, ignore_eos=True))]
-    before = metrics(base_url)
+    before = wait_until_idle(base_url)
 
     def ask(i: int) -> tuple[str, str, int]:
         kw = dict(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0,
@@ -204,7 +225,10 @@ def test_sixteen_concurrent_clients(base_url, client, ref):
         answers = list(pool.map(ask, range(16)))
     assert [a[0] for a in answers] == expected
     assert all(a[1:] == ("length", 8) for a in answers)
-    after = metrics(base_url)
+    # The engine thread hands a client its last output before it counts the request and updates the
+    # gauges (both right after, in the same loop pass), so a scrape at once may still see the request
+    # running: wait for the engine to report idle, which it does only after that pass.
+    after = wait_until_idle(base_url)
     key = 'qwen1m_requests_total{finish_reason="length"}'
     assert after[key] - before[key] == 16
     assert after["qwen1m_generation_tokens_total"] - before["qwen1m_generation_tokens_total"] == 16 * 8
@@ -212,23 +236,44 @@ def test_sixteen_concurrent_clients(base_url, client, ref):
 
 
 # ---- cancellation ----------------------------------------------------------------------------------
-def wait_until_idle(base_url: str, timeout: float = 15.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(base_url)
-        idle = m["qwen1m_num_requests_running"] == 0 and m["qwen1m_num_requests_waiting"] == 0
-        if idle and m["qwen1m_kv_cache_usage_perc"] == 0 or time.monotonic() > deadline:
-            return m
-        time.sleep(0.05)
+class HoldGeneration:
+    """Stands in for ``engine.step``: real steps until a request's text has grown ``chunks`` times (so
+    a streamed answer has sent that many chunks), then steps that do nothing. The request stays in
+    flight, holding its KV cache, for as long as the test needs, and cannot finish on its own; the
+    engine loop still applies aborts, so only a cancellation ends it, however slow the machine."""
+
+    def __init__(self, real_step, chunks: int):
+        self._step, self.chunks = real_step, chunks
+        self._texts: dict[str, str] = {}
+        self._grown: dict[str, int] = {}
+        self.holding = threading.Event()  # set once the engine loop has applied the last real step
+
+    def __call__(self):  # on the engine thread
+        if max(self._grown.values(), default=0) >= self.chunks:
+            self.holding.set()  # the loop updated the gauges after the last real step: they show the request
+            time.sleep(0.005)  # do nothing, without spinning
+            return []
+        outputs = self._step()
+        for out in outputs:
+            text = out.outputs[0].text
+            if len(text) > len(self._texts.get(out.request_id, "")):  # a streamed answer sends a chunk
+                self._grown[out.request_id] = self._grown.get(out.request_id, 0) + 1
+            self._texts[out.request_id] = text
+        return outputs
 
 
-def test_disconnect_mid_stream_frees_the_kv_cache(base_url):
+def test_disconnect_mid_stream_frees_the_kv_cache(base_url, server_llm, monkeypatch):
+    """The engine holds each request mid-generation (HoldGeneration) until the client has gone, so the
+    request is certainly running when the client leaves and can end only by being cancelled."""
     aborted = 'qwen1m_requests_total{finish_reason="abort"}'
-    before = metrics(base_url)[aborted]
+    before = wait_until_idle(base_url)[aborted]
+    real_step = server_llm.engine.step
+    gate = HoldGeneration(real_step, chunks=3)
+    monkeypatch.setattr(server_llm.engine, "step", gate)
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 900, "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(timeout=30) as http:
+    with httpx.Client(timeout=TIMEOUT) as http:
         with http.stream("POST", base_url + "/v1/completions", json=body, headers=headers) as response:
             assert response.status_code == 200
             data, lines = [], response.iter_lines()  # kept: a dropped iterator closes the connection
@@ -237,17 +282,29 @@ def test_disconnect_mid_stream_frees_the_kv_cache(base_url):
                     data.append(json.loads(line[6:]))
                 if len(data) == 3:
                     break
+            assert gate.holding.wait(TIMEOUT)  # the request stays mid-generation from here on
             busy = metrics(base_url)
             assert busy["qwen1m_num_requests_running"] == 1 and busy["qwen1m_kv_cache_usage_perc"] > 0
         # leaving the block closes the connection mid-stream
+    # the held request cannot finish by itself: only the server's abort makes the engine idle
     after = wait_until_idle(base_url)
     assert after["qwen1m_num_requests_running"] == 0 and after["qwen1m_kv_cache_usage_perc"] == 0
     assert after[aborted] == before + 1
 
-    # a client that gives up on a whole (non-streamed) answer cancels it too
+    # a client that gives up on a whole (non-streamed) answer cancels it too: it sends the request,
+    # waits until the engine holds it mid-generation, then closes the connection without an answer
+    gate = HoldGeneration(real_step, chunks=3)
+    monkeypatch.setattr(server_llm.engine, "step", gate)
     body["stream"] = False
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base_url + "/v1/completions", json=body, headers=headers, timeout=0.3)
+    url = httpx.URL(base_url)
+    payload = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+    with socket.create_connection((url.host, url.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head + payload)
+        assert gate.holding.wait(TIMEOUT)
+        busy = metrics(base_url)
+        assert busy["qwen1m_num_requests_running"] == 1 and busy["qwen1m_kv_cache_usage_perc"] > 0
     after = wait_until_idle(base_url)
     assert after["qwen1m_kv_cache_usage_perc"] == 0 and after[aborted] == before + 2
 
@@ -285,7 +342,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize("route,body,status,words", ERROR_CASES)
 def test_errors_are_openai_error_objects(base_url, route, body, status, words):
     response = httpx.post(base_url + route, json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                          timeout=30)
+                          timeout=TIMEOUT)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -309,7 +366,7 @@ def test_errors_through_the_openai_client_then_keeps_serving(base_url, client, r
         headers = {} if key else {"Authorization": ""}
         with pytest.raises(openai.AuthenticationError, match="API key"):
             bad.completions.create(model=MODEL, prompt="a", extra_headers=headers)
-    response = httpx.get(base_url + "/v1/models")
+    response = httpx.get(base_url + "/v1/models", timeout=TIMEOUT)
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     # still serving, correctly
     expected = ref.generate(["The dog"], greedy(4, ignore_eos=True))[0].outputs[0].text
@@ -332,7 +389,8 @@ def test_engine_failure_is_a_500_and_the_server_recovers(base_url, client, serve
     with pytest.raises(openai.InternalServerError, match="simulated device error"):
         client.completions.create(model=MODEL, prompt="The dog", max_tokens=4)
     body = {"prompt": "The dog", "max_tokens": 4, "stream": True}
-    response = httpx.post(base_url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    response = httpx.post(base_url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                          timeout=TIMEOUT)
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert "simulated device error" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
     assert wait_until_idle(base_url)["qwen1m_kv_cache_usage_perc"] == 0
@@ -343,7 +401,7 @@ def test_engine_failure_is_a_500_and_the_server_recovers(base_url, client, serve
 # ---- metrics and logs --------------------------------------------------------------------------------
 def test_metrics_are_prometheus_text(base_url, client):
     client.completions.create(model=MODEL, prompt="The dog", max_tokens=3, temperature=0)
-    response = httpx.get(base_url + "/metrics")
+    response = httpx.get(base_url + "/metrics", timeout=TIMEOUT)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     for name, kind in [("qwen1m_requests_total", "counter"), ("qwen1m_prompt_tokens_total", "counter"),

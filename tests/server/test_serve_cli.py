@@ -19,6 +19,7 @@ from tokenizer_utils import make_tokenizer_folder
 from qwen1m.cli import build_parser
 
 httpx = pytest.importorskip("httpx")
+h11 = pytest.importorskip("h11")  # httpx's HTTP/1.1 parser
 pytest.importorskip("uvicorn")
 
 CHATML = (Path(__file__).parents[1] / "fixtures" / "chatml_template.jinja").read_text()
@@ -35,12 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TIMEOUT = 60  # hang guard for every wait below; each returns as soon as its condition holds
+GRACE_S = 2  # --shutdown-timeout: in-flight requests get this long after SIGTERM
+LONG_TOKENS = 16000  # seconds of generation even on a fast machine: always cut off by the grace period's end
+
+
 def stream_completion(url: str, max_tokens: int, started: threading.Event, result: dict) -> None:
     body = {"prompt": "The quick brown fox", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     text, finish, done = "", None, False
     try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT,
                           headers={"Authorization": "Bearer k"}) as response:
             for line in response.iter_lines():
                 if line == "data: [DONE]":
@@ -56,7 +62,60 @@ def stream_completion(url: str, max_tokens: int, started: threading.Event, resul
     started.set()
 
 
+class HeldRequest:
+    """A streamed completion whose body the client holds back. With ``Expect: 100-continue`` the server
+    says when its handler is waiting for the body, so the request is provably in flight; ``finish``
+    then sends the body and reads the whole answer (h11 parses the HTTP, chunked encoding included)."""
+
+    def __init__(self, port: int, body: dict):
+        self.payload = json.dumps(body).encode()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", f"127.0.0.1:{port}"), ("Authorization", "Bearer k"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(self.payload))), ("Expect", "100-continue")]
+        self.sock.sendall(self.conn.send(h11.Request(method="POST", target="/v1/completions", headers=headers)))
+
+    def _next_event(self):
+        while (event := self.conn.next_event()) is h11.NEED_DATA:
+            self.conn.receive_data(self.sock.recv(65536))
+        return event
+
+    def wait_until_in_flight(self) -> None:
+        event = self._next_event()
+        assert isinstance(event, h11.InformationalResponse) and event.status_code == 100, event
+
+    def finish(self) -> dict:
+        self.sock.sendall(self.conn.send(h11.Data(data=self.payload)) + self.conn.send(h11.EndOfMessage()))
+        result, body = {}, b""
+        try:
+            result["status"] = getattr(self._next_event(), "status_code", None)
+            while isinstance(event := self._next_event(), h11.Data):
+                body += event.data
+            assert isinstance(event, h11.EndOfMessage), event
+        except h11.RemoteProtocolError as e:  # the server cut the connection
+            result["error"] = repr(e)
+        finally:
+            self.sock.close()
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        choices = [c for e in events if e != "[DONE]" for c in json.loads(e).get("choices", [])]
+        finish = next((c["finish_reason"] for c in reversed(choices) if c["finish_reason"]), None)
+        return {**result, "done": events[-1:] == ["[DONE]"], "finish": finish, "events": len(events)}
+
+
+def wait_for_line(proc: subprocess.Popen, lines: list[str], text: str) -> None:
+    """Return once the server has printed a line containing ``text``."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(text in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {text!r} in:\n" + "".join(lines)
+        time.sleep(0.02)
+
+
 def test_sigterm_finishes_short_requests_and_cancels_long_ones(tmp_path):
+    """Ordered by events, not sleeps: the long request is generating and the short one is in flight (its
+    handler waits for the body) when SIGTERM arrives; the short one's body goes out once uvicorn says it
+    waits for connections to close, so all of its generation happens inside the grace period (with no
+    grace period the short one is cut too). Its few steps take milliseconds against GRACE_S seconds;
+    the long one cannot finish within them."""
     from qwen1m.tokenizer import Tokenizer
 
     make_tokenizer_folder(tmp_path, CHATML)
@@ -64,41 +123,54 @@ def test_sigterm_finishes_short_requests_and_cancels_long_ones(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "qwen1m.cli", "serve", "--model", str(tmp_path), "--dtype", "float32",
-           "--device", "cpu", "--max-model-len", "4096", "--port", str(port), "--api-key", "k",
-           "--shutdown-timeout", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "QWEN1M_API_KEY": ""})
+           "--device", "cpu", "--max-model-len", str(LONG_TOKENS + 384), "--port", str(port), "--api-key", "k",
+           "--shutdown-timeout", str(GRACE_S)]
+    # one torch thread: on a busy 2-core machine, OpenMP threads that wait for each other at every op
+    # make each step ten times slower (measured), which ate into the grace period
+    env = {**os.environ, "QWEN1M_API_KEY": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []  # the server's output so far: a reader thread drains the pipe, which never fills
+
+    def read_output() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + TIMEOUT
         while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "qwen1m serve did not start within 60 s"
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, f"qwen1m serve did not start within {TIMEOUT} s"
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}, timeout=TIMEOUT).json()
         assert models["data"][0]["id"] == tmp_path.name
 
-        short, long = {}, {}
-        started = [threading.Event(), threading.Event()]
-        threads = [threading.Thread(target=stream_completion, args=(url, 8, started[0], short)),
-                   threading.Thread(target=stream_completion, args=(url, 4000, started[1], long))]
-        for t in threads:
-            t.start()
-        assert all(e.wait(30) for e in started)
+        long, started = {}, threading.Event()
+        long_thread = threading.Thread(target=stream_completion, args=(url, LONG_TOKENS, started, long))
+        long_thread.start()
+        held = HeldRequest(port, {"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0,
+                                  "ignore_eos": True, "stream": True})
+        assert started.wait(TIMEOUT)  # the long request is generating
+        held.wait_until_in_flight()
         proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(60)
-        output, _ = proc.communicate(timeout=60)
+        wait_for_line(proc, lines, "Waiting for connections to close")  # uvicorn's grace period has begun
+        short = held.finish()
+        long_thread.join(TIMEOUT)
+        proc.wait(TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        reader.join(TIMEOUT)
+    output = "".join(lines)
     # uvicorn re-raises the signal once it has shut down, so supervisors see a SIGTERM exit
     assert proc.returncode in (0, -signal.SIGTERM), output
-    assert short["done"] and short["finish"] == "length", short  # finished within the grace period
+    assert short.get("status") == 200 and short["done"] and short["finish"] == "length", (short, output)
     assert not long["done"] and long["finish"] is None, long  # cut off when the grace period ended
     assert "Traceback" not in output, output
 
@@ -139,4 +211,8 @@ def test_openai_client_against_serve_on_the_bundled_model():
         assert chat.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:  # e.g. a request of a failed test still in flight: do not leave it running
+            proc.kill()
+            proc.wait()
