@@ -228,10 +228,10 @@ class EngineLoop:
                     self.metrics.inter_token_latency.observe(now - tracked.last_token_time)
                 self.metrics.generation_tokens.inc(n - tracked.num_generated)
                 tracked.num_generated, tracked.last_token_time = n, now
-            tracked.stream.put(out)
-            if out.finished:
+            if out.finished:  # counted before the client gets its answer: /metrics never lags behind it
                 del self._tracked[out.request_id]
                 self.metrics.requests.inc(finish_reason=out.outputs[0].finish_reason or "stop")
+            tracked.stream.put(out)
 
     def _log_prefill(self) -> None:
         """One INFO line per step for each prompt that needs several steps, so a 1M-token prefill
