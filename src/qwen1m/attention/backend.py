@@ -179,7 +179,7 @@ def _tables_and_slots(seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Te
     width = max(len(s.cache.blocks) for s in seqs)
     tables = torch.zeros(len(seqs), width, dtype=torch.int32)
     for i, s in enumerate(seqs):
-        tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks, dtype=torch.int32)
+        tables[i, : len(s.cache.blocks)] = s.cache.block_table_cpu
     slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
     return tables, slots
 
