@@ -76,7 +76,9 @@ def default_config(head_dim: int, cache_dtype: torch.dtype, device: torch.device
     """BLOCK_N / num_warps / num_stages. Interpreter: 16-key tiles so tiny tests cross tiles and blocks.
 
     CUDA: 64-key tiles (one production block) at head_dim <= 128, 4 warps, 3 stages: a K and a V tile
-    of 16 KiB each per stage in bf16 (96 KiB of shared memory at most); float32 caches halve the tile
+    of 16 KiB each per stage in bf16 (96 KiB of shared memory at most; compiled for sm_90 by triton
+    3.6 the kernel takes 38.9 KB, 94-96 registers, so registers rather than shared memory bound the
+    programs per SM); float32 caches halve the tile
     and use 2 stages. A first guess, not yet measured: benchmarks/bench_decode.py sweeps the
     alternatives on the H200 (omit --quick).
     """
