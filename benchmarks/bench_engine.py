@@ -46,7 +46,8 @@ def ttft(llm: LLM, n: int) -> dict:
     shown = [0]
 
     def progress(p) -> None:  # a prompt of 256K+ tokens: print the rate, so a run cut short still tells
-        if p.total >= 1 << 18 and p.done - shown[0] >= 1 << 17:
+        step = 1 << 16 if p.total >= 1 << 19 else 1 << 17  # 15 lines for 1M tokens
+        if p.total >= 1 << 18 and p.done - shown[0] >= step:
             shown[0] = p.done
             print(f"  prefill {p.done:,}/{p.total:,} tokens at {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -186,11 +187,13 @@ def main() -> None:
         per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                                  torch.bfloat16, args.kv_cache_dtype == "fp8")
         kv_memory = args.kv_cache_tokens * per_token
+    t_start = time.perf_counter()
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse,
               kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager)
     results["memory_plan"] = str(llm.memory_plan)
-    print(llm.memory_plan, flush=True)
+    results["startup_s"] = time.perf_counter() - t_start
+    print(llm.memory_plan, f"(engine ready after {results['startup_s']:.1f} s)", flush=True)
     results["ttft"] = []
     for n in _ints(args.ttft):
         results["ttft"].append(ttft(llm, n))

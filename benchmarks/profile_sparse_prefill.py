@@ -61,17 +61,26 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="profile the dense path instead (the baseline)")
     ap.add_argument("--model", default=str(CONFIG), help="config folder (a tiny one for a CPU dry run)")
     ap.add_argument("--sparse-threshold", type=int, default=None)
+    ap.add_argument("--sparse-config", default="", help="a sparse_attention_config.json instead of --sparse")
+    ap.add_argument("--load-format", default="dummy", help="'auto' loads the folder's weights (the bundled model)")
+    ap.add_argument("--prompts", type=int, default=1, help="prompts prefilled together (as an eval batch does)")
     args = ap.parse_args()
     if not args.dense:
         install_ranges()
     from qwen1m.config import load_model_config
 
     cfg = load_model_config(args.model)
-    sparse = None if args.dense else sparse_config(args.sparse, cfg.num_hidden_layers, cfg.num_attention_heads)
-    llm = LLM(args.model, load_format="dummy", dtype="bfloat16" if torch.cuda.is_available() else "float32",
-              max_model_len=args.tokens + 64, enforce_eager=True, sparse_attention_config=sparse,
+    if args.dense:
+        sparse = None
+    elif args.sparse_config:
+        sparse = args.sparse_config
+    else:
+        sparse = sparse_config(args.sparse, cfg.num_hidden_layers, cfg.num_attention_heads)
+    llm = LLM(args.model, load_format=args.load_format, dtype="bfloat16" if torch.cuda.is_available() else "float32",
+              max_model_len=args.tokens + 64, enforce_eager=True, max_num_seqs=max(1, args.prompts), sparse_attention_config=sparse,
               sparse_threshold=args.sparse_threshold)
-    ids = torch.randint(0, llm.config.vocab_size, (args.tokens,)).tolist()
+    prompts = [torch.randint(0, llm.config.vocab_size, (args.tokens,)).tolist() for _ in range(args.prompts)]
+    ids = prompts[0]
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     llm.generate([ids[: min(40000, args.tokens)]], params)  # warm-up: kernel compilation, autotuning
     _sync()
@@ -80,10 +89,11 @@ def main() -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        llm.generate([ids], params)
+        llm.generate(prompts, params)
         _sync()
         wall = time.perf_counter() - t0
-    print(f"{'dense' if args.dense else 'sparse ' + args.sparse} prefill of {args.tokens:,} tokens: {wall:.2f} s "
+    what = "dense" if args.dense else "sparse " + (args.sparse_config or args.sparse)
+    print(f"{what} prefill of {args.prompts} x {args.tokens:,} tokens: {wall:.2f} s "
           "(under the profiler)")
     events = prof.key_averages()
     for e in events:

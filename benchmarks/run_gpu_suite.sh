@@ -10,6 +10,10 @@
 #   PART=C  sparse prefill: where its time goes (profile_sparse_prefill at 128K), the attention-only
 #           kernel table at 1M (both index builders), then end-to-end TTFT 128K / 256K / 1M with the
 #           7B budget mix;
+#   PART=E  diagnosis: the GPU tests of the kernels and the attention package beside the bundled
+#           model's dca+sparse evaluation at 64K / 128K (resumed; neither timed), then where sparse
+#           prefill's time goes for the bundled model (8 x 64K) and for 7B shapes (128K), then the
+#           engine's decode rows;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -38,6 +42,24 @@ C)
   timeout "${T_SPARSE:-150}" python3 benchmarks/bench_sparse.py --sizes 1048576 2>&1 | tail -20
   timeout "${T_ENGINE:-280}" python3 benchmarks/bench_engine.py --sparse 7b-mix --ttft 131072,262144,1000000 \
     --decode "" --enforce-eager 2>&1 | tail -12
+  ;;
+E)
+  timeout "${T_TESTS:-200}" python3 -m pytest tests/kernels tests/attention -m gpu -q -p no:cacheprovider \
+    >"$OUT/gpu_tests.log" 2>&1 &
+  T_PASSKEY=${T_EVAL:-200} T_RULER=${T_EVAL:-200} T_NEEDLE=5 LENGTHS=${LENGTHS:-64k,128k} MODES=dca+sparse \
+    EXTRA_ARGS="--batch-size 8" RESUME_FROM=${RESUME_FROM:-benchmarks/results/eval_bundled_2026-11-29_} \
+    bash benchmarks/eval_bundled_gpu.sh | grep -v "^-\|^d\|^total"
+  wait
+  tail -4 "$OUT/gpu_tests.log"
+  timeout 90 python3 benchmarks/profile_sparse_prefill.py --model src/qwen1m/bundled --load-format auto \
+    --sparse-config benchmarks/results/calibrate_bundled_cpu_2026-11-29/sparse_attention_config.json \
+    --sparse-threshold 512 --tokens 65536 --prompts 8 2>&1 | tail -60 > "$OUT/profile_sparse_bundled.txt"
+  head -6 "$OUT/profile_sparse_bundled.txt"
+  timeout 110 python3 benchmarks/profile_sparse_prefill.py --tokens 131072 2>&1 | tail -60 \
+    > "$OUT/profile_sparse_prefill.txt"
+  head -6 "$OUT/profile_sparse_prefill.txt"
+  timeout 150 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \
+    --batch32 2>&1 | tail -8
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \
