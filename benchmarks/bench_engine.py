@@ -15,6 +15,7 @@ Measures, in one process:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -166,6 +167,8 @@ def main() -> None:
                     help="size the KV cache for this many tokens (default: gpu_memory_utilization 0.9), so the "
                          "peak memory of a TTFT row is what that context needs, not what the GPU has")
     ap.add_argument("--sparse", default="", help="'uniform' or '7b-mix': sparse prefill above 32K tokens")
+    ap.add_argument("--sparse-dense-above", type=float, default=None,
+                    help="SparseConfig.dense_above_density (default 0.6; 1 keeps every region sparse)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs (saves their capture in a TTFT-only run; decode rows get slower)")
     ap.add_argument("--name", default="", help="results file name (default engine, engine_sparse with --sparse)")
@@ -177,7 +180,10 @@ def main() -> None:
         print("transformers", results["transformers_sdpa"], flush=True)
         save(name, results)
     sparse = sparse_config(args.sparse, 28, 28) if args.sparse else None
+    if sparse is not None and args.sparse_dense_above is not None:
+        sparse = dataclasses.replace(sparse, dense_above_density=args.sparse_dense_above)
     results["sparse"] = args.sparse or None
+    results["sparse_dense_above_density"] = sparse.dense_above_density if sparse is not None else None
     kv_memory = None
     if args.kv_cache_tokens:
         from qwen1m.cache.paged_kv import PagedKVCache

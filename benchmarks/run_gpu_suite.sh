@@ -14,6 +14,10 @@
 #           model's dca+sparse evaluation at 64K / 128K (resumed; neither timed), then where sparse
 #           prefill's time goes for the bundled model (8 x 64K) and for 7B shapes (128K), then the
 #           engine's decode rows;
+#   PART=F  the rest of the bundled model's dca+sparse evaluation (resumed, every region sparse as in
+#           the rows before it), the attention-only kernel table at 1M, then dense TTFT at 128K / 256K
+#           (the baseline of PART=G; the dense 1M row is PART=B's);
+#   PART=G  sparse TTFT at 128K / 256K / 1M, 7B budget mix, dense fallback above 60% density;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -60,6 +64,19 @@ E)
   head -6 "$OUT/profile_sparse_prefill.txt"
   timeout 150 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \
     --batch32 2>&1 | tail -8
+  ;;
+F)
+  T_PASSKEY=${T_EVAL:-220} T_RULER=${T_EVAL:-220} T_NEEDLE=5 LENGTHS=${LENGTHS:-128k} MODES=dca+sparse \
+    EXTRA_ARGS="--batch-size 8 --sparse-dense-above 1" \
+    RESUME_FROM=${RESUME_FROM:-benchmarks/results/eval_bundled_2026-11-29_} \
+    bash benchmarks/eval_bundled_gpu.sh | grep -v "^-\|^d\|^total"
+  timeout "${T_SPARSE:-130}" python3 benchmarks/bench_sparse.py --sizes 1048576 2>&1 | tail -12
+  timeout "${T_ENGINE:-120}" python3 benchmarks/bench_engine.py --ttft 131072,262144 --decode "" --enforce-eager \
+    --kv-cache-tokens 1000064 --max-model-len 1000064 --name engine_dense_baseline 2>&1 | tail -4
+  ;;
+G)
+  timeout "${T_ENGINE:-580}" python3 benchmarks/bench_engine.py --sparse 7b-mix --ttft 131072,262144,1000000 \
+    --decode "" --enforce-eager --kv-cache-tokens 1000064 --max-model-len 1000064 2>&1 | tail -20
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \

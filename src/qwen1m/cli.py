@@ -38,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     sp = p.add_argument_group("sparse prefill (default: the folder's sparse_attention_config.json if present)")
     sp.add_argument("--sparse-config", default="auto", help="a sparse_attention_config.json, 'auto' or 'none'")
     sp.add_argument("--sparse-threshold", type=int, default=None, help="sparse only above this prompt length")
+    sp.add_argument("--sparse-dense-above", type=float, default=None,
+                    help="a region whose index lists more than this share of its pairs runs dense "
+                         "(default 0.6; 1 keeps every region sparse)")
 
 
 def _dca_option(args: argparse.Namespace):
@@ -65,7 +68,8 @@ def _load_llm(args: argparse.Namespace, **overrides):
                    block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                    kv_cache_memory=args.kv_cache_memory,
                    sparse_attention_config=None if args.sparse_config == "none" else args.sparse_config,
-                   sparse_threshold=args.sparse_threshold, tensor_parallel_size=args.tensor_parallel_size,
+                   sparse_threshold=args.sparse_threshold, sparse_dense_above=args.sparse_dense_above,
+                   tensor_parallel_size=args.tensor_parallel_size,
                    enforce_eager=args.enforce_eager)
     options.update(overrides)
     return LLM(args.model, **options)

@@ -68,6 +68,9 @@ class LLM:
         path or a ``SparseConfig`` turns sparse prefill on; None or False turns it off.
     sparse_threshold: sparse prefill only for prompts longer than this (default 32768, or the
         checkpoint's ``dual_chunk_attention_config.sparse_attention_threshold``).
+    sparse_dense_above: a prefill region whose sparse index lists more than this share of its
+        query-key pairs runs dense attention instead (default 0.6, where the dense kernel is faster;
+        1.0 keeps every region sparse).
     sparse_telemetry: record the computed density and, on one GQA group, the attention recall of
         sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
     tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
@@ -93,6 +96,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         sparse_attention_config: str | Path | SparseConfig | bool | None = "auto",
         sparse_threshold: int | None = None,
+        sparse_dense_above: float | None = None,
         sparse_telemetry: bool = False,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
@@ -125,7 +129,8 @@ class LLM:
         torch.manual_seed(seed)
         self.config = replace(cfg, dca=dca_cfg)
         self.model_path = folder
-        self.sparse_config = sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold)
+        self.sparse_config = sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold,
+                                           sparse_dense_above)
         self.tokenizer = self._load_tokenizer(folder, load_format)
         if kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}.")

@@ -11,12 +11,16 @@ from qwen1m.sampling_params import SamplingParams
 from qwen1m.sparse_config import SparseConfig, load_sparse_config
 
 
-def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None) -> SparseConfig | None:
+def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None,
+                  dense_above: float | None = None) -> SparseConfig | None:
     """LLM(sparse_attention_config=...): "auto" (the folder's file if present), a path, a SparseConfig,
-    or None/False; the threshold comes from the option, else from the DCA config keys (spec 1.2)."""
+    or None/False; the threshold comes from the option, else from the DCA config keys (spec 1.2);
+    dense_above overrides ``SparseConfig.dense_above_density``."""
     if option is None or option is False:
         return None
     overrides = {}
+    if dense_above is not None:
+        overrides["dense_above_density"] = dense_above
     if threshold is not None:
         overrides["threshold"] = threshold
     elif dca is not None and dca.sparse_attention_threshold is not None:

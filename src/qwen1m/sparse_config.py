@@ -33,11 +33,20 @@ class SparseConfig:
     block_size: int = 64  # query/key block of the index conversion (BLOCK_M = BLOCK_N = 64, spec 3.3)
     empty_region_columns: int = 5  # a DCA region that gets no index keeps this many even columns (vLLM)
     vertical_remap: tuple[tuple[int, int], ...] = ((30, 130),)  # vLLM bumps vertical_size 30 to 130
+    # A region whose index lists more than this share of its visible query-key pairs is attended by
+    # the dense kernel instead (same keys and more: exact attention, and faster there). On the H200
+    # the sparse kernel ran at ~340 TFLOP/s of computed pairs against cuDNN's ~550 (bench_sparse,
+    # benchmarks/results/sparse_2026-11-29.json), so past ~60% density dense is the faster way; a
+    # 128K prompt with the 7B budgets lists ~86%. 1.0 keeps every region sparse (the method alone).
+    dense_above_density: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("threshold", "last_q", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sparse config field '{name}' must be positive, got {getattr(self, name)}.")
+        if not 0.0 < self.dense_above_density <= 1.0:
+            raise ConfigError("sparse config field 'dense_above_density' must be in (0, 1] (1 keeps every "
+                              f"region sparse), got {self.dense_above_density}.")
         for name in ("sink_tokens", "local_diagonals", "empty_region_columns"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"sparse config field '{name}' must be >= 0, got {getattr(self, name)}.")

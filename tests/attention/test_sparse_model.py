@@ -16,7 +16,44 @@ DCA = {"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32
 
 
 def _sparse(vertical, slash, **kw):
+    """Every region sparse unless a test asks otherwise: these tests are about the sparse method."""
+    kw.setdefault("dense_above_density", 1.0)
     return SparseConfig.uniform(2, 4, vertical, slash, threshold=16, last_q=8, block_size=8, **kw)
+
+
+def _count_sparse_calls(monkeypatch) -> list[int]:
+    import qwen1m.attention.sparse_prefill as sp
+
+    calls, get = [], sp.get_sparse_fn
+
+    def counting(device):
+        fn = get(device)
+
+        def wrapped(*a, **kw):
+            calls.append(1)
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(sp, "get_sparse_fn", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dca", [None, DCA])
+def test_dense_regions_run_dense(tmp_path, dca, monkeypatch):
+    """Budgets that list every key (density 1 > 0.6): every region takes the dense kernel, logits equal
+    dense; tiny budgets (density well under 0.6): the sparse kernel runs and the result differs."""
+    extra = {"dual_chunk_attention_config": dca} if dca else None
+    folder = save_tiny_checkpoint(tmp_path / "m", seed=54, extra_config=extra)
+    ids = torch.randint(0, 97, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    dense = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=40).logits(ids)
+    calls = _count_sparse_calls(monkeypatch)
+    full = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=40, sparse_telemetry=True,
+               sparse_attention_config=_sparse(4096, 4096, dense_above_density=0.6))
+    assert torch.allclose(full.logits(ids), dense, atol=1e-5) and not calls
+    assert all(abs(r["density"] - 1.0) < 1e-9 for r in full.sparse_report().values())
+    small = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=40, sparse_dense_above=0.6,
+                sparse_attention_config=_sparse(2, 2, sink_tokens=1, local_diagonals=2))
+    assert small.sparse_config.dense_above_density == 0.6
+    assert not torch.allclose(small.logits(ids), dense, atol=1e-4) and calls
 
 
 @pytest.mark.parametrize("dca", [None, DCA])

@@ -89,3 +89,36 @@ def test_gather_path_equals_masked_dense_oracle(causal):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_index_density_counts_listed_over_visible_keys(causal):
+    """index_density = keys listed per query block (blocks x block_n + columns, capped at what the
+    block's last row sees) over the keys that row sees; checked against a direct count."""
+    from qwen1m.attention.sparse_prefill import index_density
+
+    g = torch.Generator().manual_seed(3)
+    num_q, num_kv, heads = 37, 90, 3
+    v_idx = torch.randint(0, num_kv, (heads, 5), generator=g)
+    s_idx = torch.randint(0 if causal else -num_q + 1, num_kv, (heads, 4), generator=g)
+    index = build_vertical_slash_index(v_idx, s_idx, num_q, num_kv, causal=causal, block_m=8, block_n=8)
+    listed = index.block_count.long() * 8 + index.column_count.long()
+    got = full = 0
+    for m in range(index.block_count.shape[1]):
+        end = min((m + 1) * 8, num_q)
+        visible = min(num_kv, end + num_kv - num_q) if causal else num_kv
+        got += listed[:, m].clamp(max=visible).sum().item()
+        full += visible * heads
+    assert index_density(index) == pytest.approx(got / full)
+    assert 0 < index_density(index) < 1
+    every = build_vertical_slash_index(torch.arange(num_kv).repeat(heads, 1), torch.zeros(heads, 0, dtype=torch.long),
+                                       num_q, num_kv, causal=causal, block_m=8, block_n=8)
+    assert index_density(every) == pytest.approx(1.0)
+
+
+def test_dense_above_density_must_be_a_share():
+    from qwen1m.errors import ConfigError
+
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="dense_above_density"):
+            SparseConfig.uniform(1, 1, 4, 4, dense_above_density=bad)

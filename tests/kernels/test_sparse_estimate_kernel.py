@@ -143,4 +143,7 @@ def test_gpu_7b_shapes_match_pytorch(dtype, monkeypatch):
     assert torch.allclose(vert.sum(-1), torch.full((28,), 64.0, device="cuda"), rtol=1e-4)
     monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
     got_v, got_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale)  # the dispatch
-    assert sparse_estimate._TRITON_SUMS["usable"] and torch.equal(got_v, vert) and torch.equal(got_s, slash)
+    # the dispatch ran the kernel (the vertical sums have a fixed order: bit-equal); the slash sums are
+    # atomic adds, whose order differs between runs (2026-11-29 on the H200: not bit-equal), so close
+    assert sparse_estimate._TRITON_SUMS["usable"] and torch.equal(got_v, vert)
+    assert torch.allclose(got_s, slash, rtol=1e-5, atol=1e-7)

@@ -24,9 +24,11 @@ def ckpt(tmp_path_factory):
 
 
 def _sparse():  # real sparsity: small budgets, low threshold, per-head budgets that differ
+    # every region sparse: the dense fallback decides per rank from the rank's own heads, so with it a
+    # region may run dense on one rank and sparse on another (both valid, not bit-comparable to TP=1)
     cfg = SparseConfig.uniform(2, 4, 3, 4, threshold=16, last_q=8, block_size=8, sink_tokens=1, local_diagonals=2)
     return cfg.__class__(((3, 5, 2, 4), (4, 3, 6, 2)), ((4, 2, 6, 3), (3, 5, 2, 4)), cfg.scores, threshold=16,
-                         last_q=8, block_size=8, sink_tokens=1, local_diagonals=2)
+                         last_q=8, block_size=8, sink_tokens=1, local_diagonals=2, dense_above_density=1.0)
 
 
 def test_tp2_equals_tp1_with_dca_and_sparse(ckpt):

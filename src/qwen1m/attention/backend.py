@@ -84,7 +84,7 @@ class AttentionBackend:
         out, lse = sparse_prefill_attention(
             queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
             vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.sparse, sparse_fn=get_sparse_fn(device),
-            merge_fn=_merge_fn(device), stats=stats)
+            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats)
         if self.telemetry is not None:
             self.telemetry.record(layer, stats, lse, queries, keys, values, dense_fn)
         return out

@@ -9,7 +9,9 @@ For each piece of queries (a prefill chunk cut at DCA chunk boundaries, ``dca.dc
        a vertical j of region [a, b) becomes column j - a; a slash at distance D = i - j becomes the
        region's slash offset D - (piece_end - b) (``vertical_slash`` coordinates);
     3. attend each region with its own index, using the DCA rotations (q_intra / q_succ / q_inter),
-       and merge the regions by LSE exactly as dense DCA does.
+       and merge the regions by LSE exactly as dense DCA does. A region whose index lists more than
+       ``cfg.dense_above_density`` of its visible pairs is attended densely instead (``attend_fn``):
+       there the dense kernel is faster and exact.
 
 Without DCA the whole prompt is one region (intra), so this is MInference's chunked variant.
 """
@@ -146,6 +148,7 @@ def sparse_prefill_attention(
     cfg: SparseConfig,
     sparse_fn: SparseFn = sparse_attend_gather,
     merge_fn=merge_attn_states,
+    attend_fn=None,
     stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
@@ -154,6 +157,8 @@ def sparse_prefill_attention(
       [num_q, num_heads, head_dim], rotated as ``dca_rope.rotate_for_dca`` does; without DCA "intra"
       is the plain RoPE query. k, v: [begin + num_q, num_kv_heads, head_dim] (views of the cache).
     chunk_len: DCA's s = chunk_size - local_size, or None without DCA (one region).
+    attend_fn: dense attention (``reference.attend``'s contract) for regions denser than
+      ``cfg.dense_above_density``; None keeps every region sparse.
     stats: if given, receives the computed and causal query-key pair counts (density telemetry).
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
@@ -181,15 +186,42 @@ def sparse_prefill_attention(
         parts = []
         for use, _, a, b, causal in regions:
             index = _region_index(v_idx, s_idx, a, b, piece_begin, piece_end, causal, cfg)
-            parts.append(sparse_fn(queries[use][rows], k[a:b], v[a:b], index, softmax_scale=softmax_scale,
-                                   causal=causal))
+            dense = attend_fn is not None and cfg.dense_above_density < 1.0 and \
+                index_density(index) > cfg.dense_above_density
+            if dense:
+                parts.extend(_dense_region(queries[use][rows], k, v, a, b, piece_begin, causal, softmax_scale,
+                                           attend_fn))
+            else:
+                parts.append(sparse_fn(queries[use][rows], k[a:b], v[a:b], index, softmax_scale=softmax_scale,
+                                       causal=causal))
             if stats is not None:
-                _count(stats, index, piece_end - piece_begin, b - a, causal)
+                _count(stats, index, piece_end - piece_begin, b - a, causal, dense)
         out[rows], lse[:, rows] = merge_fn(parts)
     return out, lse
 
 
-def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, causal: bool) -> None:
+def index_density(index: VerticalSlashIndex) -> float:
+    """Keys the index lists per query block over the keys that block's last row sees, summed over heads
+    and blocks (a host sync: one per region, beside a kernel of milliseconds)."""
+    num_blocks = index.block_count.shape[1]
+    listed = index.block_count.long() * index.block_n + index.column_count.long()  # [heads, blocks]
+    ends = (torch.arange(1, num_blocks + 1, device=listed.device) * index.block_m).clamp(max=index.num_q)
+    visible = (ends + index.num_kv - index.num_q).clamp(max=index.num_kv) if index.causal else \
+        torch.full_like(ends, index.num_kv)
+    got, full = torch.stack([listed.clamp(max=visible).sum(), visible.sum() * listed.shape[0]]).tolist()
+    return got / max(1, full)
+
+
+def _dense_region(q, k, v, a, b, piece_begin, causal, softmax_scale, attend_fn):
+    """Dense attention of a region: as dense DCA calls it (``dca._regions``), a causal region is a square
+    causal block plus the keys before the piece, so every call suits cuDNN. Returns [(out, lse), ...]."""
+    if causal and piece_begin > a:
+        return [attend_fn(q, k[piece_begin:b], v[piece_begin:b], softmax_scale=softmax_scale, causal=True),
+                attend_fn(q, k[a:piece_begin], v[a:piece_begin], softmax_scale=softmax_scale, causal=False)]
+    return [attend_fn(q, k[a:b], v[a:b], softmax_scale=softmax_scale, causal=causal)]
+
+
+def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, causal: bool, dense: bool) -> None:
     """Accumulate computed vs causal query-key pairs (block granularity; telemetry only)."""
     bm = index.block_m
     rows = torch.full_like(index.block_count, bm).long()
@@ -197,7 +229,7 @@ def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, caus
     computed = ((index.block_count.long() * index.block_n + index.column_count.long()) * rows).sum().item()
     full = index.block_count.shape[0] * (num_q * (num_q + 1) // 2 + num_q * (num_kv - num_q) if causal
                                          else num_q * num_kv)
-    stats["computed"] = stats.get("computed", 0) + min(computed, full)
+    stats["computed"] = stats.get("computed", 0) + (full if dense else min(computed, full))
     stats["causal"] = stats.get("causal", 0) + full
 
 

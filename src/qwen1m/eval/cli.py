@@ -190,7 +190,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     meta = {"suite": args.suite, "model": str(folder.resolve()), "seed": args.seed, "modes": modes,
             "lengths": lengths, "tasks": tasks,
-            "sparse": _describe_sparse(options.get("dca+sparse"))}
+            "sparse": _describe_sparse(options.get("dca+sparse")),
+            "sparse_dense_above": args.sparse_dense_above}  # None: SparseConfig's default
     store = ResultStore(out / f"{args.suite}.json", meta)
 
     def make_llm(mode: str):
