@@ -127,3 +127,22 @@ def test_bad_requests_are_refused_and_engine_keeps_serving(dca_checkpoint):
         llm.generate(["text"], SamplingParams(max_tokens=2))
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=61, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 61  # capped by max_model_len - prompt
+
+
+def test_outputs_carry_the_prompt_ids_and_the_engine_forgets_finished_requests(dca_checkpoint):
+    """RequestOutput.prompt_token_ids is the prompt at every step (not the growing token list), and a
+    finished or aborted request leaves nothing behind in the engine."""
+    llm = LLM(dca_checkpoint, dtype="float32", device="cpu")
+    engine = llm.engine
+    prompt = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    rid = engine.add_request(prompt, params)
+    dropped = engine.add_request(prompt[:10], params)
+    engine.abort_request(dropped)
+    seen = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid and out.prompt_token_ids == prompt
+            seen.append(list(out.outputs[0].token_ids))
+    assert [len(t) for t in seen] == [1, 2, 3, 4, 5] and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
+    assert not engine.requests and not engine._prompt_ids
