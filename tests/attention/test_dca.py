@@ -206,3 +206,19 @@ def test_64k_tokens_bounded_memory():
     ref_out, ref_lse = _dense_oracle(q, k, v, dca, m, rows)
     torch.testing.assert_close(out[rows].double(), ref_out, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse[:, rows].double(), ref_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_ranges_leave_out_ranges_empty_for_the_whole_batch():
+    """Spec 2.4 per sequence (intra [n s, L), succ [(n-1) s, n s), inter [0, (n-1) s), n = (L-1) // s),
+    with only as many ranges as the batch's largest n needs."""
+    from types import SimpleNamespace
+
+    from qwen1m.attention.backend import _dca_decode_ranges
+
+    def ranges(*lengths):
+        return _dca_decode_ranges([SimpleNamespace(num_total=L) for L in lengths], 10).tolist()
+
+    assert ranges(1, 10) == [[[0, 0]], [[1, 10]]]  # n = 0 for both: intra only
+    assert ranges(5, 11) == [[[0, 10], [0, 0]], [[5, 11], [0, 10]]]  # n = 1: intra, succ
+    assert ranges(5, 31) == [[[0, 30], [0, 20], [0, 0]], [[5, 31], [0, 30], [0, 20]]]  # n = 3: all three
+    assert ranges(21, 45) == [[[20, 40], [10, 30], [0, 0]], [[21, 45], [20, 40], [10, 30]]]

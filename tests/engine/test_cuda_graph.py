@@ -37,12 +37,31 @@ def test_graph_decode_equals_eager(tmp_path, dca, kv_cache_dtype):
         assert (llm.engine.graph_runner is None) == eager
         runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         if not eager:
-            assert set(llm.engine.graph_runner.graphs) >= {4}  # three sequences replayed in the bucket of 4
+            # three sequences replayed in the bucket of 4 (keys: bucket, key ranges)
+            assert {b for b, _ in llm.engine.graph_runner.graphs} >= {4}
         del llm
         gc.collect()  # the engine holds reference cycles: free its KV cache before the next LLM plans
         torch.cuda.empty_cache()
     assert runs[False] == runs[True]
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_decode_across_dca_chunks(tmp_path):
+    """A decode that grows from inside the first DCA chunk (s = 48) past the second: the batch's key
+    ranges go 1 -> 2 -> 3, each count gets its own graph, and the tokens equal eager decode."""
+    folder, prompts = _model_and_prompts(tmp_path, DCA, 83, (40,))
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(folder, dtype="float32", device="cuda", enforce_eager=eager, max_num_seqs=4,
+                  max_model_len=256, kv_cache_memory=64 << 20)
+        runs[eager] = llm.generate(prompts, params)[0].outputs[0].token_ids
+        if not eager:
+            assert set(llm.engine.graph_runner.graphs) == {(1, 1), (1, 2), (1, 3)}
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert len(runs[True]) == 80 and runs[False] == runs[True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -199,7 +199,9 @@ def _fused_decode(layer, q, k, v, positions, d: DecodeInputs, cache, rotary: Rot
                                dca=dca)
     if k_rot is not None:
         write_slots(cache, layer, d.slots, k_rot, v)
-    out, _ = paged_decode_attention_multi(q_all, k_cache, v_cache, d.tables, d.bounds[0], d.bounds[1],
+    # the batch's non-empty ranges only (``_dca_decode_ranges``): q_all holds every rotation
+    num_ranges = d.bounds.shape[1]
+    out, _ = paged_decode_attention_multi(q_all[:num_ranges], k_cache, v_cache, d.tables, d.bounds[0], d.bounds[1],
                                           1.0 / math.sqrt(q.shape[-1]), k_scale=k_scale, v_scale=v_scale)
     return out
 
@@ -294,15 +296,20 @@ class DCABackend(AttentionBackend):
 def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
     """Spec 2.4 for each sequence of length L (new token included), n = (L - 1) // s:
     intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
-    Returns int32 [2 (start, end), 3 regions (intra, succ, inter), B] on the host."""
-    rows = []
+    Returns int32 [2 (start, end), R regions (intra, succ, inter), B] on the host, R = 1 + the largest
+    n (at most 3): ranges that are empty for every sequence of the batch are left out, so that the
+    decode kernel is launched with fewer ranges (with Qwen2.5-7B-1M every context up to 253,952 tokens
+    has only intra; the three-range launch took 0.28 ms per layer at 128K where one range took 0.19 ms,
+    benchmarks/results/decode_2026-11-29_multi_range.json)."""
+    rows, top = [], 0
     for seq in seqs:
         length = seq.num_total
         n = (length - 1) // s
+        top = max(top, n)
         succ = ((n - 1) * s, n * s) if n >= 1 else (0, 0)
         inter = (0, (n - 1) * s) if n >= 2 else (0, 0)
         rows.append((n * s, succ[0], inter[0], length, succ[1], inter[1]))  # starts, then ends
-    return torch.tensor(rows, dtype=torch.int32).t().reshape(2, 3, len(seqs))
+    return torch.tensor(rows, dtype=torch.int32).t().reshape(2, 3, len(seqs))[:, :min(3, top + 1)]
 
 
 def make_backend(

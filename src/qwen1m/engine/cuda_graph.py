@@ -2,7 +2,8 @@
 a 7B decode step is bound by launches (~85 ms measured against a 4 ms memory floor); a replayed graph
 launches them all at once.
 
-A graph is captured per batch bucket (1, 2, 4, ...) over static buffers: token ids, positions, and
+A graph is captured per batch bucket (1, 2, 4, ...) and number of key ranges (DCA leaves out the
+ranges that are empty for the whole batch: 1 up to one DCA chunk, then 2, then 3) over static buffers: token ids, positions, and
 the attention backend's ``DecodeInputs`` (block tables sized for max_model_len, cache slots, key
 ranges, YaRN factors). A step copies its values into the first n rows; padding rows read nothing
 (empty key ranges) and write their keys into one reserved pad block. The graph covers the model and
@@ -23,14 +24,13 @@ logger = logging.getLogger(__name__)
 
 
 class _Graph:
-    def __init__(self, runner: DecodeGraphRunner, bucket: int):
+    def __init__(self, runner: DecodeGraphRunner, bucket: int, num_ranges: int):
         dev, model = runner.device, runner.model
         self.ids = torch.zeros(bucket, dtype=torch.long, device=dev)
         self.positions = torch.ones(bucket, dtype=torch.long, device=dev)
         pad = SequenceBlocks(runner.kv_cache, [runner.pad_block], dev)
         # placeholder slices: only their count, num_query == 1 / num_cached > 0 and the cache matter
         seqs = [SequenceSlice(i, 1, 1, 2, pad, 1) for i in range(bucket)]
-        num_ranges = model.backend.decode_inputs(seqs[:1], dev, runner.dtype).bounds.shape[1]
         self.inputs = DecodeInputs(
             rows=torch.arange(bucket, device=dev),
             tables=torch.zeros(bucket, runner.max_blocks, dtype=torch.int32, device=dev),
@@ -77,18 +77,19 @@ class DecodeGraphRunner:
         self.max_blocks = -(-max_model_len // kv_cache.block_size)
         self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch} | {max_batch})
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}
 
     def run(self, ids: list[int], seqs: list[SequenceSlice]) -> torch.Tensor | None:
         n = len(seqs)
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None or any(len(s.cache.blocks) > self.max_blocks for s in seqs):
             return None
-        if bucket not in self.graphs:
-            logger.info("capturing a CUDA graph for decode batch %d", bucket)
-            self.graphs[bucket] = _Graph(self, bucket)
-        graph = self.graphs[bucket]
         fresh = self.model.backend.decode_inputs(seqs, self.device, self.dtype)
+        key = (bucket, fresh.bounds.shape[1])
+        if key not in self.graphs:
+            logger.info("capturing a CUDA graph for decode batch %d, %d key ranges", *key)
+            self.graphs[key] = _Graph(self, *key)
+        graph = self.graphs[key]
         graph.fill(ids, fresh, [s.num_cached for s in seqs], self.pad_slot)
         graph.graph.replay()
         return graph.logits[:n]
