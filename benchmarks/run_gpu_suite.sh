@@ -18,6 +18,10 @@
 #           the rows before it), the attention-only kernel table at 1M, then dense TTFT at 128K / 256K
 #           (the baseline of PART=G; the dense 1M row is PART=B's);
 #   PART=G  sparse TTFT at 128K / 256K / 1M, 7B budget mix, dense fallback above 60% density;
+#   PART=H  (planned for the next session) every CUDA-graph GPU test (session 4 ran 3 of 7 in its time),
+#           the bundled model's sparse config recalibrated at 128K (CAL_LENGTH) and dca+sparse passkey
+#           at 32x with it (the 16K-calibrated config lost 13.6 points there), a 1M-context decode
+#           profile, and the transformers decode baseline at 32K;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -77,6 +81,24 @@ F)
 G)
   timeout "${T_ENGINE:-580}" python3 benchmarks/bench_engine.py --sparse 7b-mix --ttft 131072,262144,1000000 \
     --decode "" --enforce-eager --kv-cache-tokens 1000064 --max-model-len 1000064 2>&1 | tail -20
+  ;;
+H)
+  timeout "${T_TESTS:-150}" python3 -m pytest -q -m gpu tests/engine/test_cuda_graph.py -p no:cacheprovider 2>&1 | tail -3
+  C=$OUT/calib128k
+  mkdir -p "$C"
+  timeout "${T_CAL:-240}" python3 -m qwen1m calibrate --length "${CAL_LENGTH:-131072}" --samples 2 --base-vertical 64 \
+    --base-slash 256 --step 32 --max-steps 14 --target-recall 0.9 --device "${DEVICE:-cuda}" \
+    --max-model-len $(( ${CAL_LENGTH:-131072} + 4096 )) --out "$C/sparse_attention_config.json" \
+    --heatmap "$C/recall.png" 2>&1 | tail -14 | tee "$C/summary.txt"
+  timeout "${T_EVAL:-200}" python3 -m qwen1m eval passkey --lengths "${EVAL_LENGTHS:-128k}" --depths 0:100:10 \
+    --samples "${PK_SAMPLES:-10}" --modes dca+sparse --sparse-config "$C/sparse_attention_config.json" \
+    --sparse-threshold 512 --sparse-dense-above 1 --batch-size 8 --device "${DEVICE:-cuda}" \
+    --out "$C/passkey" 2>&1 | tr "\r" "\n" | grep -v ETA | tail -4
+  if [ "${DEVICE:-cuda}" = cuda ]; then
+    timeout 90 python3 benchmarks/profile_decode.py --context 1000000 2>&1 | tail -45 > "$OUT/profile_decode_1m.txt"
+    timeout 120 python3 benchmarks/bench_engine.py --ttft "" --decode "" --hf-baseline 32768 \
+      --name engine_hf_baseline 2>&1 | tail -4
+  fi
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \

@@ -75,7 +75,8 @@ class LLM:
         sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
     tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
         NCCL on GPUs, gloo on CPU). qwen1m spawns the workers itself; under ``torchrun`` with as many
-        processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit.
+        processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit
+        with status 0 (without running the rest of the script or its atexit handlers).
     enforce_eager: on a GPU, decode steps replay CUDA graphs unless this is True.
     """
 
@@ -177,7 +178,7 @@ class LLM:
             if rank != 0:  # a worker: serve the driver's steps, then leave the program
                 runtime.worker_loop(parts.model, parts.kv_cache, device)
                 runtime.leave_group()
-                raise SystemExit(0)
+                runtime.exit_worker()
             self._tp = runtime.StepBroadcaster([])
             parts.model.before_forward = self._tp
             parts.model.all_reduce = runtime.all_reduce
