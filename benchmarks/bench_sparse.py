@@ -6,7 +6,9 @@ Writes sparse.json under --out (default $OUT or benchmarks/results) and prints a
 
 The chunked-prefill situation (spec 3.4): one chunk of 32768 queries at the END of a context of N keys
 (N = 128K, 512K, 1M), causal (bottom-right), 28 q / 4 kv heads, head_dim 128, bf16. Every head uses the
-base budget of the shipped config, (vertical 1000, slash 6096), with random-but-realistic indices:
+base budget of the shipped config, (vertical 1000, slash 6096) ("uniform" budgets), or per-head budgets
+drawn from the 7B config's statistics (spec 3.5; "7b-mix": the 28 heads of layer 0 of
+``bench_engine.sparse_config("7b-mix")``), with random-but-realistic indices:
 key columns 0..29 (attention sinks) and diagonals 0..99 (local window) always in, the other columns
 uniform, the other diagonals drawn two ways (one row each): "loguniform" (P(d) ~ 1/d: scores decay
 with distance, the realistic case) and "uniform" (the worst case for the 64-key rounding). Steps:
@@ -87,6 +89,27 @@ def realistic_indices(num_heads: int, num_q: int, num_kv: int, nv: int, ns: int,
     v_idx = torch.cat([torch.arange(sinks, device=device).expand(num_heads, -1), cols], dim=1)
     s_idx = torch.cat([torch.arange(local, device=device).expand(num_heads, -1), diags], dim=1)
     return v_idx, s_idx
+
+
+def per_head_budgets(v_idx: torch.Tensor, s_idx: torch.Tensor, nv: list[int], ns: list[int]):
+    """Cut head h's picks to its own budget (nv[h] columns, ns[h] slashes), padding with -1, which the
+    index builders drop. The picks of ``realistic_indices`` come sinks / local diagonals first, then in
+    random order, so the first n of a row are a valid draw of n."""
+    cols = torch.arange(v_idx.shape[1], device=v_idx.device)
+    diags = torch.arange(s_idx.shape[1], device=s_idx.device)
+    keep_v = cols[None, :] < torch.tensor(nv, device=v_idx.device)[:, None]
+    keep_s = diags[None, :] < torch.tensor(ns, device=s_idx.device)[:, None]
+    return torch.where(keep_v, v_idx, -1), torch.where(keep_s, s_idx, -1)
+
+
+def mix_budgets(num_heads: int, scale: float = 1.0) -> tuple[list[int], list[int]]:
+    """Layer 0's per-head budgets of the 7B mix (benchmarks/bench_engine.sparse_config), scaled."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_engine import sparse_config
+
+    cfg = sparse_config("7b-mix", 1, num_heads)
+    nv, ns = cfg.budgets(0)
+    return [max(1, round(v * scale)) for v in nv], [max(1, round(x * scale)) for x in ns]
 
 
 def causal_pairs(num_q: int, num_kv: int) -> int:
@@ -226,8 +249,9 @@ def sdpa_chunk(q, k, v, scale):
 
 
 def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, device, ms, g,
-               smoke: bool) -> list[dict]:
-    """Rows of one context length N (the chunk's queries at the end): one per slash distribution."""
+               smoke: bool, budget_kinds: tuple[str, ...] = ("uniform",)) -> list[dict]:
+    """Rows of one context length N (the chunk's queries at the end): one per budget kind and slash
+    distribution."""
     scale = head_dim**-0.5
     q = torch.randn(chunk, NUM_HEADS, head_dim, generator=g, device=device, dtype=torch.bfloat16)
     k = torch.randn(n, NUM_KV_HEADS, head_dim, generator=g, device=device, dtype=torch.bfloat16)
@@ -244,8 +268,14 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
     out = torch.empty_like(q)
     lse = torch.empty(NUM_HEADS, chunk, dtype=torch.float32, device=device)
     rows = []
-    for dist in SLASH_DISTS:
-        v_idx, s_idx = realistic_indices(NUM_HEADS, chunk, n, nv, ns, device, seed=n, slash_dist=dist)
+    for kind, dist in [(kind, dist) for kind in budget_kinds for dist in SLASH_DISTS]:
+        if kind == "7b-mix":
+            head_v, head_s = mix_budgets(NUM_HEADS, nv / VERTICAL if smoke else 1.0)
+            v_idx, s_idx = realistic_indices(NUM_HEADS, chunk, n, max(head_v), max(head_s), device, seed=n,
+                                             slash_dist=dist)
+            v_idx, s_idx = per_head_budgets(v_idx, s_idx, head_v, head_s)
+        else:
+            v_idx, s_idx = realistic_indices(NUM_HEADS, chunk, n, nv, ns, device, seed=n, slash_dist=dist)
 
         def build(v_idx=v_idx, s_idx=s_idx):
             return build_vertical_slash_index(v_idx, s_idx, chunk, n, causal=True, block_m=block, block_n=block)
@@ -258,11 +288,11 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         check_same_index(index, build_triton())  # 1c. the Triton builder: exactly the same index
         # 1b. first and last query blocks of the real size, one kv group of heads
         errs = check_kernel(q, k, v, index, [0, index.block_count.shape[1] - 1], NUM_HEADS // NUM_KV_HEADS, scale)
-        print(f"self-check N={n} {dist} ok: {errs}", flush=True)
+        print(f"self-check N={n} {kind} {dist} ok: {errs}", flush=True)
         pairs, tile_pairs = computed_pairs(index)
         if smoke:  # the closed form against the dense mask
             assert pairs == int(vertical_slash_mask(index, chunk, n, True).sum()), "computed_pairs is wrong"
-        row = {"N": n, "slash_dist": dist, "density": pairs / dense_pairs, "tile_density": tile_pairs / dense_pairs,
+        row = {"N": n, "budgets": kind, "slash_dist": dist, "density": pairs / dense_pairs, "tile_density": tile_pairs / dense_pairs,
                "mean_blocks": index.block_count.float().mean().item(),
                "mean_columns": index.column_count.float().mean().item(), "self_check": errs,
                "dense_ms": dense_ms, "sdpa_cudnn_ms": cudnn_ms}
@@ -290,7 +320,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="context lengths N, comma separated")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--budgets", default="uniform,7b-mix",
+                    help="'uniform' (every head at (1000, 6096)) and/or '7b-mix' (spec 3.5 per-head budgets)")
     args = ap.parse_args()
+    budget_kinds = tuple(b for b in args.budgets.split(",") if b)
+    if not budget_kinds or set(budget_kinds) - {"uniform", "7b-mix"}:
+        raise SystemExit(f"--budgets takes 'uniform' and/or '7b-mix', got {args.budgets!r}.")
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     # smoke: 16-row blocks so that 64 queries span several, budgets scaled down with the sizes
@@ -323,7 +358,7 @@ def main() -> None:
     print("self-check (small) ok:", res["self_check_small"], flush=True)
 
     for n in sizes:
-        res["rows"] += bench_size(n, chunk, block, nv, ns, head_dim, device, ms, g, smoke)
+        res["rows"] += bench_size(n, chunk, block, nv, ns, head_dim, device, ms, g, smoke, budget_kinds)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -333,13 +368,13 @@ def main() -> None:
         json.dump(res, f, indent=1, default=str)
 
     print(f"\n== vertical-slash sparse prefill: {chunk} causal queries at the end of N keys, "
-          f"(v {nv}, s {ns}) per head, {res['device']}; FLOPs = {FLOP_FORMULA}")
-    print(f"{'N':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'idx torch':>9} {'idx triton':>10} "
+          f"budgets {'/'.join(budget_kinds)} (uniform: v {nv}, s {ns} per head), {res['device']}; FLOPs = {FLOP_FORMULA}")
+    print(f"{'N':>8} {'budgets':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'idx torch':>9} {'idx triton':>10} "
           f"{'sparse ms':>10} {'dense ms':>9} "
           f"{'cudnn ms':>9} {'x dense':>8} {'x incl idx':>10} {'eff TF/s':>9} {'dense TF/s':>10}")
     for r in res["rows"]:
         cudnn = f"{r['sdpa_cudnn_ms']:9.2f}" if r["sdpa_cudnn_ms"] is not None else f"{'n/a':>9}"
-        print(f"{r['N']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} {r['index_ms']:9.2f} "
+        print(f"{r['N']:>8} {r['budgets']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} {r['index_ms']:9.2f} "
               f"{r['index_triton_ms']:10.3f} "
               f"{r['sparse_ms']:10.2f} {r['dense_ms']:9.2f} {cudnn} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f}")
