@@ -20,8 +20,9 @@
 #   PART=G  sparse TTFT at 128K / 256K / 1M, 7B budget mix, dense fallback above 60% density;
 #   PART=H  (planned for the next session) every CUDA-graph GPU test (session 4 ran 3 of 7 in its time),
 #           the bundled model's sparse config recalibrated at 128K (CAL_LENGTH) and dca+sparse passkey
-#           at 32x with it (the 16K-calibrated config lost 13.6 points there), a 1M-context decode
-#           profile, and the transformers decode baseline at 32K;
+#           at 32x with it (the 16K-calibrated config lost 13.6 points there);
+#   PART=I  (planned) a 1M-context decode profile, the transformers decode baseline at 32K, and the
+#           attention-only sparse table at 128K / 512K / 1M with uniform and 7B-mix budgets;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -94,11 +95,12 @@ H)
     --samples "${PK_SAMPLES:-10}" --modes dca+sparse --sparse-config "$C/sparse_attention_config.json" \
     --sparse-threshold 512 --sparse-dense-above 1 --batch-size 8 --device "${DEVICE:-cuda}" \
     --out "$C/passkey" 2>&1 | tr "\r" "\n" | grep -v ETA | tail -4
-  if [ "${DEVICE:-cuda}" = cuda ]; then
-    timeout 90 python3 benchmarks/profile_decode.py --context 1000000 2>&1 | tail -45 > "$OUT/profile_decode_1m.txt"
-    timeout 120 python3 benchmarks/bench_engine.py --ttft "" --decode "" --hf-baseline 32768 \
-      --name engine_hf_baseline 2>&1 | tail -4
-  fi
+  ;;
+I)
+  timeout 90 python3 benchmarks/profile_decode.py --context 1000000 2>&1 | tail -45 > "$OUT/profile_decode_1m.txt"
+  timeout 150 python3 benchmarks/bench_engine.py --ttft "" --decode "" --hf-baseline 32768,131072 \
+    --name engine_hf_baseline 2>&1 | tail -4
+  timeout 300 python3 benchmarks/bench_sparse.py 2>&1 | tail -16
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \
