@@ -38,6 +38,7 @@ class SparseConfig:
     # the sparse kernel ran at ~340 TFLOP/s of computed pairs against cuDNN's ~550 (bench_sparse,
     # benchmarks/results/sparse_2026-11-29.json), so past ~60% density dense is the faster way; a
     # 128K prompt with the 7B budgets lists ~86%. 1.0 keeps every region sparse (the method alone).
+    # Under tensor parallelism each rank decides from its own heads.
     dense_above_density: float = 0.6
 
     def __post_init__(self) -> None:
