@@ -76,14 +76,20 @@ def dca_pieces(begin: int, total: int, s: int) -> Iterator[tuple[int, int, int]]
         piece_begin = piece_end
 
 
+def intra_regions(chunk_begin: int, piece_begin: int, piece_end: int) -> list[_Region]:
+    """The piece's own chunk [chunk_begin, piece_end) as calls whose causal ones are square: the piece
+    causal over itself, plus the earlier keys of its chunk non-causal (torch's SDPA kernels mask top-left)."""
+    if piece_end - piece_begin == 1:
+        return [_Region("intra", chunk_begin, piece_end, False)]  # one query: a mask changes nothing
+    regions = [_Region("intra", piece_begin, piece_end, True)]
+    if piece_begin > chunk_begin:
+        regions.append(_Region("intra", chunk_begin, piece_begin, False))
+    return regions
+
+
 def _regions(chunk_begin: int, piece_begin: int, piece_end: int, s: int) -> list[_Region]:
     """The key ranges a piece [piece_begin, piece_end) of one DCA chunk reads (spec 2.3, 2.4)."""
-    if piece_end - piece_begin == 1:
-        regions = [_Region("intra", chunk_begin, piece_end, False)]  # one query: a mask changes nothing
-    else:
-        regions = [_Region("intra", piece_begin, piece_end, True)]
-        if piece_begin > chunk_begin:
-            regions.append(_Region("intra", chunk_begin, piece_begin, False))
+    regions = intra_regions(chunk_begin, piece_begin, piece_end)
     if chunk_begin >= s:
         regions.append(_Region("succ", chunk_begin - s, chunk_begin, False))
     if chunk_begin >= 2 * s:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen1m.attention.dca import dca_pieces
+from qwen1m.attention.dca import _attend_region, _Region, dca_pieces, intra_regions
 from qwen1m.attention.reference import exp_floor, logsumexp, merge_attn_states
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash
 from qwen1m.attention.vertical_slash import VerticalSlashIndex, build_vertical_slash_index
@@ -213,12 +213,10 @@ def index_density(index: VerticalSlashIndex) -> float:
 
 
 def _dense_region(q, k, v, a, b, piece_begin, causal, softmax_scale, attend_fn):
-    """Dense attention of a region: as dense DCA calls it (``dca._regions``), a causal region is a square
-    causal block plus the keys before the piece, so every call suits cuDNN. Returns [(out, lse), ...]."""
-    if causal and piece_begin > a:
-        return [attend_fn(q, k[piece_begin:b], v[piece_begin:b], softmax_scale=softmax_scale, causal=True),
-                attend_fn(q, k[a:piece_begin], v[a:piece_begin], softmax_scale=softmax_scale, causal=False)]
-    return [attend_fn(q, k[a:b], v[a:b], softmax_scale=softmax_scale, causal=causal)]
+    """Dense attention of a region, called as dense DCA calls it (a causal region is split by
+    ``dca.intra_regions`` so that every call suits cuDNN). Returns [(out, lse), ...]."""
+    regions = intra_regions(a, piece_begin, b) if causal else [_Region("dense", a, b, False)]
+    return [_attend_region(q, k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn) for r in regions]
 
 
 def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, causal: bool, dense: bool) -> None:
