@@ -4,12 +4,15 @@ by default; with --context N the prompt's KV slots are reserved without a prefil
 
     PYTHONPATH=src python3 benchmarks/profile_decode.py [--enforce-eager] [--context 1000000]
 
-Prints the top operators by CPU time (launch overhead shows as cudaLaunchKernel) and by GPU time.
+Prints the step's wall time without the profiler, then the kernels by GPU time per step (their sum
+against the wall time shows the idle gaps between kernels), then the top operators by CPU time
+(launch overhead shows as cudaLaunchKernel).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ import torch
 from qwen1m import LLM, SamplingParams
 
 CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct-1m"
+STEPS = 5
 
 
 def main() -> None:
@@ -24,7 +28,7 @@ def main() -> None:
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=(context or 32768) + 1024,
               enforce_eager="--enforce-eager" in sys.argv)
     ids = torch.randint(0, 1000, (context or 32768,)).tolist()
-    rid = llm.engine.add_request(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    rid = llm.engine.add_request(ids, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
     if context:  # reserve the KV slots, skip the prefill (a decode step reads the same bytes)
         for seq in llm.engine.requests[rid]:
             seq.num_computed_tokens = seq.num_prompt_tokens
@@ -32,13 +36,27 @@ def main() -> None:
     for _ in range(3):  # prefill, then warm decode steps (graph capture happens here)
         llm.engine.step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        llm.engine.step()
+    torch.cuda.synchronize()
+    print(f"context {context or 32768}: decode step {1e3 * (time.perf_counter() - t0) / 20:.3f} ms "
+          "(20 steps, no profiler)")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(5):
+        for _ in range(STEPS):
             llm.engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"),
+                     key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"kernels: {total / STEPS / 1e3:.3f} ms of GPU time per step")
+    print(f"{'us/step':>9} {'us/call':>8} {'calls/step':>10}  kernel")
+    for e in kernels[:30]:
+        print(f"{e.self_device_time_total / STEPS:9.1f} {e.self_device_time_total / e.count:8.2f} "
+              f"{e.count / STEPS:10.1f}  {e.key[:90]}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@
 #           at 32x with it (the 16K-calibrated config lost 13.6 points there);
 #   PART=I  (planned) a 1M-context decode profile, the transformers decode baseline at 32K, and the
 #           attention-only sparse table at 128K / 512K / 1M with uniform and 7B-mix budgets;
+#   PART=J  decode profiles at 32K and 1M (step wall time against the kernels' sum), the transformers
+#           baseline (TTFT and decode at 32K / 128K), every CUDA-graph GPU test;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -101,6 +103,15 @@ I)
   timeout 150 python3 benchmarks/bench_engine.py --ttft "" --decode "" --hf-baseline 32768,131072 \
     --name engine_hf_baseline 2>&1 | tail -4
   timeout 300 python3 benchmarks/bench_sparse.py 2>&1 | tail -16
+  ;;
+J)
+  timeout 100 python3 benchmarks/profile_decode.py 2>&1 | tail -50 > "$OUT/profile_decode_32k.txt"
+  head -3 "$OUT/profile_decode_32k.txt"
+  timeout 120 python3 benchmarks/profile_decode.py --context 1000000 2>&1 | tail -50 > "$OUT/profile_decode_1m.txt"
+  head -3 "$OUT/profile_decode_1m.txt"
+  timeout 150 python3 benchmarks/bench_engine.py --ttft "" --decode "" --hf-baseline 32768,131072 \
+    --name engine_hf_baseline 2>&1 | tail -4
+  timeout "${T_TESTS:-140}" python3 -m pytest -q -m gpu tests/engine/test_cuda_graph.py -p no:cacheprovider 2>&1 | tail -3
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \
