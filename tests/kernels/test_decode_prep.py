@@ -106,6 +106,31 @@ def test_decode_prep_matches_reference(batch, num_heads, num_kv_heads, head_dim,
 
 
 @cpu_only
+@pytest.mark.parametrize("num_ranges", [1, 2, 3])
+def test_decode_prep_computes_the_first_r_rotations(num_ranges):
+    """num_ranges R with DCA: q_out holds the intra (, succ (, inter)) rotations only, each equal to the
+    three-rotation launch's; the cache write is the same. 40 heads: 3 head blocks per rotation."""
+    from qwen1m.kernels.decode_prep import decode_prep, decode_prep_reference
+
+    q, k, v, positions, slots, yarn, k_cache, v_cache = make_inputs(3, 40, 4, 32, torch.bfloat16, seed=9)
+    rot = rotary(32)
+    args = (q, k, v, positions, rot.inv_freq, rot.attention_scaling, yarn)
+    dca = (DCA.chunk_len, DCA.chunk_size)
+    k_all, v_all = k_cache.clone(), v_cache.clone()
+    q_all, _ = decode_prep(*args, k_all, v_all, slots, dca=dca)
+    q_r, _ = decode_prep(*args, k_cache, v_cache, slots, dca=dca, num_ranges=num_ranges)
+    assert q_r.shape == (num_ranges, 3, 40, 32)
+    assert torch.equal(q_r, q_all[:num_ranges])
+    assert torch.equal(k_cache, k_all) and torch.equal(v_cache, v_all)
+    ref_q, _ = decode_prep_reference(*args, k_cache.clone(), v_cache.clone(), slots, dca=dca, num_ranges=num_ranges)
+    assert_matches(q_r, ref_q, torch.bfloat16)
+    with pytest.raises(ValueError, match="num_ranges"):
+        decode_prep(*args, k_cache, v_cache, slots, dca=dca, num_ranges=4)
+    with pytest.raises(ValueError, match="one query rotation"):
+        decode_prep(*args, k_cache, v_cache, slots, dca=None, num_ranges=3)
+
+
+@cpu_only
 @pytest.mark.parametrize("dca", [None, DCA], ids=["dense", "dca"])
 def test_decode_prep_float32_bit_exact_given_same_cos_sin(dca, monkeypatch):
     """With the interpreter's cos / sin (numpy's) in the reference too, float32 is bit for bit: the

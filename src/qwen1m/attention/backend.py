@@ -194,14 +194,14 @@ def _fused_decode(layer, q, k, v, positions, d: DecodeInputs, cache, rotary: Rot
 
     k_cache, v_cache, k_scale, v_scale = cache.kernel_view(layer)
     direct = not cache.fp8
+    # the batch's non-empty ranges only (``_dca_decode_ranges``): the first R query rotations
+    num_ranges = d.bounds.shape[1]
     q_all, k_rot = decode_prep(q, k, v, positions, rotary.inv_freq_on(q.device), rotary.attention_scaling,
                                d.scale, k_cache if direct else None, v_cache if direct else None, d.slots,
-                               dca=dca)
+                               dca=dca, num_ranges=num_ranges if dca is not None else None)
     if k_rot is not None:
         write_slots(cache, layer, d.slots, k_rot, v)
-    # the batch's non-empty ranges only (``_dca_decode_ranges``): q_all holds every rotation
-    num_ranges = d.bounds.shape[1]
-    out, _ = paged_decode_attention_multi(q_all[:num_ranges], k_cache, v_cache, d.tables, d.bounds[0], d.bounds[1],
+    out, _ = paged_decode_attention_multi(q_all, k_cache, v_cache, d.tables, d.bounds[0], d.bounds[1],
                                           1.0 / math.sqrt(q.shape[-1]), k_scale=k_scale, v_scale=v_scale)
     return out
 
@@ -298,9 +298,10 @@ def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
     intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
     Returns int32 [2 (start, end), R regions (intra, succ, inter), B] on the host, R = 1 + the largest
     n (at most 3): ranges that are empty for every sequence of the batch are left out, so that the
-    decode kernel is launched with fewer ranges (with Qwen2.5-7B-1M every context up to 253,952 tokens
-    has only intra; the three-range launch took 0.28 ms per layer at 128K where one range took 0.19 ms,
-    benchmarks/results/decode_2026-11-29_multi_range.json)."""
+    decode kernel is launched with fewer ranges and decode_prep computes fewer query rotations (with
+    Qwen2.5-7B-1M every context up to 253,952 tokens has only intra; there a three-range launch took
+    0.0259 ms per layer at 32K where one range took 0.0230 ms, CUDA-graph timing,
+    benchmarks/results/decode_ranges_2026-11-29.json)."""
     rows, top = [], 0
     for seq in seqs:
         length = seq.num_total

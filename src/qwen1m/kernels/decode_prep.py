@@ -14,8 +14,12 @@ Per decode row b (one new token per sequence) at absolute position p = positions
 
 Why one kernel: the PyTorch path (``RotaryEmbedding.rotate`` four times, the YaRN multiplies and the
 cache scatter) is ~25 tiny kernels per layer, each ~3 us even inside a CUDA graph, for a few KiB of
-data. Here one program owns BLOCK_H heads of one row: programs [0, NUM_Q_BLOCKS) of grid axis 1
-rotate query heads (loaded once, stored R times), the rest rotate key heads and copy values.
+data. Here one program owns BLOCK_H heads of one row and one rotation: programs [0, NUM_Q_BLOCKS *
+R) of grid axis 1 rotate query heads, block b % NUM_Q_BLOCKS at rotation b // NUM_Q_BLOCKS, the
+rest rotate key heads and copy values. One rotation per program, not R: at 32K-1M positions the
+libdevice cos / sin take their slow argument-reduction path, and three in a row made the launch
+~11-13 us on the H200 (profile_decode, 2026-11-29) against a few us of memory traffic; only the
+R rotations the attention launch reads are computed (R = 1 until a sequence passes one DCA chunk).
 
 Numerics: bit for bit the PyTorch path (transformers' RoPE arithmetic):
     freqs = float32(position) * inv_freq                        (float32)
@@ -86,7 +90,7 @@ def _decode_prep_kernel(
     stride_oqr, stride_oqb, stride_oqh, stride_oqd,
     stride_kdb, stride_kdt, stride_kdh, stride_kdd,
     stride_vdb, stride_vdt, stride_vdh, stride_vdd,
-    NUM_Q_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
+    NUM_Q_BLOCKS: tl.constexpr, NUM_RANGES: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
     DCA: tl.constexpr, TO_CACHE: tl.constexpr, LIBDEVICE: tl.constexpr, MANUAL_BF16: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -103,27 +107,25 @@ def _decode_prep_kernel(
     else:
         r = p
 
-    if blk < NUM_Q_BLOCKS:  # query heads [blk * BLOCK_H, ...): loaded once, rotated R times
-        head = blk * BLOCK_H + offs_h
+    if blk < NUM_Q_BLOCKS * NUM_RANGES:  # query heads [qb * BLOCK_H, ...) at rotation rng
+        rng = blk // NUM_Q_BLOCKS
+        head = (blk % NUM_Q_BLOCKS) * BLOCK_H + offs_h
         ok = (head < num_heads)[:, None]
         src = q_ptr + row64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
         x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF * stride_qd, mask=ok, other=0.0).to(tl.float32)
-        dst = q_out_ptr + row64 * stride_oqb + head[:, None] * stride_oqh + offs_d[None, :] * stride_oqd
-        o1, o2 = _rope_scale(x1, x2, r, inv_freq, attention_scaling, yarn, DTYPE, LIBDEVICE, MANUAL_BF16)
+        if DCA:  # intra r, succ min(r + s, c), inter min(2s - 1, c)
+            q_pos = tl.where(rng == 0, r, tl.where(rng == 1, tl.minimum(r + chunk_len, chunk_size),
+                                                   tl.minimum(2 * chunk_len - 1, chunk_size)))
+        else:
+            q_pos = r
+        dst = (q_out_ptr + rng * stride_oqr + row64 * stride_oqb + head[:, None] * stride_oqh
+               + offs_d[None, :] * stride_oqd)
+        o1, o2 = _rope_scale(x1, x2, q_pos, inv_freq, attention_scaling, yarn, DTYPE, LIBDEVICE, MANUAL_BF16)
         tl.store(dst, o1.to(DTYPE), mask=ok)
         tl.store(dst + HALF * stride_oqd, o2.to(DTYPE), mask=ok)
-        if DCA:  # succ min(r + s, c), inter min(2s - 1, c)
-            succ = tl.minimum(r + chunk_len, chunk_size)
-            o1, o2 = _rope_scale(x1, x2, succ, inv_freq, attention_scaling, yarn, DTYPE, LIBDEVICE, MANUAL_BF16)
-            tl.store(dst + stride_oqr, o1.to(DTYPE), mask=ok)
-            tl.store(dst + stride_oqr + HALF * stride_oqd, o2.to(DTYPE), mask=ok)
-            inter = tl.minimum(2 * chunk_len - 1, chunk_size)
-            o1, o2 = _rope_scale(x1, x2, inter, inv_freq, attention_scaling, yarn, DTYPE, LIBDEVICE, MANUAL_BF16)
-            tl.store(dst + 2 * stride_oqr, o1.to(DTYPE), mask=ok)
-            tl.store(dst + 2 * stride_oqr + HALF * stride_oqd, o2.to(DTYPE), mask=ok)
     else:  # kv heads: k rotated at the key position and scaled, v copied
-        head = (blk - NUM_Q_BLOCKS) * BLOCK_H + offs_h
+        head = (blk - NUM_Q_BLOCKS * NUM_RANGES) * BLOCK_H + offs_h
         ok = (head < num_kv_heads)[:, None]
         src = k_ptr + row64 * stride_kb + head[:, None] * stride_kh + offs_d[None, :] * stride_kd
         x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
@@ -158,6 +160,18 @@ def _dca_pair(dca) -> tuple[int, int] | None:
     if not 0 < s < c:
         raise ValueError(f"decode_prep: dca must be (chunk_len s, chunk_size c) with 0 < s < c, got {dca}.")
     return s, c
+
+
+def _num_ranges(pair: tuple[int, int] | None, num_ranges: int | None) -> int:
+    if pair is None:
+        if num_ranges not in (None, 1):
+            raise ValueError(f"decode_prep: without DCA there is one query rotation, got num_ranges={num_ranges}.")
+        return 1
+    if num_ranges is None:
+        return 3
+    if num_ranges not in (1, 2, 3):
+        raise ValueError(f"decode_prep: num_ranges must be 1, 2 or 3 with DCA, got {num_ranges}.")
+    return num_ranges
 
 
 def _check(q, k, v, positions, inv_freq, yarn_scale, k_cache, v_cache, slots) -> None:
@@ -209,6 +223,7 @@ def decode_prep(
     v_cache: torch.Tensor | None,
     slots: torch.Tensor | None,
     dca: tuple[int, int] | DCAConfig | None = None,
+    num_ranges: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RoPE (dense or the three DCA query rotations), YaRN scale and the cache write of a decode
     batch, in one launch.
@@ -220,15 +235,17 @@ def decode_prep(
     DCA); k_cache, v_cache: one layer's cache [num_blocks, block_size, num_kv_heads, head_dim] in q's
     dtype, or None (then nothing is written and the rotated k is returned, e.g. for an fp8 cache);
     slots: [B] int64 flat cache rows of the new tokens (unused without a cache); dca: None (dense)
-    or (chunk_len, chunk_size) (or a DCAConfig).
-    Returns q_out [R, B, num_heads, head_dim] in q's dtype (R = 1 dense; R = 3 DCA: intra, succ,
-    inter) and k_rot [B, num_kv_heads, head_dim] (None when the cache was written).
+    or (chunk_len, chunk_size) (or a DCAConfig); num_ranges: with DCA, how many of the rotations
+    intra, succ, inter to compute, in that order (1-3, default 3: the attention launch reads only the
+    batch's non-empty ranges); dense: 1.
+    Returns q_out [R, B, num_heads, head_dim] in q's dtype (R = 1 dense; R = num_ranges DCA: intra,
+    succ, inter) and k_rot [B, num_kv_heads, head_dim] (None when the cache was written).
     """
     _check(q, k, v, positions, inv_freq, yarn_scale, k_cache, v_cache, slots)
     pair = _dca_pair(dca)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    num_ranges = 1 if pair is None else 3
+    num_ranges = _num_ranges(pair, num_ranges)
     q_out = torch.empty((num_ranges, batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     to_cache = k_cache is not None
     if to_cache:
@@ -248,13 +265,13 @@ def decode_prep(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     block_h = min(_BLOCK_H, triton.next_power_of_2(max(num_heads, num_kv_heads)))
     nqb, nkb = triton.cdiv(num_heads, block_h), triton.cdiv(num_kv_heads, block_h)
-    _decode_prep_kernel[(batch, nqb + nkb)](
+    _decode_prep_kernel[(batch, nqb * num_ranges + nkb)](
         q, k, v, positions, inv_freq, yarn, slots, q_out, k_dst, v_dst,
         float(attention_scaling), s, c, num_heads, num_kv_heads, block_size,
         *q.stride(), *k.stride(), *v.stride(),
         positions.stride(0), inv_freq.stride(0), yarn.stride(0), slots.stride(0),
         *q_out.stride(), *k_dst.stride(), *v_dst.stride(),
-        NUM_Q_BLOCKS=nqb, BLOCK_H=block_h, HALF=head_dim // 2,
+        NUM_Q_BLOCKS=nqb, NUM_RANGES=num_ranges, BLOCK_H=block_h, HALF=head_dim // 2,
         DCA=pair is not None, TO_CACHE=to_cache, LIBDEVICE=not interpret, MANUAL_BF16=interpret,
         num_warps=4,
         enable_fp_fusion=False,  # torch rounds x * cos and x2 * sin separately: no FMA
@@ -274,6 +291,7 @@ def decode_prep_reference(
     v_cache: torch.Tensor | None,
     slots: torch.Tensor | None,
     dca: tuple[int, int] | DCAConfig | None = None,
+    num_ranges: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``decode_prep`` in PyTorch (oracle and CPU fallback): RotaryEmbedding.rotate and dca_positions,
     exactly the maths of the backends' per-range decode path."""
@@ -291,7 +309,7 @@ def decode_prep_reference(
     else:
         s, c = pair
         pos = dca_positions(positions, DCAConfig(chunk_size=c, local_size=c - s))
-        key_pos, query_pos = pos.key, [pos.intra, pos.succ, pos.inter]
+        key_pos, query_pos = pos.key, [pos.intra, pos.succ, pos.inter][:_num_ranges(pair, num_ranges)]
     q_out = torch.stack([rotary.rotate(q, p) * scale for p in query_pos])
     k_rot = rotary.rotate(k, key_pos) * scale
     if k_cache is None:

@@ -18,9 +18,9 @@ _FP8_DTYPES = (torch.float8_e4m3fn,)
 _PROGRAMS_PER_SM = 4
 # A piece shorter than this is mostly fixed cost (query load, workspace write, reduction read).
 _MIN_TOKENS_PER_SPLIT = 256
-# Upper bound on the pieces of a row (R ranges * splits), so the workspace and the reduction stay
-# small (pieces * head_dim floats per row) and the reduce covers a row in one sweep (BLOCK_S 256).
-_MAX_PIECES = 256
+# Upper bound on the pieces of a row (R ranges * splits), so the workspace stays small (pieces *
+# head_dim floats per row) and the reduce covers a row in at most two sweeps of BLOCK_S 256.
+_MAX_PIECES = 512
 # The reduce kernel's [BLOCK_S, BLOCK_D] float32 tile: at most this many elements, i.e. 32 registers
 # per thread with its 4 warps (a [128, 128] tile would need 128).
 _REDUCE_TILE_ELEMS = 4096
@@ -34,26 +34,33 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device, num_ranges: int = 1) -> int:
-    """Splits per range, so that the batch * num_kv_heads * num_ranges * num_splits programs of the
-    launch (all of them, not one range's share) fill the GPU: about _PROGRAMS_PER_SM per SM.
+    """Splits per range: enough that each range's batch * num_kv_heads * num_splits programs alone
+    fill the GPU (about _PROGRAMS_PER_SM per SM), so a launch of R ranges has R times that many.
 
-        splits = max(1, min(cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads * num_ranges),
+        splits = max(1, min(cdiv(_PROGRAMS_PER_SM * sms, batch * num_kv_heads),
                             cdiv(max_len, _MIN_TOKENS_PER_SPLIT * num_ranges),
                             _MAX_PIECES // num_ranges))
+
+    Why per range and not per launch: measured on the H200 (benchmarks/bench_decode_ranges.py,
+    1M keys in DCA's three ranges, batch 1, 4 kv heads, CUDA-graph timing), 44 splits per range
+    (132 pieces, what filling the GPU once would give) took 0.73 ms, 88 took 0.53 ms and 132 took
+    0.49 ms, the time of one range over the same keys with 132 pieces (0.46 ms); one range holding
+    every key with two empty ranges beside it ran at 0.46 ms with 132 pieces. The engine launches
+    more than one range only past one DCA chunk (254K keys for Qwen2.5-7B-1M: it keeps the non-empty
+    ranges only), where pieces of thousands of keys have no fixed cost to speak of.
 
     max_len: an upper bound on the keys a sequence attends to (the wrapper uses max_blocks_per_seq *
     block_size, known without a device sync, so the launch stays CUDA-graph friendly). The kernel
     cuts the concatenated tiles of a sequence's R ranges into R * splits equal pieces, and R ranges
     (disjoint, as DCA's) hold at most max_len keys together, hence the second bound: pieces shorter
     than _MIN_TOKENS_PER_SPLIT are not worth their fixed cost. Example, H200 (132 SMs), batch 1,
-    4 kv heads, 32K keys: 128 splits at R = 1 (512 programs), 43 at R = 3 (516 programs, 129 pieces
-    of ~4 tiles; the piece floor binds just before 4 programs per SM), 44 at R = 3 and 128K keys.
+    4 kv heads: 128 splits at 32K keys, 132 at 128K or 1M keys and any R <= 3 (396 pieces at R = 3).
     """
     if num_ranges < 1:
         raise ValueError(f"choose_num_splits: num_ranges must be >= 1, got {num_ranges}.")
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads * num_ranges))
+    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(1, batch * num_kv_heads))
     useful = triton.cdiv(max(1, max_len), _MIN_TOKENS_PER_SPLIT * num_ranges)
     return max(1, min(want, useful, _MAX_PIECES // num_ranges))
 
@@ -62,10 +69,11 @@ def reduce_config(pieces: int, head_dim: int) -> dict[str, int]:
     """BLOCK_S / BLOCK_D / num_warps of the reduce kernel, which merges `pieces` partial rows.
 
     At batch 1 the reduce has few rows (28 at Qwen2.5-7B) and is latency-bound: the pieces of a row
-    are covered in as few dependent iterations as possible (BLOCK_S up to _REDUCE_MAX_BLOCK_S, one
-    iteration for any default split choice), and head_dim is cut into slices of BLOCK_D, one program
-    each, so that the [BLOCK_S, BLOCK_D] float32 tile stays within _REDUCE_TILE_ELEMS (registers of
-    4 warps) and more SMs pull the workspace in parallel (28 rows -> 224 programs at 129+ pieces).
+    are covered in as few dependent iterations as possible (BLOCK_S up to _REDUCE_MAX_BLOCK_S: one
+    iteration up to 256 pieces, two for the 396 of a three-range launch at batch 1), and head_dim is
+    cut into slices of BLOCK_D, one program each, so that the [BLOCK_S, BLOCK_D] float32 tile stays
+    within _REDUCE_TILE_ELEMS (registers of 4 warps) and more SMs pull the workspace in parallel
+    (28 rows -> 224 programs at 129+ pieces).
     """
     block_s = min(triton.next_power_of_2(max(1, pieces)), _REDUCE_MAX_BLOCK_S)
     block_d = min(head_dim, max(_REDUCE_MIN_BLOCK_D, _REDUCE_TILE_ELEMS // block_s))
