@@ -27,6 +27,8 @@
 #           baseline (TTFT and decode at 32K / 128K), every CUDA-graph GPU test;
 #   PART=K  decode after the per-range split choice and one-rotation-per-program decode_prep: the
 #           32K profile with the host's share, the engine's decode rows, the decode and engine GPU tests;
+#   PART=L  overlapped decode (the next step launched before this one's tokens reach the host): the
+#           CUDA-graph GPU tests, the 32K profile with the host's share, the engine's decode rows;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -122,6 +124,14 @@ K)
     --batch32 --name engine_decode 2>&1 | tail -8
   timeout "${T_TESTS:-150}" python3 -m pytest -q -m gpu tests/kernels/test_paged_decode.py \
     tests/kernels/test_paged_decode_multi.py tests/kernels/test_decode_prep.py tests/engine -p no:cacheprovider 2>&1 | tail -3
+  ;;
+L)
+  timeout 150 python3 -m pytest -q -m gpu tests/engine/test_cuda_graph.py tests/kernels/test_decode_prep.py \
+    -p no:cacheprovider 2>&1 | tail -3
+  timeout 120 python3 benchmarks/profile_decode.py --host 2>&1 | tail -95 > "$OUT/profile_decode_32k_overlap.txt"
+  grep -m3 "decode step\|kernels:\|host, per step" "$OUT/profile_decode_32k_overlap.txt"
+  timeout 200 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \
+    --batch32 --name engine_decode_overlap 2>&1 | tail -8
   ;;
 D)
   timeout "${T_TESTS:-300}" python3 -m pytest tests/kernels tests/attention tests/engine tests/model -m gpu -q \

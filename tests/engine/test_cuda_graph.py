@@ -97,3 +97,29 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
         assert len(logits) == len(ref_logits), name
         for a, b in zip(logits, ref_logits):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_graph_decode_equals_plain(tmp_path):
+    """Overlapped decode (the next graph replayed before this step's tokens reach the host, its input
+    ids copied on the device) gives the plain engine's tokens, with sequences stopping at different
+    steps (stop tokens, lengths); also overlapped eager decode."""
+    folder, prompts = _model_and_prompts(tmp_path, DCA, 85, (5, 30, 70, 150))
+    kw = dict(dtype="float32", device="cuda", max_num_seqs=8, max_model_len=512, kv_cache_memory=256 << 20)
+    llm = LLM(folder, **kw)
+    assert llm.engine.overlap, "overlap is the default with CUDA graphs"
+    llm.engine.overlap = False
+    free = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=stop)
+              for m, stop in [(30, [free[0].outputs[0].token_ids[3]]), (12, None), (30, None),
+                              (30, [free[3].outputs[0].token_ids[9]])]]
+    summary = lambda outs: [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]  # noqa: E731
+    want = summary(llm.generate(prompts, params))
+    llm.engine.overlap = True
+    assert summary(llm.generate(prompts, params)) == want
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    eager = LLM(folder, enforce_eager=True, **kw)
+    eager.engine.overlap = True
+    assert summary(eager.generate(prompts, params)) == want

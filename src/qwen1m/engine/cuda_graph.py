@@ -52,9 +52,13 @@ class _Graph:
     def _forward(self, model) -> torch.Tensor:
         return model.compute_logits(model(self.ids, self.meta))
 
-    def fill(self, ids: list[int], fresh: DecodeInputs, positions: list[int], pad_slot: int) -> None:
+    def fill(self, ids: list[int], fresh: DecodeInputs, positions: list[int], pad_slot: int,
+             device_ids: torch.Tensor | None = None) -> None:
         n = len(ids)
-        self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        if device_ids is not None:  # an overlapped step: the previous step's tokens, still on the GPU
+            self.ids[:n].copy_(device_ids)
+        else:
+            self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
         self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
         width = fresh.tables.shape[1]
         self.inputs.tables[:n, :width].copy_(fresh.tables)
@@ -79,7 +83,8 @@ class DecodeGraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
 
-    def run(self, ids: list[int], seqs: list[SequenceSlice]) -> torch.Tensor | None:
+    def run(self, ids: list[int], seqs: list[SequenceSlice], device_ids: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
         n = len(seqs)
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None or any(len(s.cache.blocks) > self.max_blocks for s in seqs):
@@ -90,6 +95,6 @@ class DecodeGraphRunner:
             logger.info("capturing a CUDA graph for decode batch %d, %d key ranges", *key)
             self.graphs[key] = _Graph(self, *key)
         graph = self.graphs[key]
-        graph.fill(ids, fresh, [s.num_cached for s in seqs], self.pad_slot)
+        graph.fill(ids, fresh, [s.num_cached for s in seqs], self.pad_slot, device_ids)
         graph.graph.replay()
         return graph.logits[:n]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +22,7 @@ from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
 from qwen1m.cache.planner import LOGITS_ROWS
 from qwen1m.detokenizer import IncrementalDetokenizer
 from qwen1m.engine.sampler import sample
-from qwen1m.engine.scheduler import Scheduler
+from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import RequestError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
@@ -29,6 +30,24 @@ from qwen1m.outputs import CompletionOutput, PrefillProgress, RequestMetrics, Re
 from qwen1m.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# the token id an overlapped launch appends for a token still on the device (never read: the
+# step's input ids come from the device, and _finish writes the real id before anyone looks)
+_PLACEHOLDER = -1
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step whose work is enqueued: the sequences of its sampling rows, in row order, and how to
+    get their tokens (host sampling from logits, or the device argmax copied to host memory)."""
+
+    samplers: list[Sequence]
+    logits: torch.Tensor | None
+    prefilled: list[Sequence]  # sequences that computed prompt tokens in it (prefill_progress)
+    tokens: torch.Tensor | None = None  # [rows] device argmax when every row is greedy
+    tokens_host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # recorded after the copy to tokens_host
+    inputs_from: dict[int, int] = field(default_factory=dict)  # overlapped: id(seq) -> row of the step before
 
 
 class LLMEngine:
@@ -42,6 +61,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 32768,
         max_num_seqs: int = 64,
         cuda_graphs: bool = False,
+        overlap: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -67,6 +87,10 @@ class LLMEngine:
         # prompt out of a sequence's token list (4 ms per decode step on one CPU core)
         self._prompt_ids: dict[str, list[int]] = {}
         self._prefilled: list[Sequence] = []  # sequences that computed prompt tokens in the last step
+        # overlapped decode (see step): on by default where it pays, with CUDA graphs (the host's
+        # work is then what stands between two steps); tests turn it on for the CPU
+        self.overlap = cuda_graphs if overlap is None else overlap
+        self._ahead: _Launched | None = None  # a launched step whose outputs the next call returns
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(
@@ -150,9 +174,33 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        """Run one scheduled step and return the outputs of the requests it advanced.
+
+        Overlapped decode (``self.overlap``, on with CUDA graphs): once a step is launched, the next
+        one is launched too before this one's tokens reach the host, its input tokens taken on the
+        device from this step's argmax (``_launch_ahead``); the host then waits, does the stop checks
+        and returns while the GPU computes the next step, so the host's per-step work (~1 ms at 32K
+        on the H200, profile_decode --host) no longer leaves the GPU idle. The next call finds that
+        step launched. Rows of sequences that finished meanwhile are dropped.
+        """
+        launched, self._ahead = self._ahead, None
+        if launched is not None and all(seq.is_finished for seq in launched.samplers):
+            launched = None  # it computed only for sequences that finished since (EOS, stop, abort)
+        if launched is not None:
+            self._prefilled = launched.prefilled
+        else:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            launched = self._launch(scheduled)
+        if self.overlap:
+            self._ahead = self._launch_ahead(launched)
+        return self._finish(launched, self._ahead.inputs_from if self._ahead is not None else {})
+
+    def _launch(self, scheduled: list[ScheduledSequence], device_ids: torch.Tensor | None = None) -> _Launched:
+        """Enqueue a step's forward (and, when every sampling row is greedy, its argmax and the copy
+        of the tokens to the host). device_ids: the input token of every row, on the device (an
+        overlapped step: every row decodes one token whose id the host does not know yet)."""
         ids, positions, slices, sample_rows, samplers = [], [], [], [], []
         start = 0
         now = time.monotonic()
@@ -174,23 +222,89 @@ class LLMEngine:
             start += n
         logits = None
         if self.graph_runner is not None and all(s.num_query == 1 and s.num_cached > 0 for s in slices):
-            logits = self.graph_runner.run(ids, slices)  # None when the batch fits no captured bucket
+            # None when the batch fits no captured bucket
+            logits = self.graph_runner.run(ids, slices, device_ids)
         if logits is None:
-            meta = AttentionMetadata(torch.tensor(positions, device=self.device), slices)
-            hidden = self.model(torch.tensor(ids, device=self.device), meta)
+            # non_blocking: with a step in flight a blocking host->device copy would wait for it
+            meta = AttentionMetadata(torch.tensor(positions).to(self.device, non_blocking=True), slices)
+            input_ids = device_ids if device_ids is not None else torch.tensor(ids).to(self.device, non_blocking=True)
+            hidden = self.model(input_ids, meta)
             logits = self.model.compute_logits(hidden[sample_rows]) if samplers else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+        launched = _Launched(samplers, logits, list(self._prefilled))
+        if samplers and all(seq.params.greedy for seq in samplers):
+            launched.tokens = logits.argmax(-1)
+            if launched.tokens.is_cuda:  # to pinned host memory, without waiting; _finish waits
+                launched.tokens_host = torch.empty(len(samplers), dtype=torch.long, pin_memory=True)
+                launched.tokens_host.copy_(launched.tokens, non_blocking=True)
+                launched.ready = torch.cuda.Event()
+                launched.ready.record()
+            else:
+                launched.tokens_host = launched.tokens
+            launched.logits = None  # not read again: an overlapped step may overwrite a graph's logits
+        return launched
+
+    def _launch_ahead(self, launched: _Launched) -> _Launched | None:
+        """Launch the step after ``launched`` before its tokens are known, when that step is certain
+        to be a decode of its sequences: every sampling row greedy (argmax on the device), every
+        running sequence sampling in it, nothing waiting to be admitted. Each sequence gets a
+        placeholder token (replaced by ``_finish``); one whose token ends it by length gets none and
+        sits the step out. A sequence that turns out to stop (EOS, stop token or string) had its
+        next token computed for nothing: that row is dropped."""
+        if launched.tokens is None or self.scheduler.waiting:
+            return None
+        sampling = {id(seq): i for i, seq in enumerate(launched.samplers)}
+        if any(id(seq) not in sampling for seq in self.scheduler.running):
+            return None  # some sequence is still prefilling: the next step is not a pure decode
+        inputs_from = {}
+        for seq in launched.samplers:
+            if not seq.is_finished and seq.num_tokens + 1 < seq.max_len:
+                seq.token_ids.append(_PLACEHOLDER)
+                inputs_from[id(seq)] = sampling[id(seq)]
+        if not inputs_from:
+            return None
+        scheduled = self.scheduler.schedule()
+        # every running sequence has one uncomputed token (its placeholder) or none: all decodes
+        assert all(item.num_tokens == 1 and id(item.seq) in inputs_from for item in scheduled), \
+            "overlapped decode: the scheduler planned something other than the placeholder decodes"
+        rows = [inputs_from[id(item.seq)] for item in scheduled]
+        ids = launched.tokens
+        if rows != list(range(len(launched.samplers))):  # a row sits out, or the order changed
+            # (non_blocking: a blocking host->device copy would wait for the step in flight)
+            ids = ids[torch.tensor(rows).to(ids.device, non_blocking=True)]
+        prefilled = self._prefilled  # what the step before computed of prompts, for prefill_progress
+        ahead = self._launch(scheduled, device_ids=ids)
+        self._prefilled, ahead.prefilled = prefilled, []
+        ahead.inputs_from = inputs_from
+        return ahead
+
+    def _finish(self, launched: _Launched, placeholders: dict[int, int]) -> list[RequestOutput]:
+        """Wait for a step's tokens, append them (or put them in place of the placeholders an
+        overlapped launch appended), run the stop checks and build the outputs."""
+        samplers = launched.samplers
+        if not samplers:
+            return []
+        if launched.tokens_host is not None:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            tokens = launched.tokens_host.tolist()
+        else:
+            tokens = self._sample(samplers, launched.logits)
         touched: dict[str, None] = {}
-        if samplers:
-            now = time.monotonic()
-            for seq, token in zip(samplers, self._sample(samplers, logits)):
+        now = time.monotonic()
+        for seq, token in zip(samplers, tokens):
+            if seq.is_finished:  # finished (or aborted) after this step was launched: drop its row
+                continue
+            if id(seq) in placeholders:
+                seq.token_ids[-1] = token
+            else:
                 seq.token_ids.append(token)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                self._check_stop(seq, token)
-                touched[seq.request_id] = None
-        return [self._request_output(rid) for rid in touched]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token)
+            touched[seq.request_id] = None
+        return [self._request_output(rid) for rid in touched if rid in self.requests]
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:

@@ -1,0 +1,134 @@
+"""Overlapped decode (LLMEngine.overlap): the next step is launched before this step's tokens reach
+the host, fed by the device argmax. On the CPU nothing overlaps in time, but the bookkeeping is the
+same code as on the GPU: placeholders, rows dropped for sequences that stop, aborts between steps,
+requests arriving while a step is in flight. Every test compares with the engine stepping plainly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import save_tiny_checkpoint
+
+from qwen1m import LLM, SamplingParams
+
+DCA = {"chunk_size": 16, "local_size": 4, "original_max_position_embeddings": 16}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("overlap"), seed=21,
+                                extra_config={"dual_chunk_attention_config": DCA})
+
+
+def make_llm(checkpoint, overlap: bool) -> LLM:
+    llm = LLM(checkpoint, dtype="float32", device="cpu", max_num_batched_tokens=32)
+    llm.engine.overlap = overlap
+    return llm
+
+
+def prompts(n: int, seed: int = 5) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (int(k),), generator=gen).tolist() for k in torch.randint(2, 30, (n,), generator=gen)]
+
+
+def summary(outputs):
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outputs]
+
+
+def count_aheads(llm) -> list[int]:
+    """Wrap _launch_ahead to count the steps it launched early (so a test cannot pass by never overlapping)."""
+    launched = [0]
+    inner = llm.engine._launch_ahead
+
+    def counting(step):
+        ahead = inner(step)
+        launched[0] += ahead is not None
+        return ahead
+    llm.engine._launch_ahead = counting
+    return launched
+
+
+def test_overlapped_generate_equals_plain_with_stops_and_lengths(checkpoint):
+    ps = prompts(6)
+    plain = make_llm(checkpoint, overlap=False)
+    free = plain.generate(ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    # stop tokens taken from the free run, so that sequences end at different steps, by stop token
+    # and by length, while the others keep decoding
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, stop_token_ids=stop)
+              for m, stop in [(12, [free[0].outputs[0].token_ids[2]]), (5, None), (12, None),
+                              (12, [free[3].outputs[0].token_ids[6]]), (1, None), (9, None)]]
+    want = summary(plain.generate(ps, params))
+    llm = make_llm(checkpoint, overlap=True)
+    aheads = count_aheads(llm)
+    got = summary(llm.generate(ps, params))
+    assert got == want
+    assert aheads[0] >= 5, "the overlapped path was not taken"
+    assert any(reason == "stop" for _, reason, _ in got) and any(reason == "length" for _, reason, _ in got)
+    # after the run the engine may hold a step launched for sequences that have all finished: the
+    # next run must not return its tokens
+    again = summary(llm.generate(ps[:2], params[:2]))
+    assert again == want[:2]
+
+
+def test_aborts_and_arrivals_between_steps(checkpoint):
+    """Drive the engine step by step: a request arrives while a step is in flight, another is
+    aborted after its step was launched early. Final tokens equal the plain engine's."""
+    ps = prompts(4, seed=8)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+    def run(overlap: bool):
+        llm = make_llm(checkpoint, overlap)
+        aheads = count_aheads(llm)
+        eng = llm.engine
+        done, seen = {}, {}
+        ids = [eng.add_request(ps[i], params) for i in range(3)]
+        for step in range(40):
+            if step == 4:
+                ids.append(eng.add_request(ps[3], params))  # arrives mid-run
+            if step == 6:
+                eng.abort_request(ids[1])
+                done[ids[1]] = "aborted"
+            for out in eng.step():
+                seen[out.request_id] = list(out.outputs[0].token_ids)
+                assert all(t >= 0 for t in out.outputs[0].token_ids), "a placeholder leaked into an output"
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+            if not eng.has_unfinished_requests():
+                break
+        return done, seen, aheads[0]
+
+    plain_done, plain_seen, _ = run(False)
+    done, seen, aheads = run(True)
+    assert aheads > 0
+    assert done == plain_done
+    assert seen[list(seen)[1]] == plain_seen[list(plain_seen)[1]]  # tokens the aborted one got before its abort
+    assert len(done) == 4 and all(len(v) == 10 for k, v in done.items() if v != "aborted")
+
+
+def test_sampling_rows_disable_overlap_and_stay_seeded(checkpoint):
+    """A step with a non-greedy row samples on the host from its logits: no early launch, same tokens."""
+    ps = prompts(3, seed=9)
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    want = summary(make_llm(checkpoint, overlap=False).generate(ps, params))
+    llm = make_llm(checkpoint, overlap=True)
+    aheads = count_aheads(llm)
+    assert summary(llm.generate(ps, params)) == want
+    assert aheads[0] == 0
+
+
+def test_streaming_progress_sees_every_prefill_chunk(checkpoint):
+    """prefill_progress after a step reports that step's prompt chunks, also when the step after it
+    was launched early (its own prefilled list is empty)."""
+    llm = make_llm(checkpoint, overlap=True)
+    eng = llm.engine
+    prompt = (prompts(1, seed=2)[0] * 40)[:70]  # chunks of 32, 32 and 6 tokens
+    aheads = count_aheads(llm)
+    eng.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    reports = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        reports.extend((p.done, p.total) for p in eng.prefill_progress())
+    assert reports == [(32, 70), (64, 70), (70, 70)]
+    assert aheads[0] > 0
