@@ -63,7 +63,8 @@ def ttft(llm: LLM, n: int) -> dict:
 
 
 def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = False) -> dict:
-    """Median step time of ``steps`` decode steps at ``context`` tokens. skip_prefill: the prompts'
+    """Median interval between the returns of ``steps`` decode steps at ``context`` tokens (and the
+    mean). skip_prefill: the prompts'
     KV slots are reserved but not computed (each sequence starts as if its prompt had been prefilled
     and one token sampled): a decode step reads the same bytes whatever they hold, and a 1M-token
     prefill would take minutes of device time for a number that does not depend on it."""
@@ -79,18 +80,26 @@ def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = 
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in llm.engine.scheduler.running) or \
             llm.engine.num_waiting():
         llm.engine.step()  # prefill (not timed); with skip_prefill only the admission
+    # the interval between consecutive step() returns, i.e. between the tokens a caller receives,
+    # with no synchronisation between steps: with overlapped decode the engine launches the next
+    # step before it returns, so a sync per step would time host and GPU work back to back
+    _sync()
+    last = time.perf_counter()
     while llm.engine.has_unfinished_requests():
-        _sync()
-        t0 = time.perf_counter()
         llm.engine.step()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:]) or times
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    _sync()
+    times = times[1:] or times  # the first interval includes the launch of the first graph replay
+    mean = sum(times) / len(times)
+    times = sorted(times)
     step = times[len(times) // 2]
     weight_bytes = llm.memory_plan.weight_bytes
     kv_bytes = batch * context * llm.memory_plan.kv_bytes_per_token
     floor = (weight_bytes + kv_bytes) / COPY_BANDWIDTH
-    return {"context": context, "batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step,
+    return {"context": context, "batch": batch, "step_ms": step * 1e3, "mean_step_ms": mean * 1e3,
+            "tokens_per_s": batch / step,
             "floor_ms": floor * 1e3, "ratio_to_floor": step / floor, "prefill_skipped": skip_prefill}
 
 

@@ -29,6 +29,8 @@
 #           32K profile with the host's share, the engine's decode rows, the decode and engine GPU tests;
 #   PART=L  overlapped decode (the next step launched before this one's tokens reach the host): the
 #           CUDA-graph GPU tests, the 32K profile with the host's share, the engine's decode rows;
+#   PART=M  the engine's decode rows (intervals between step returns: overlapped decode), then the
+#           128K calibration of PART=H; PART=N: PART=H's passkey with it (CAL_CONFIG=the config);
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -38,6 +40,20 @@ set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+C=$OUT/calib128k
+calibrate_128k() {  # the bundled model's sparse config, calibrated on CAL_LENGTH-token sequences
+  mkdir -p "$C"
+  timeout "${T_CAL:-240}" python3 -m qwen1m calibrate --length "${CAL_LENGTH:-131072}" --samples 2 --base-vertical 64 \
+    --base-slash 256 --step 32 --max-steps 14 --target-recall 0.9 --device "${DEVICE:-cuda}" \
+    --max-model-len $(( ${CAL_LENGTH:-131072} + 4096 )) --out "$C/sparse_attention_config.json" \
+    --heatmap "$C/recall.png" 2>&1 | tail -14 | tee "$C/summary.txt"
+}
+passkey_calibrated() {  # dca+sparse passkey with that config (CAL_CONFIG: one from an earlier call)
+  timeout "${T_EVAL:-200}" python3 -m qwen1m eval passkey --lengths "${EVAL_LENGTHS:-128k}" --depths 0:100:10 \
+    --samples "${PK_SAMPLES:-10}" --modes dca+sparse --sparse-config "${CAL_CONFIG:-$C/sparse_attention_config.json}" \
+    --sparse-threshold 512 --sparse-dense-above 1 --batch-size 8 --device "${DEVICE:-cuda}" \
+    --out "$C/passkey" 2>&1 | tr "\r" "\n" | grep -v ETA | tail -4
+}
 case "${PART:-A}" in
 A)
   timeout "${T_ENGINE:-330}" python3 benchmarks/bench_engine.py --ttft 32768,131072,262144 \
@@ -91,16 +107,16 @@ G)
   ;;
 H)
   timeout "${T_TESTS:-150}" python3 -m pytest -q -m gpu tests/engine/test_cuda_graph.py -p no:cacheprovider 2>&1 | tail -3
-  C=$OUT/calib128k
-  mkdir -p "$C"
-  timeout "${T_CAL:-240}" python3 -m qwen1m calibrate --length "${CAL_LENGTH:-131072}" --samples 2 --base-vertical 64 \
-    --base-slash 256 --step 32 --max-steps 14 --target-recall 0.9 --device "${DEVICE:-cuda}" \
-    --max-model-len $(( ${CAL_LENGTH:-131072} + 4096 )) --out "$C/sparse_attention_config.json" \
-    --heatmap "$C/recall.png" 2>&1 | tail -14 | tee "$C/summary.txt"
-  timeout "${T_EVAL:-200}" python3 -m qwen1m eval passkey --lengths "${EVAL_LENGTHS:-128k}" --depths 0:100:10 \
-    --samples "${PK_SAMPLES:-10}" --modes dca+sparse --sparse-config "$C/sparse_attention_config.json" \
-    --sparse-threshold 512 --sparse-dense-above 1 --batch-size 8 --device "${DEVICE:-cuda}" \
-    --out "$C/passkey" 2>&1 | tr "\r" "\n" | grep -v ETA | tail -4
+  calibrate_128k
+  passkey_calibrated
+  ;;
+M)
+  timeout 200 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \
+    --batch32 --name engine_decode_overlap 2>&1 | tail -8
+  calibrate_128k
+  ;;
+N)
+  passkey_calibrated
   ;;
 I)
   timeout 90 python3 benchmarks/profile_decode.py --context 1000000 2>&1 | tail -45 > "$OUT/profile_decode_1m.txt"
