@@ -46,7 +46,7 @@ C=$OUT/calib128k
 calibrate_128k() {
   mkdir -p "$C"
   timeout "${T_CAL:-240}" python3 -m qwen1m calibrate --length "${CAL_LENGTH:-126976}" --samples 2 --base-vertical 64 \
-    --base-slash 256 --step 32 --max-steps 14 --target-recall 0.9 --device "${DEVICE:-cuda}" \
+    --base-slash 256 --step "${CAL_STEP:-32}" --max-steps 14 --target-recall 0.9 --device "${DEVICE:-cuda}" \
     --max-model-len $(( ${CAL_LENGTH:-126976} + 4096 )) --out "$C/sparse_attention_config.json" \
     --heatmap "$C/recall.png" 2>&1 | tail -14 | tee "$C/summary.txt"
 }
@@ -111,6 +111,11 @@ H)
   [ "${T_TESTS:-150}" -gt 0 ] && timeout "${T_TESTS:-150}" python3 -m pytest -q -m gpu tests/engine/test_cuda_graph.py -p no:cacheprovider 2>&1 | tail -3
   calibrate_128k
   passkey_calibrated
+  ;;
+O)  # a coarser calibration (CAL_STEP=256) and its passkey, then the sparse table's 7B-mix rows
+  calibrate_128k
+  passkey_calibrated
+  timeout "${T_SPARSE:-230}" python3 benchmarks/bench_sparse.py --budgets 7b-mix 2>&1 | tail -10
   ;;
 M)
   timeout 200 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \
