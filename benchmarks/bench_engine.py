@@ -104,6 +104,11 @@ def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = 
 
 
 def hf_baseline(n_list: list[int]) -> list[dict]:
+    """transformers' Qwen2 (sdpa attention, the same shapes, random bf16 weights), as a user would run
+    it: TTFT = generate() of one new token (warm: the first length runs once before it is timed);
+    decode = the median of 32 single-token forwards on its cache after that prompt, synchronised
+    each (the 2026-11-29 figures took (generate 33 - generate 1) / 32, which the prefill's run-to-run
+    spread swamped: 72 ms at 32K against 55 ms at 128K). A length that does not fit says oom."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config.from_pretrained(CONFIG)
@@ -111,19 +116,19 @@ def hf_baseline(n_list: list[int]) -> list[dict]:
     rows = []
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
-    for n in n_list:
+    for i, n in enumerate(n_list):
         ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
         torch.cuda.reset_peak_memory_stats()
         try:
-            run = _hf_timer(model, ids)
-            run(1)  # warm-up: kernel selection and allocator growth are not part of either figure
-            t1, t33 = run(1), run(33)
-            # decode per token = the extra time of 32 more tokens, both runs warm (the 2026-11-29 run
-            # subtracted a cold first TTFT from a warm run and got a negative figure at 32K)
-            rows.append({"tokens": n, "ttft_s": t1, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                         "oom": False, "decode_ms_per_token": (t33 - t1) / 32 * 1e3})
+            if i == 0:
+                _hf_ttft(model, ids)  # warm-up: kernel selection and allocator growth
+            ttft = _hf_ttft(model, ids)
+            decode = _hf_decode_ms(model, ids)
+            rows.append({"tokens": n, "ttft_s": ttft, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                         "oom": False, "decode_ms_per_token": decode})
         except torch.OutOfMemoryError:
-            rows.append({"tokens": n, "oom": True})
+            rows.append({"tokens": n, "oom": True, "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        print("transformers", rows[-1], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
     del model
@@ -132,16 +137,30 @@ def hf_baseline(n_list: list[int]) -> list[dict]:
     return rows
 
 
-def _hf_timer(model, ids):
-    def run(new_tokens: int) -> float:
-        _sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        _sync()
-        return time.perf_counter() - t0
+def _hf_ttft(model, ids) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    _sync()
+    return time.perf_counter() - t0
 
-    return run
+
+def _hf_decode_ms(model, ids, steps: int = 32) -> float:
+    with torch.no_grad():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        times = []
+        for _ in range(steps):
+            _sync()
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=past, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync()
+            times.append(time.perf_counter() - t0)
+            past = out.past_key_values
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def sparse_config(kind: str, layers: int, heads: int):
