@@ -93,6 +93,7 @@ def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = 
     _sync()
     times = times[1:] or times  # the first interval includes the launch of the first graph replay
     mean = sum(times) / len(times)
+    intervals_ms = [round(t * 1e3, 3) for t in times]
     times = sorted(times)
     step = times[len(times) // 2]
     weight_bytes = llm.memory_plan.weight_bytes
@@ -100,7 +101,8 @@ def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = 
     floor = (weight_bytes + kv_bytes) / COPY_BANDWIDTH
     return {"context": context, "batch": batch, "step_ms": step * 1e3, "mean_step_ms": mean * 1e3,
             "tokens_per_s": batch / step,
-            "floor_ms": floor * 1e3, "ratio_to_floor": step / floor, "prefill_skipped": skip_prefill}
+            "floor_ms": floor * 1e3, "ratio_to_floor": step / floor, "prefill_skipped": skip_prefill,
+            "intervals_ms": intervals_ms}
 
 
 def hf_baseline(n_list: list[int]) -> list[dict]:
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--ttft", default="32768,131072,262144")
     ap.add_argument("--decode", default="32768,131072")
     ap.add_argument("--batch32", action="store_true")
+    ap.add_argument("--decode-steps", type=int, default=16, help="tokens generated per decode row")
     ap.add_argument("--skip-prefill", action="store_true",
                     help="decode rows: reserve the context's KV slots without computing them (see decode())")
     ap.add_argument("--hf-baseline", default="")
@@ -235,11 +238,11 @@ def main() -> None:
         save(name, results)  # after every row: a run cut by its time limit keeps what it measured
     results["decode"] = []
     for n in _ints(args.decode):
-        results["decode"].append(decode(llm, n, 1, 16, args.skip_prefill))
+        results["decode"].append(decode(llm, n, 1, args.decode_steps, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
         save(name, results)
     if args.batch32:
-        results["decode"].append(decode(llm, 8192, 32, 16, args.skip_prefill))
+        results["decode"].append(decode(llm, 8192, 32, args.decode_steps, args.skip_prefill))
         print("decode", results["decode"][-1], flush=True)
     save(name, results)
     print("\n| what | figure |\n|---|---|")

@@ -34,7 +34,8 @@
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
-#     GIT_COMMIT=$(git rev-parse HEAD) PART=A bash benchmarks/run_gpu_suite.sh   (writes under $OUT)
+#     GIT_COMMIT=<hash> PART=A bash benchmarks/run_gpu_suite.sh   (writes under $OUT; give the hash
+#     literally: the device's git HEAD is the last landed commit, not the working tree it runs)
 # Every step has its own time limit, so a call ends in time and returns what it measured.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT=${OUT:-benchmarks/results}
