@@ -47,3 +47,15 @@ def test_fp8_quantization_error_is_bounded_per_head():
     back = dequantize_fp8(q, scale, torch.float32)
     rel = (back - x).abs().amax(-1) / x.abs().amax(-1)
     assert rel.max().item() <= 2 ** -4 + 1e-6  # half an e4m3 ulp at the top of the range
+
+
+def test_block_pool_free_merges_unsorted_runs():
+    """free() of blocks in any order keeps the free list sorted, so runs are found again."""
+    pool = BlockPool(64)
+    a, b, c = pool.allocate(20), pool.allocate(20), pool.allocate(20)
+    pool.free(list(reversed(b)))
+    pool.free([c[5], c[0], c[19]] + c[6:19] + c[1:5])
+    assert pool._free == sorted(pool._free) and pool.num_free == 4 + 40
+    assert pool.allocate(40) == b + c  # one contiguous run again: 20..59
+    pool.free(a)  # free: 0..19 and 60..63, no run of 24: the first 24 free ids
+    assert pool.allocate(24) == a + [60, 61, 62, 63] and pool.num_free == 0

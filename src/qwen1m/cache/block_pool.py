@@ -7,8 +7,6 @@ Fragmentation only costs a gather, never correctness.
 
 from __future__ import annotations
 
-import bisect
-
 
 class BlockPool:
     def __init__(self, num_blocks: int):
@@ -39,5 +37,6 @@ class BlockPool:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            bisect.insort(self._free, b)
+        # one merge of two sorted runs (Timsort: linear), not an insort per block: a 1M-token
+        # sequence frees 15,625 blocks, which insort by insort took ~0.1 s of the step that ended it
+        self._free = sorted(self._free + sorted(blocks))
