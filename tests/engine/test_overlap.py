@@ -132,3 +132,39 @@ def test_streaming_progress_sees_every_prefill_chunk(checkpoint):
         reports.extend((p.done, p.total) for p in eng.prefill_progress())
     assert reports == [(32, 70), (64, 70), (70, 70)]
     assert aheads[0] > 0
+
+
+def test_a_failed_early_launch_leaves_no_placeholder(checkpoint):
+    """If the forward of an early-launched step raises (e.g. out of memory), the error reaches the
+    caller, the sequences hold only real tokens, and the engine steps on once the cause is gone."""
+    ps = prompts(2, seed=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = summary(make_llm(checkpoint, overlap=False).generate(ps, params))
+    llm = make_llm(checkpoint, overlap=True)
+    eng = llm.engine
+    for p in ps:
+        eng.add_request(p, params)
+    eng.step()  # prefill of both (their first tokens) and an early launch of the next step
+    inner, calls = eng._launch, [0]
+
+    def failing(scheduled, device_ids=None):
+        if device_ids is not None:
+            calls[0] += 1
+            raise RuntimeError("simulated failure")
+        return inner(scheduled, device_ids)
+    eng._launch = failing
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng.step()
+    assert calls[0] == 1
+    for seqs in eng.requests.values():
+        assert all(t >= 0 for seq in seqs for t in seq.token_ids)
+    eng._launch = inner
+    done = {}
+    for _ in range(50):  # bounded: a lost token would leave a sequence never scheduled again
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason, None)
+        if not eng.has_unfinished_requests():
+            break
+    assert not eng.has_unfinished_requests(), "a sequence stopped being scheduled after the failure"
+    assert [done[k] for k in sorted(done)] == [tuple(w) for w in want]

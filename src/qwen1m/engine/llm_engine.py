@@ -194,7 +194,11 @@ class LLMEngine:
                 return []
             launched = self._launch(scheduled)
         if self.overlap:
-            self._ahead = self._launch_ahead(launched)
+            try:
+                self._ahead = self._launch_ahead(launched)
+            except BaseException:  # keep this step's tokens (the next outputs carry them), then report
+                self._finish(launched, {})
+                raise
         return self._finish(launched, self._ahead.inputs_from if self._ahead is not None else {})
 
     def _launch(self, scheduled: list[ScheduledSequence], device_ids: torch.Tensor | None = None) -> _Launched:
@@ -274,7 +278,13 @@ class LLMEngine:
             # (non_blocking: a blocking host->device copy would wait for the step in flight)
             ids = ids[torch.tensor(rows).to(ids.device, non_blocking=True)]
         prefilled = self._prefilled  # what the step before computed of prompts, for prefill_progress
-        ahead = self._launch(scheduled, device_ids=ids)
+        try:
+            ahead = self._launch(scheduled, device_ids=ids)
+        except BaseException:  # nothing was computed for them: take the placeholders back
+            for seq in launched.samplers:
+                if id(seq) in inputs_from:
+                    seq.token_ids.pop()
+            raise
         self._prefilled, ahead.prefilled = prefilled, []
         ahead.inputs_from = inputs_from
         return ahead
