@@ -232,7 +232,11 @@ def main() -> None:
     results["startup_s"] = time.perf_counter() - t_start
     print(llm.memory_plan, f"(engine ready after {results['startup_s']:.1f} s)", flush=True)
     results["ttft"] = []
-    for n in _ints(args.ttft):
+    if _ints(args.ttft):  # warm-up, untimed: Triton compilation and kernel plans are not part of TTFT
+        # (as for transformers, whose first length runs once before it is timed)
+        llm.generate([torch.randint(0, llm.config.vocab_size, (min(_ints(args.ttft)[0], 32768),)).tolist()],
+                     SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        results["ttft_warmup"] = "one untimed prompt of min(first length, 32768) tokens before the rows"
         results["ttft"].append(ttft(llm, n))
         print("ttft", results["ttft"][-1], flush=True)
         save(name, results)  # after every row: a run cut by its time limit keeps what it measured
