@@ -315,6 +315,38 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
     return rows
 
 
+SWEEP = [dict(num_warps=w, num_stages=st, heads_first=hf) for hf in (False, True)
+         for w, st in ((4, 3), (4, 2), (4, 4), (8, 2), (8, 3))]
+
+
+def sweep(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, device, ms, g, configs) -> list[dict]:
+    """The sparse kernel's launch configurations (warps, stages, grid order) at one size, uniform
+    budgets, log-uniform slashes; every configuration's result is checked equal to the default's."""
+    scale = head_dim**-0.5
+    q = torch.randn(chunk, NUM_HEADS, head_dim, generator=g, device=device, dtype=torch.bfloat16)
+    k = torch.randn(n, NUM_KV_HEADS, head_dim, generator=g, device=device, dtype=torch.bfloat16)
+    v = torch.randn(n, NUM_KV_HEADS, head_dim, generator=g, device=device, dtype=torch.bfloat16)
+    v_idx, s_idx = realistic_indices(NUM_HEADS, chunk, n, nv, ns, device, seed=n, slash_dist="loguniform")
+    index = build_vertical_slash_index_triton(v_idx, s_idx, chunk, n, causal=True, block_m=block, block_n=block) \
+        if device.type == "cuda" else build_vertical_slash_index(v_idx, s_idx, chunk, n, causal=True,
+                                                                 block_m=block, block_n=block)
+    pairs, _ = computed_pairs(index)
+    want, _ = vertical_slash_attention(q, k, v, index, softmax_scale=scale, causal=True)
+    rows = []
+    for config in configs:
+        try:
+            got, _ = vertical_slash_attention(q, k, v, index, softmax_scale=scale, causal=True, config=config)
+            same = bool(torch.equal(got, want))
+            t = ms(lambda config=config: vertical_slash_attention(q, k, v, index, softmax_scale=scale,
+                                                                  causal=True, config=config))
+            row = dict(N=n, **config, ms=t, tflops_eff=4.0 * head_dim * pairs / t / 1e9, same_result=same)
+        except Exception as exc:  # e.g. out of shared memory: a data point, not an abort
+            row = dict(N=n, **config, error=f"{type(exc).__name__}: {exc}"[:200])
+        rows.append(row)
+        print("sweep", row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -322,6 +354,8 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--budgets", default="uniform,7b-mix",
                     help="'uniform' (every head at (1000, 6096)) and/or '7b-mix' (spec 3.5 per-head budgets)")
+    ap.add_argument("--sweep", type=int, default=0,
+                    help="also time the sparse kernel's launch configurations at this N (0: no sweep)")
     args = ap.parse_args()
     budget_kinds = tuple(b for b in args.budgets.split(",") if b)
     if not budget_kinds or set(budget_kinds) - {"uniform", "7b-mix"}:
@@ -361,6 +395,9 @@ def main() -> None:
         res["rows"] += bench_size(n, chunk, block, nv, ns, head_dim, device, ms, g, smoke, budget_kinds)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.sweep:
+        configs = SWEEP if not smoke else [dict(num_warps=4, num_stages=1, heads_first=hf) for hf in (False, True)]
+        res["sweep"] = sweep(args.sweep if not smoke else 300, chunk, block, nv, ns, head_dim, device, ms, g, configs)
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sparse.json")
@@ -378,6 +415,10 @@ def main() -> None:
               f"{r['index_triton_ms']:10.3f} "
               f"{r['sparse_ms']:10.2f} {r['dense_ms']:9.2f} {cudnn} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f}")
+    for r in res.get("sweep", []):
+        print(f"sweep N={r['N']} warps {r['num_warps']} stages {r['num_stages']} heads_first {r['heads_first']!s:5}: "
+              + (f"{r['ms']:.2f} ms, {r['tflops_eff']:.1f} TFLOP/s, same result {r['same_result']}" if "ms" in r
+                 else r["error"]))
     print("json:", path)
 
 

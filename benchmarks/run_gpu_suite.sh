@@ -31,6 +31,8 @@
 #           CUDA-graph GPU tests, the 32K profile with the host's share, the engine's decode rows;
 #   PART=M  the engine's decode rows (intervals between step returns: overlapped decode), then the
 #           128K calibration of PART=H; PART=N: PART=H's passkey with it (CAL_CONFIG=the config);
+#   PART=O  a coarser calibration (CAL_STEP=256), its passkey, the attention-only 7B-mix rows;
+#   PART=P  (planned) the sparse kernel's launch configurations (bench_sparse --sweep), the 1M rows;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -117,6 +119,10 @@ O)  # a coarser calibration (CAL_STEP=256) and its passkey, then the sparse tabl
   calibrate_128k
   passkey_calibrated
   timeout "${T_SPARSE:-230}" python3 benchmarks/bench_sparse.py --budgets 7b-mix 2>&1 | tail -10
+  ;;
+P)  # the sparse kernel's launch configurations (warps, stages, head-major grid) at 512K, then the 1M rows
+  timeout "${T_SPARSE:-400}" python3 benchmarks/bench_sparse.py --sizes 1048576 --budgets uniform,7b-mix \
+    --sweep 524288 2>&1 | tail -20
   ;;
 M)
   timeout 200 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \

@@ -124,6 +124,22 @@ def test_kernel_matches_reference(num_q, num_kv, nv, ns, block_m, block_n, strid
 
 
 @cpu_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_launch_config_does_not_change_the_result(causal):
+    """config overrides (head-major grid, warps) launch the same programs in another order: the same
+    bits, and the reference's result (5 query blocks x 4 heads)."""
+    from qwen1m.kernels.sparse_attn import vertical_slash_attention
+
+    q, k, v = make_inputs(75, 90, 4, 2, 32, torch.float32, True, seed=3)
+    index = make_index(4, 5, 7, 75, 90, causal=causal, block_m=16, block_n=16, seed=4)
+    out, lse = run_kernel(q, k, v, index, softmax_scale=0.2, causal=causal)
+    check_against_reference(out, lse, q, k, v, index, softmax_scale=0.2, causal=causal)
+    for config in ({"heads_first": True}, {"heads_first": True, "num_warps": 8}, {"num_warps": 2}):
+        out2, lse2 = vertical_slash_attention(q, k, v, index, softmax_scale=0.2, causal=causal, config=config)
+        assert torch.equal(out2, out) and torch.equal(lse2, lse), config
+
+
+@cpu_only
 @pytest.mark.parametrize("dtype,num_kv_heads", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float16, 4)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_full_budget_equals_dense(causal, dtype, num_kv_heads):

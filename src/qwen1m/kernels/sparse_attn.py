@@ -85,12 +85,16 @@ def _sparse_attn_fwd_kernel(
     stride_cih, stride_cim, stride_cic,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
+    # grid (query blocks, heads), or (heads, query blocks) with HEADS_FIRST: the heads of one query
+    # block then run side by side, and a kv group's 7 query heads read overlapping K / V from L2
+    AXIS_M: tl.constexpr = 1 if HEADS_FIRST else 0
     if CAUSAL:  # late query blocks read the most keys (more visible columns): launch them first
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_m = tl.num_programs(AXIS_M) - 1 - tl.program_id(AXIS_M)
     else:
-        pid_m = tl.program_id(0)
-    head = tl.program_id(1)
+        pid_m = tl.program_id(AXIS_M)
+    head = tl.program_id(1 - AXIS_M)
     kv_head = head // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -200,6 +204,7 @@ def vertical_slash_attention(
     causal: bool,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over the keys ``index`` selects; ``sparse_attend_reference``'s contract.
 
@@ -208,6 +213,8 @@ def vertical_slash_attention(
     the same num_q, num_kv, num_heads and causal, block_m / block_n powers of two >= 16.
     Returns out [num_q, num_heads, head_dim] in q's dtype and lse [num_heads, num_q] float32 (natural
     log); rows that read no key get out = 0, lse = -inf. out / lse, if given, are written in place.
+    config: num_warps / num_stages / heads_first (grid order) overriding ``_launch_config`` (for
+    benchmarks/bench_sparse.py --sweep; the result does not depend on it).
     """
     _check_inputs(q, k, v, index, causal)
     num_q, num_heads, head_dim = q.shape
@@ -225,7 +232,10 @@ def vertical_slash_attention(
     device = q.device
     block_count, block_offset = index.block_count.to(device), index.block_offset.to(device)
     column_count, column_index = index.column_count.to(device), index.column_index.to(device)
-    grid = (math.ceil(num_q / index.block_m), num_heads)
+    launch = {"heads_first": False, **_launch_config(head_dim, q.dtype, device), **(config or {})}
+    heads_first = bool(launch.pop("heads_first"))
+    num_blocks = math.ceil(num_q / index.block_m)
+    grid = (num_heads, num_blocks) if heads_first else (num_blocks, num_heads)
     _sparse_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         block_count, block_offset, column_count, column_index,
@@ -246,7 +256,7 @@ def vertical_slash_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py)
         UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        **_launch_config(head_dim, q.dtype, device),
+        HEADS_FIRST=heads_first, **launch,
     )
     return out, lse
 
