@@ -5,6 +5,9 @@
 
 Prefill memory: one step sees at most ``max_num_batched_tokens`` tokens, so MLP activations are
 bounded by that budget (the report's 32K chunks), and logits are computed only for rows that sample.
+
+Decode speed: with CUDA graphs the engine overlaps steps (``step``): the next decode is launched from
+the device argmax before the host has looked at this step's tokens.
 """
 
 from __future__ import annotations
