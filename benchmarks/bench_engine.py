@@ -62,6 +62,17 @@ def ttft(llm: LLM, n: int) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "generated": len(out.outputs[0].token_ids)}
 
 
+def sparse_summary(llm: LLM) -> dict:
+    """Density (computed / causal query-key pairs) and sampled-head recall since the last reset, per
+    layer and overall."""
+    report = llm.sparse_report()
+    layers = {str(k): v for k, v in report.items()}
+    density = [v["density"] for v in report.values()]
+    recall = [r for v in report.values() for r in v["recall"]]
+    return {"mean_density": sum(density) / max(1, len(density)),
+            "mean_recall": sum(recall) / max(1, len(recall)), "layers": layers}
+
+
 def decode(llm: LLM, context: int, batch: int, steps: int, skip_prefill: bool = False) -> dict:
     """Median interval between the returns of ``steps`` decode steps at ``context`` tokens (and the
     mean). skip_prefill: the prompts'
@@ -200,6 +211,9 @@ def main() -> None:
     ap.add_argument("--sparse", default="", help="'uniform' or '7b-mix': sparse prefill above 32K tokens")
     ap.add_argument("--sparse-dense-above", type=float, default=None,
                     help="SparseConfig.dense_above_density (default 0.6; 1 keeps every region sparse)")
+    ap.add_argument("--sparse-telemetry", action="store_true",
+                    help="record each TTFT row's sparse density and sampled-head recall (LLM.sparse_report); "
+                         "it adds a dense pass over one GQA group, so those rows' times are not comparable")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs (saves their capture in a TTFT-only run; decode rows get slower)")
     ap.add_argument("--name", default="", help="results file name (default engine, engine_sparse with --sparse)")
@@ -227,7 +241,9 @@ def main() -> None:
     t_start = time.perf_counter()
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse,
-              kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager)
+              kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager,
+              sparse_telemetry=args.sparse_telemetry and sparse is not None)
+    results["sparse_telemetry"] = args.sparse_telemetry and sparse is not None
     results["memory_plan"] = str(llm.memory_plan)
     results["startup_s"] = time.perf_counter() - t_start
     print(llm.memory_plan, f"(engine ready after {results['startup_s']:.1f} s)", flush=True)
@@ -237,7 +253,12 @@ def main() -> None:
         llm.generate([torch.randint(0, llm.config.vocab_size, (min(_ints(args.ttft)[0], 32768),)).tolist()],
                      SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
         results["ttft_warmup"] = "one untimed prompt of min(first length, 32768) tokens before the rows"
+    for n in _ints(args.ttft):
+        if results["sparse_telemetry"]:
+            llm.model.backend.telemetry.reset()  # this row's prompt only
         results["ttft"].append(ttft(llm, n))
+        if results["sparse_telemetry"]:
+            results["ttft"][-1]["sparse"] = sparse_summary(llm)
         print("ttft", results["ttft"][-1], flush=True)
         save(name, results)  # after every row: a run cut by its time limit keeps what it measured
     results["decode"] = []

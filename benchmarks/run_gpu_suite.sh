@@ -32,7 +32,11 @@
 #   PART=M  the engine's decode rows (intervals between step returns: overlapped decode), then the
 #           128K calibration of PART=H; PART=N: PART=H's passkey with it (CAL_CONFIG=the config);
 #   PART=O  a coarser calibration (CAL_STEP=256), its passkey, the attention-only 7B-mix rows;
-#   PART=P  (planned) the sparse kernel's launch configurations (bench_sparse --sweep), the 1M rows;
+#   PART=Q  the bundled model calibrated at 124K with steps 1024 and 2048 (every head may reach 0.9),
+#           the dca+sparse passkey at 128K with each;
+#   PART=R  sparse density and recall of dummy-weight prompts at 128K / 256K (telemetry), warm TTFT at
+#           32K / 128K and decode intervals at 32K / 1M;
+#   PART=P  the sparse kernel's launch configurations (bench_sparse --sweep), the 1M rows;
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -123,6 +127,19 @@ O)  # a coarser calibration (CAL_STEP=256) and its passkey, then the sparse tabl
 P)  # the sparse kernel's launch configurations (warps, stages, head-major grid) at 512K, then the 1M rows
   timeout "${T_SPARSE:-400}" python3 benchmarks/bench_sparse.py --sizes 1048576 --budgets uniform,7b-mix \
     --sweep 524288 2>&1 | tail -20
+  ;;
+Q)  # calibrations at 124K that let every head reach 0.9 (steps 1024 and 2048, 14 steps), each with its passkey
+  for step in ${CAL_STEPS:-1024 2048}; do
+    C=$OUT/calib128k_step$step CAL_STEP=$step calibrate_128k
+    C=$OUT/calib128k_step$step passkey_calibrated
+  done
+  ;;
+R)  # sparse density / recall of dummy-weight prompts (telemetry rows, not timed for comparison), then
+    # warm 32K TTFT and decode intervals after the block-pool fix
+  timeout "${T_SPARSE:-150}" python3 benchmarks/bench_engine.py --sparse 7b-mix --sparse-telemetry \
+    --ttft 131072,262144 --decode "" --name engine_sparse_telemetry 2>&1 | grep -v prefill | tail -4
+  timeout "${T_ENGINE:-200}" python3 benchmarks/bench_engine.py --ttft 32768,131072 --decode 32768,1000000 \
+    --skip-prefill --name engine_recheck 2>&1 | tail -8
   ;;
 M)
   timeout 200 python3 benchmarks/bench_engine.py --ttft "" --decode 32768,131072,1000000 --skip-prefill \

@@ -82,6 +82,11 @@ def test_small_budgets_change_the_result_and_report_density(tmp_path):
     report = llm.sparse_report()
     for r in report.values():
         assert r["density"] < 0.8 and all(0 < x <= 1 + 1e-6 for x in r["recall"])
+    llm.model.backend.telemetry.reset()  # a report per request: nothing recorded after a reset
+    assert llm.sparse_report() == {}
+    llm.logits(ids)
+    again = llm.sparse_report()
+    assert {k: v["density"] for k, v in again.items()} == {k: v["density"] for k, v in report.items()}
     # short prompts (<= threshold) and decode stay dense
     short = ids[:16]
     assert torch.allclose(llm.logits(short), LLM(folder, dtype="float32", device="cpu").logits(short), atol=1e-6)

@@ -237,6 +237,10 @@ class SparseTelemetry:
     attention on the same request. Costs a dense pass over those heads: a debugging aid only."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was recorded (a report per request: reset before it)."""
         self.computed: dict[int, int] = {}
         self.causal: dict[int, int] = {}
         self.recall: dict[int, list[torch.Tensor]] = {}
