@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qwen1m.attention.dca import dca_attention
-from qwen1m.attention.dca_rope import rotate_for_dca
+from qwen1m.attention.dca_rope import needed_rotations, rotate_for_dca
 from qwen1m.attention.reference import attend
 from qwen1m.config import DCAConfig
 from qwen1m.model.rope import RotaryEmbedding
@@ -58,8 +58,10 @@ def _run_dca(q, k, v, dca, steps, prompt_len, attend_fn=attend):
     outs, lses, begin = [], [], 0
     for n in steps:
         end = begin + n
+        # only the rotations this step reads, as the backend does (the oracle tests then cover it)
         q_intra, q_succ, q_inter, k_rot, scale = rotate_for_dca(
-            q[begin:end], k[begin:end], torch.arange(begin, end), rotary, dca, max(prompt_len, end)
+            q[begin:end], k[begin:end], torch.arange(begin, end), rotary, dca, max(prompt_len, end),
+            needed_rotations(end, dca)
         )
         k_cache[begin:end] = k_rot
         v_cache[begin:end] = v[begin:end]
@@ -222,3 +224,34 @@ def test_decode_ranges_leave_out_ranges_empty_for_the_whole_batch():
     assert ranges(5, 11) == [[[0, 10], [0, 0]], [[5, 11], [0, 10]]]  # n = 1: intra, succ
     assert ranges(5, 31) == [[[0, 30], [0, 20], [0, 0]], [[5, 31], [0, 30], [0, 20]]]  # n = 3: all three
     assert ranges(21, 45) == [[[20, 40], [10, 30], [0, 0]], [[21, 45], [20, 40], [10, 30]]]
+
+
+def test_needed_rotations_follow_the_chunk_of_the_last_query():
+    # s = 12: positions 0..11 are chunk 0, 12..23 chunk 1, 24.. chunk 2 and later
+    assert [needed_rotations(n, SMALL) for n in (1, 12, 13, 24, 25, 200)] == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("begin,num_q", [(0, 12), (5, 7), (10, 3), (12, 12), (20, 9), (30, 30)])
+def test_skipped_rotations_give_the_same_attention(begin, num_q):
+    """The copies ``needed_rotations`` skips are never read: same output as with all three."""
+    q, k, v = _qkv(begin + num_q, seed=11)
+    rotary = RotaryEmbedding(HEAD_DIM, BASE)
+    pos = torch.arange(begin, begin + num_q)
+    full = rotate_for_dca(q, k, torch.arange(begin + num_q), rotary, SMALL, begin + num_q)
+    k_rot = full[3]
+    n = needed_rotations(begin + num_q, SMALL)
+    lazy = rotate_for_dca(q[begin:], k[begin:], pos, rotary, SMALL, begin + num_q, n)
+    assert (lazy[1] is None) == (n < 2) and (lazy[2] is None) == (n < 3)
+    want = dca_attention(*(t[begin:] for t in full[:3]), k_rot, v, begin=begin, dca=SMALL, softmax_scale=full[4])
+    got = dca_attention(*lazy[:3], k_rot, v, begin=begin, dca=SMALL, softmax_scale=lazy[4])
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_a_missing_rotation_that_is_needed_is_a_clear_error():
+    q, k, v = _qkv(26, seed=12)
+    rotary = RotaryEmbedding(HEAD_DIM, BASE)
+    q_intra, q_succ, _, k_rot, scale = rotate_for_dca(q, k, torch.arange(26), rotary, SMALL, 26, 2)
+    with pytest.raises(ValueError, match="reach DCA chunk 2, which needs q_succ and q_inter"):
+        dca_attention(q_intra, q_succ, None, k_rot, v, begin=0, dca=SMALL, softmax_scale=scale)
+    with pytest.raises(ValueError, match="num_rotations must be 1, 2 or 3"):
+        rotate_for_dca(q, k, torch.arange(26), rotary, SMALL, 26, 0)

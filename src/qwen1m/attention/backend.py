@@ -255,22 +255,25 @@ class DCABackend(AttentionBackend):
 
     def forward_sequence(self, layer, q, k, v, positions, seq):
         from qwen1m.attention.dca import dca_attention
-        from qwen1m.attention.dca_rope import rotate_critical, rotate_for_dca
+        from qwen1m.attention.dca_rope import needed_rotations, rotate_critical, rotate_for_dca
 
+        num_rot = needed_rotations(seq.num_total, self.dca)
         q_intra, q_succ, q_inter, k_rot, scale = rotate_for_dca(
-            q, k, positions, self.rotary, self.dca, seq.scale_len
+            q, k, positions, self.rotary, self.dca, seq.scale_len, num_rot
         )
         seq.cache.write(layer, seq.num_cached, k_rot, v)
         keys, values = seq.cache.view(layer, seq.num_total)
         attend = self.attend_fn(q.device)
 
         def dense_fn(qs, ks, vs):
-            return dca_attention(qs["intra"], qs["succ"], qs["inter"], ks, vs, begin=seq.num_cached, dca=self.dca,
-                                 softmax_scale=scale, attend_fn=attend)
+            return dca_attention(qs["intra"], qs.get("succ"), qs.get("inter"), ks, vs, begin=seq.num_cached,
+                                 dca=self.dca, softmax_scale=scale, attend_fn=attend)
 
-        queries = {"intra": q_intra, "succ": q_succ, "inter": q_inter}
+        # only the rotations some query of this step reads (``needed_rotations``)
+        queries = {name: t for name, t in (("intra", q_intra), ("succ", q_succ), ("inter", q_inter)) if t is not None}
         if self._sparse_applies(seq):
-            queries["succ_critical"], queries["inter_critical"] = rotate_critical(q, positions, self.rotary, self.dca)
+            critical = rotate_critical(q, positions, self.rotary, self.dca, num_rot)
+            queries.update({name: t for name, t in zip(("succ_critical", "inter_critical"), critical) if t is not None})
             return self._sparse_attention(layer, queries, keys, values, seq, self.dca.chunk_len, scale, dense_fn)
         out, _ = dense_fn(queries, keys, values)
         return out

@@ -121,8 +121,8 @@ def _attend_region(
 
 def dca_attention(
     q_intra: torch.Tensor,
-    q_succ: torch.Tensor,
-    q_inter: torch.Tensor,
+    q_succ: torch.Tensor | None,
+    q_inter: torch.Tensor | None,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
@@ -136,6 +136,8 @@ def dca_attention(
 
     q_intra, q_succ, q_inter: [num_q, num_heads, head_dim], the same queries rotated at the three DCA
       positions (and YaRN-scaled through ``softmax_scale`` = m / sqrt(head_dim) by the caller).
+      q_succ / q_inter may be None when no query reaches past its first / second chunk
+      (``dca_rope.needed_rotations``); a region that needs a missing copy is an error.
     k, v: [begin + num_q, num_kv_heads, head_dim], every key/value of the sequence, keys rotated at
       p mod s and multiplied by m; may be strided views of a cache (only ever sliced, never copied).
     attend_fn: ``reference.attend``'s contract; called only on contiguous key ranges; every causal call
@@ -146,10 +148,16 @@ def dca_attention(
     total = begin + num_q
     if num_q < 1 or begin < 0:
         raise ValueError(f"dca_attention needs num_q >= 1 and begin >= 0, got num_q={num_q}, begin={begin}.")
-    if q_succ.shape != q_intra.shape or q_inter.shape != q_intra.shape:
+    for name, t in (("q_succ", q_succ), ("q_inter", q_inter)):
+        if t is not None and t.shape != q_intra.shape:
+            raise ValueError(
+                f"dca_attention: {name} {tuple(t.shape)} must have q_intra's shape {tuple(q_intra.shape)}."
+            )
+    last_chunk = (total - 1) // dca.chunk_len
+    if (q_succ is None and last_chunk >= 1) or (q_inter is None and last_chunk >= 2):
         raise ValueError(
-            f"dca_attention: q_intra {tuple(q_intra.shape)}, q_succ {tuple(q_succ.shape)} and "
-            f"q_inter {tuple(q_inter.shape)} must have the same shape."
+            f"dca_attention: queries up to position {total - 1} reach DCA chunk {last_chunk}, which needs "
+            f"q_succ{' and q_inter' if last_chunk >= 2 else ''} (got None)."
         )
     if k.shape[0] != total or v.shape[0] != total:
         raise ValueError(
