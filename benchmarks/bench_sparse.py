@@ -292,7 +292,8 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         pairs, tile_pairs = computed_pairs(index)
         if smoke:  # the closed form against the dense mask
             assert pairs == int(vertical_slash_mask(index, chunk, n, True).sum()), "computed_pairs is wrong"
-        row = {"N": n, "budgets": kind, "slash_dist": dist, "density": pairs / dense_pairs, "tile_density": tile_pairs / dense_pairs,
+        row = {"N": n, "budgets": kind, "slash_dist": dist, "density": pairs / dense_pairs,
+               "tile_density": tile_pairs / dense_pairs,
                "mean_blocks": index.block_count.float().mean().item(),
                "mean_columns": index.column_count.float().mean().item(), "self_check": errs,
                "dense_ms": dense_ms, "sdpa_cudnn_ms": cudnn_ms}
@@ -405,13 +406,15 @@ def main() -> None:
         json.dump(res, f, indent=1, default=str)
 
     print(f"\n== vertical-slash sparse prefill: {chunk} causal queries at the end of N keys, "
-          f"budgets {'/'.join(budget_kinds)} (uniform: v {nv}, s {ns} per head), {res['device']}; FLOPs = {FLOP_FORMULA}")
+          f"budgets {'/'.join(budget_kinds)} (uniform: v {nv}, s {ns} per head), {res['device']}; "
+          f"FLOPs = {FLOP_FORMULA}")
     print(f"{'N':>8} {'budgets':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'idx torch':>9} {'idx triton':>10} "
           f"{'sparse ms':>10} {'dense ms':>9} "
           f"{'cudnn ms':>9} {'x dense':>8} {'x incl idx':>10} {'eff TF/s':>9} {'dense TF/s':>10}")
     for r in res["rows"]:
         cudnn = f"{r['sdpa_cudnn_ms']:9.2f}" if r["sdpa_cudnn_ms"] is not None else f"{'n/a':>9}"
-        print(f"{r['N']:>8} {r['budgets']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} {r['index_ms']:9.2f} "
+        print(f"{r['N']:>8} {r['budgets']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} "
+              f"{r['index_ms']:9.2f} "
               f"{r['index_triton_ms']:10.3f} "
               f"{r['sparse_ms']:10.2f} {r['dense_ms']:9.2f} {cudnn} {r['speedup_vs_dense']:8.2f} "
               f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f}")

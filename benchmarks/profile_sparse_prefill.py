@@ -77,7 +77,8 @@ def main() -> None:
     else:
         sparse = sparse_config(args.sparse, cfg.num_hidden_layers, cfg.num_attention_heads)
     llm = LLM(args.model, load_format=args.load_format, dtype="bfloat16" if torch.cuda.is_available() else "float32",
-              max_model_len=args.tokens + 64, enforce_eager=True, max_num_seqs=max(1, args.prompts), sparse_attention_config=sparse,
+              max_model_len=args.tokens + 64, enforce_eager=True, max_num_seqs=max(1, args.prompts),
+              sparse_attention_config=sparse,
               sparse_threshold=args.sparse_threshold)
     prompts = [torch.randint(0, llm.config.vocab_size, (args.tokens,)).tolist() for _ in range(args.prompts)]
     ids = prompts[0]

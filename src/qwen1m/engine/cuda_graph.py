@@ -3,11 +3,11 @@ a 7B decode step is bound by launches (~85 ms measured against a 4 ms memory flo
 launches them all at once.
 
 A graph is captured per batch bucket (1, 2, 4, ...) and number of key ranges (DCA leaves out the
-ranges that are empty for the whole batch: 1 up to one DCA chunk, then 2, then 3) over static buffers: token ids, positions, and
-the attention backend's ``DecodeInputs`` (block tables sized for max_model_len, cache slots, key
-ranges, YaRN factors). A step copies its values into the first n rows; padding rows read nothing
-(empty key ranges) and write their keys into one reserved pad block. The graph covers the model and
-the lm_head, so a replay yields logits [bucket, vocab].
+ranges that are empty for the whole batch: 1 up to one DCA chunk, then 2, then 3) over static
+buffers: token ids, positions, and the attention backend's ``DecodeInputs`` (block tables sized for
+max_model_len, cache slots, key ranges, YaRN factors). A step copies its values into the first n
+rows; padding rows read nothing (empty key ranges) and write their keys into one reserved pad block.
+The graph covers the model and the lm_head, so a replay yields logits [bucket, vocab].
 """
 
 from __future__ import annotations

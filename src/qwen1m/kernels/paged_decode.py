@@ -26,11 +26,11 @@ head_dim * elem bytes, and the goal is to read it exactly once at full bandwidth
     nearly idle, so the ranges are cut into P pieces, one program each, grid (batch, num_kv_heads,
     P). ``choose_num_splits`` picks P = R * splits so that each range's batch * num_kv_heads *
     splits programs fill the GPU (fewer, filling it once for all R ranges, ran 1.5x slower at 1M
-    keys in DCA's three ranges on the H200). Pieces are whole BLOCK_N-aligned tiles of *logical* positions, so no key is read by two
-    programs. Each piece writes its normalised partial out and its LSE to a float32 workspace;
-    ``_paged_decode_reduce_kernel`` merges the pieces of a row by LSE (exact: out = sum_s
-    exp(lse_s - LSE) out_s) in one online-rescaled pass, grid (batch, num_heads, head_dim slices).
-    With a single piece the first kernel writes the result directly.
+    keys in DCA's three ranges on the H200). Pieces are whole BLOCK_N-aligned tiles of *logical*
+    positions, so no key is read by two programs. Each piece writes its normalised partial out and
+    its LSE to a float32 workspace; ``_paged_decode_reduce_kernel`` merges the pieces of a row by
+    LSE (exact: out = sum_s exp(lse_s - LSE) out_s) in one online-rescaled pass, grid (batch,
+    num_heads, head_dim slices). With a single piece the first kernel writes the result directly.
   - Block tables: if BLOCK_N <= block_size a tile lies inside one physical block (both are powers of
     two and tiles are aligned), so one table entry per tile is read and the tile is a contiguous
     [BLOCK_N, num_kv_heads, head_dim] slab; otherwise each token looks up its own block.
