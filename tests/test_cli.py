@@ -58,6 +58,8 @@ def test_generate_with_tensor_parallel_size_2(text_model, capsys):
     one = capsys.readouterr().out
     assert main(args + ["--tensor-parallel-size", "2"]) == 0
     assert capsys.readouterr().out == one
+    assert main(args + ["--enable-prefix-caching"]) == 0
+    assert capsys.readouterr().out == one
 
 
 def test_long_prompt_shows_a_progress_bar(text_model, capsys):

@@ -29,6 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (overrides the plan)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N processes/GPUs")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV blocks of earlier prompts that share this prompt's beginning")
     dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
     dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
     dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
@@ -70,7 +72,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
                    sparse_attention_config=None if args.sparse_config == "none" else args.sparse_config,
                    sparse_threshold=args.sparse_threshold, sparse_dense_above=args.sparse_dense_above,
                    tensor_parallel_size=args.tensor_parallel_size,
-                   enforce_eager=args.enforce_eager)
+                   enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching)
     options.update(overrides)
     return LLM(args.model, **options)
 

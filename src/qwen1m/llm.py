@@ -78,6 +78,10 @@ class LLM:
         processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit
         with status 0 (without running the rest of the script or its atexit handlers).
     enforce_eager: on a GPU, decode steps replay CUDA graphs unless this is True.
+    enable_prefix_caching: keep prompts' full KV blocks after their requests and start a later
+        prompt that begins with the same tokens from them (another question about the same document:
+        only the question is prefilled). Reuse is exact in float32; with DCA's YaRN temperature it
+        needs prompt lengths within ~1% of each other (``cache/prefix_cache.py``).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class LLM:
         sparse_telemetry: bool = False,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
+        enable_prefix_caching: bool = False,
         seed: int = 0,
     ):
         folder = bundled_model_path() if model is None else Path(model)
@@ -159,7 +164,7 @@ class LLM:
                   and not sparse_telemetry)
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                cuda_graphs=graphs)
+                                cuda_graphs=graphs, prefix_caching=enable_prefix_caching)
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""

@@ -34,6 +34,7 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     new_text: list[str] = field(default_factory=list)  # per completion: text added since the last step
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
 
 
 @dataclass(slots=True)

@@ -38,12 +38,17 @@ def test_tp2_equals_tp1_with_dca_and_sparse(ckpt):
     one = LLM(ckpt, **opts)
     ref_logits = one.logits(ids)
     ref_tokens = [o.outputs[0].token_ids for o in one.generate([ids, ids[:40]], params)]
-    two = LLM(ckpt, tensor_parallel_size=2, **opts)
+    follow_up = ids[:90] + [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # the same length: the same YaRN m
+    ref_follow_up = one.generate([follow_up], params)[0].outputs[0].token_ids
+    # prefix caching on: the workers read the driver's block tables, shared blocks included
+    two = LLM(ckpt, tensor_parallel_size=2, enable_prefix_caching=True, **opts)
     try:
         assert two.model.config.num_key_value_heads == 1 and two.model.config.num_attention_heads == 2
         logits = two.logits(ids)
         assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
         assert [o.outputs[0].token_ids for o in two.generate([ids, ids[:40]], params)] == ref_tokens
+        again = two.generate([follow_up], params)[0]
+        assert again.num_cached_tokens == 88 and again.outputs[0].token_ids == ref_follow_up
         assert two.sparse_config is not None and two.model.backend.sparse.budgets(0) == ([3, 5], [4, 2])
     finally:
         two.shutdown()

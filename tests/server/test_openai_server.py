@@ -62,7 +62,8 @@ def ref(checkpoint):
 
 @pytest.fixture(scope="module")
 def server_llm(checkpoint):
-    return LLM(checkpoint, **ENGINE, max_num_batched_tokens=48, max_num_seqs=4)
+    # prefix caching on: every test below then also checks that reused prefixes change no output
+    return LLM(checkpoint, **ENGINE, max_num_batched_tokens=48, max_num_seqs=4, enable_prefix_caching=True)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,17 @@ def test_completion_streamed_equals_whole_equals_generate(client, ref):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_a_shared_long_system_prompt_is_reused(client, ref):
+    system = {"role": "system", "content": " ".join(WORDS * 12)}
+    for question, cached in (("Name a fox.", False), ("Name a dog.", True)):
+        messages = [system, {"role": "user", "content": question}]
+        expected = ref.chat(messages, greedy(6))[0].outputs[0]
+        whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        assert whole.choices[0].message.content == expected.text
+        details = whole.usage.prompt_tokens_details
+        assert (details.cached_tokens >= 64) == cached and details.cached_tokens < whole.usage.prompt_tokens
 
 
 def test_chat_streamed_equals_whole_equals_llm_chat(client, ref):

@@ -66,6 +66,11 @@ class AttentionBackend:
         self.probe = None  # a calibrate.RecallProbe while `qwen1m calibrate` runs (dense output, sparse recall)
         self._attend_fns: dict[torch.device, object] = {}
 
+    def key_scale(self, prompt_len: int) -> float:
+        """The factor a prompt's keys are written with in prefill (prefix caching compares it): 1
+        here; DCA's backend writes them times the YaRN temperature of the prompt length."""
+        return 1.0
+
     def _sparse_applies(self, seq: SequenceSlice) -> bool:
         """Sparse attention in prefill only, for prompts longer than the threshold (spec 3.4)."""
         return (self.sparse is not None and seq.prompt_len > self.sparse.threshold and seq.num_query > 1
@@ -277,6 +282,9 @@ class DCABackend(AttentionBackend):
             return self._sparse_attention(layer, queries, keys, values, seq, self.dca.chunk_len, scale, dense_fn)
         out, _ = dense_fn(queries, keys, values)
         return out
+
+    def key_scale(self, prompt_len: int) -> float:
+        return self.dca.yarn_scale(prompt_len)
 
     def decode_inputs(self, seqs, device, dtype):
         """DCA: three key ranges per sequence (spec 2.4) and the YaRN factor of its length (spec 2.5)."""

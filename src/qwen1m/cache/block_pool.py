@@ -7,6 +7,8 @@ Fragmentation only costs a gather, never correctness.
 
 from __future__ import annotations
 
+import bisect
+
 
 class BlockPool:
     def __init__(self, num_blocks: int):
@@ -35,6 +37,21 @@ class BlockPool:
         blocks = free[:n]
         del free[:n]
         return blocks
+
+    def count_free(self, start: int, end: int) -> int:
+        """Free blocks among [start, end)."""
+        return bisect.bisect_left(self._free, end) - bisect.bisect_left(self._free, start)
+
+    def allocate_run(self, start: int, n: int) -> list[int] | None:
+        """The blocks [start, start + n) if every one is free, else None."""
+        if n == 0:
+            return []
+        i = bisect.bisect_left(self._free, start)
+        if i + n <= len(self._free) and self._free[i] == start and self._free[i + n - 1] == start + n - 1:
+            blocks = self._free[i:i + n]
+            del self._free[i:i + n]
+            return blocks
+        return None
 
     def free(self, blocks: list[int]) -> None:
         # one merge of two sorted runs (Timsort: linear), not an insort per block: a 1M-token

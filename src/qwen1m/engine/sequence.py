@@ -39,6 +39,11 @@ class Sequence:
     first_token_time: float | None = None
     finished_time: float | None = None
     detokenizer: object | None = field(default=None, repr=False)
+    # prefix caching: the keys of its full prompt blocks, how many of them are in the cache, and how
+    # many prompt tokens it took from there
+    block_keys: list[bytes] | None = field(default=None, repr=False)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -36,6 +36,7 @@ from qwen1m.server.protocol import (
     ModelCard,
     ModelList,
     OpenAIError,
+    PromptTokensDetails,
     UsageInfo,
 )
 
@@ -57,10 +58,12 @@ class _Choices:
         self.finish_reasons: list[str | None] = [None] * len(self.sent)
         self.completion_tokens = [0] * len(self.sent)
         self.prompt_tokens: dict[str, int] = {}
+        self.cached_tokens: dict[str, int] = {}
 
     def update(self, out: RequestOutput) -> list[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason or None) for each choice that changed."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
+        self.cached_tokens[out.request_id] = out.num_cached_tokens
         changes = []
         for o in out.outputs:
             i = self.first_choice[out.request_id] + o.index
@@ -77,7 +80,8 @@ class _Choices:
 
     def usage(self) -> UsageInfo:
         prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())))
 
 
 class OpenAIServing:
