@@ -171,6 +171,23 @@ def test_a_running_sequence_shares_its_prefix(dense_ckpt):
     assert pool.num_free + prefix.num_idle == pool.num_blocks and engine.kv_cache_usage() == 0.0
 
 
+def test_questions_in_one_call_share_the_document(dense_ckpt):
+    """Three questions in one generate call are admitted together; the second and third find the
+    document's blocks the first has computed by the time their first chunk is due."""
+    doc = _ids(150, 24)
+    prompts = [doc + _ids(k, 25 + k) for k in (3, 5, 7)]
+    plain, cached = _llm(dense_ckpt, False), _llm(dense_ckpt, True)
+    want = plain.generate(prompts, GREEDY)
+    got = cached.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    # 48 tokens a step: the first prompt's chunks end at 48, 96, 144, 153; the other two get their
+    # first tokens in the fourth step (the budget left after the first's last 9), when 144 tokens
+    # (36 blocks) of the document are computed and registered
+    assert [o.num_cached_tokens for o in got] == [0, 144, 144]
+    engine = cached.engine
+    assert engine.block_pool.num_free + engine.prefix_cache.num_idle == engine.block_pool.num_blocks
+
+
 def test_after_the_first_request_the_blocks_stay_contiguous(dense_ckpt):
     doc = _ids(64, 16)
     llm = _llm(dense_ckpt, True)

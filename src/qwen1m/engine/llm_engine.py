@@ -84,7 +84,8 @@ class LLMEngine:
         if prefix_caching:
             exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
             self.prefix_cache = PrefixCache(kv_cache.block_size, 0.0 if exact else LOW_PRECISION_SCALE_TOLERANCE)
-        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate, self._release)
+        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate, self._release,
+                                   self._match_again if self.prefix_cache is not None else None)
         self.graph_runner = None
         if cuda_graphs:  # decode steps replay CUDA graphs; one block is kept for the padding rows' writes
             from qwen1m.engine.cuda_graph import DecodeGraphRunner
@@ -222,6 +223,23 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * bs
         seq.num_registered_blocks = len(shared)
         return True
+
+    def _match_again(self, seq: Sequence) -> None:
+        """A prompt admitted beside the one that computes its prefix (several questions about one
+        document in one ``generate`` call) found nothing cached at admission; when its first chunk is
+        due, what the other has computed since is. Its own leading blocks, not written yet, go back
+        to the pool in exchange (its keys are then gathered, not one view)."""
+        if seq.num_computed_tokens or seq.block_keys is None or seq.cache is None:
+            return
+        reusable = (seq.num_prompt_tokens - 1) // self.kv_cache.block_size
+        shared = self.prefix_cache.match(seq.block_keys[:reusable], self._key_scale(seq))
+        if not shared:
+            return
+        own = seq.cache.blocks
+        self.block_pool.free(own[:len(shared)])  # private and unwritten: nothing computed yet
+        seq.cache = SequenceBlocks(self.kv_cache, shared + own[len(shared):], self.device)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * self.kv_cache.block_size
+        seq.num_registered_blocks = len(shared)
 
     def _key_scale(self, seq: Sequence) -> float:
         return self.model.backend.key_scale(seq.num_prompt_tokens)

@@ -29,6 +29,7 @@ class Scheduler:
         max_num_seqs: int,
         allocate: Callable[[Sequence], bool],
         release: Callable[[Sequence], None],
+        before_first_chunk: Callable[[Sequence], None] | None = None,
     ):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -37,6 +38,9 @@ class Scheduler:
         # when the pool is short, new requests wait in the queue (FIFO) instead.
         self.allocate = allocate
         self.release = release
+        # called when a sequence with nothing computed is about to get its first tokens (prefix
+        # caching looks for a cached prefix again there: it may have appeared since admission)
+        self.before_first_chunk = before_first_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -60,6 +64,8 @@ class Scheduler:
         for seq in decoding + prefilling:
             if budget == 0:
                 break
+            if self.before_first_chunk is not None and seq.num_computed_tokens == 0:
+                self.before_first_chunk(seq)
             n = min(seq.num_uncomputed, budget)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
