@@ -152,15 +152,18 @@ def test_completion_streamed_equals_whole_equals_generate(client, ref):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
-def test_a_shared_long_system_prompt_is_reused(client, ref):
+def test_a_shared_long_system_prompt_is_reused(client, ref, base_url):
     system = {"role": "system", "content": " ".join(WORDS * 12)}
+    hits = "qwen1m_prefix_cache_hit_tokens_total"
     for question, cached in (("Name a fox.", False), ("Name a dog.", True)):
+        before = metrics(base_url)[hits]
         messages = [system, {"role": "user", "content": question}]
         expected = ref.chat(messages, greedy(6))[0].outputs[0]
         whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
         assert whole.choices[0].message.content == expected.text
         details = whole.usage.prompt_tokens_details
         assert (details.cached_tokens >= 64) == cached and details.cached_tokens < whole.usage.prompt_tokens
+        assert metrics(base_url)[hits] - before == details.cached_tokens
 
 
 def test_chat_streamed_equals_whole_equals_llm_chat(client, ref):
@@ -418,6 +421,7 @@ def test_metrics_are_prometheus_text(base_url, client):
     text = response.text
     for name, kind in [("qwen1m_requests_total", "counter"), ("qwen1m_prompt_tokens_total", "counter"),
                        ("qwen1m_generation_tokens_total", "counter"),
+                       ("qwen1m_prefix_cache_hit_tokens_total", "counter"),
                        ("qwen1m_time_to_first_token_seconds", "histogram"),
                        ("qwen1m_inter_token_latency_seconds", "histogram"),
                        ("qwen1m_num_requests_running", "gauge"), ("qwen1m_num_requests_waiting", "gauge"),

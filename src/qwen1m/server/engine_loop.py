@@ -224,6 +224,7 @@ class EngineLoop:
             if n > tracked.num_generated:
                 if tracked.last_token_time is None:
                     self.metrics.time_to_first_token.observe(now - tracked.arrival)
+                    self.metrics.prefix_cache_hit_tokens.inc(out.num_cached_tokens)
                 else:
                     self.metrics.inter_token_latency.observe(now - tracked.last_token_time)
                 self.metrics.generation_tokens.inc(n - tracked.num_generated)

@@ -124,6 +124,8 @@ class ServerMetrics:
                                      ["route", "status"], lock)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of accepted requests.", [], lock)
         self.generation_tokens = Counter("generation_tokens", "Generated tokens.", [], lock)
+        self.prefix_cache_hit_tokens = Counter("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix "
+                                               "cache instead of computed (--enable-prefix-caching).", [], lock)
         self.time_to_first_token = Histogram(
             "time_to_first_token_seconds", "Seconds from arrival at the engine to the first generated token.",
             [], lock, buckets=TTFT_BUCKETS)
@@ -139,7 +141,7 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = (self.requests, self.http_requests, self.prompt_tokens, self.generation_tokens,
-                   self.time_to_first_token, self.inter_token_latency, self.running, self.waiting,
+                   self.prefix_cache_hit_tokens, self.time_to_first_token, self.inter_token_latency, self.running, self.waiting,
                    self.kv_cache_usage)
         with self._lock:
             lines = [line for m in metrics for line in m.render()]
