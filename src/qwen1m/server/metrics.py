@@ -141,8 +141,8 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = (self.requests, self.http_requests, self.prompt_tokens, self.generation_tokens,
-                   self.prefix_cache_hit_tokens, self.time_to_first_token, self.inter_token_latency, self.running, self.waiting,
-                   self.kv_cache_usage)
+                   self.prefix_cache_hit_tokens, self.time_to_first_token, self.inter_token_latency, self.running,
+                   self.waiting, self.kv_cache_usage)
         with self._lock:
             lines = [line for m in metrics for line in m.render()]
         return "\n".join(lines) + "\n"
