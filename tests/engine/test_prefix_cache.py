@@ -223,3 +223,15 @@ def test_prompt_logits_are_unaffected(dense_ckpt):
     plain, cached = _llm(dense_ckpt, False), _llm(dense_ckpt, True)
     cached.generate([doc], GREEDY)
     assert torch.allclose(cached.logits(doc + [1, 2]), plain.logits(doc + [1, 2]), atol=1e-5)
+
+
+def test_fp8_cache_reuses_the_same_quantised_blocks(dca_ckpt):
+    """An FP8 cache stores per-token scales with each block: reused blocks are the bytes a
+    recomputation would write, so the outputs match the FP8 engine without prefix caching."""
+    doc = _ids(60, 26)
+    plain, cached = _llm(dca_ckpt, False, kv_cache_dtype="fp8"), _llm(dca_ckpt, True, kv_cache_dtype="fp8")
+    assert cached.engine.prefix_cache.scale_tolerance > 0  # FP8: the low-precision tolerance
+    cached.generate([doc + _ids(4, 27)], GREEDY)
+    want = plain.generate([doc + _ids(4, 28)], GREEDY)[0]
+    got = cached.generate([doc + _ids(4, 28)], GREEDY)[0]
+    assert got.num_cached_tokens == 60 and got.outputs[0].token_ids == want.outputs[0].token_ids
