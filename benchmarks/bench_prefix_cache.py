@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
+from bench_engine import CONFIG
 from common import save
 
 from qwen1m import LLM, SamplingParams
-
-CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct-1m"
 
 
 def _timed(llm: LLM, ids: list[int]) -> tuple[float, int]:

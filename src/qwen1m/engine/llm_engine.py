@@ -9,9 +9,9 @@ bounded by that budget (the report's 32K chunks), and logits are computed only f
 Decode speed: with CUDA graphs the engine overlaps steps (``step``): the next decode is launched from
 the device argmax before the host has looked at this step's tokens.
 
-Prefix caching (``prefix_caching``, off by default): a prompt's full KV blocks stay cached after its
-request, and a later prompt that starts with the same tokens starts with them computed
-(``cache/prefix_cache.py``).
+KV blocks: ``KVAllocator`` (``kv_allocator.py``) reserves each sequence's blocks at admission; with
+prefix caching (``prefix_caching``, off by default) a prompt's full blocks stay cached after its
+request, and a later prompt that starts with the same tokens starts with them computed.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
-from qwen1m.cache.block_pool import BlockPool
-from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
+from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.cache.planner import LOGITS_ROWS
-from qwen1m.cache.prefix_cache import LOW_PRECISION_SCALE_TOLERANCE, PrefixCache
 from qwen1m.detokenizer import IncrementalDetokenizer
+from qwen1m.engine.kv_allocator import KVAllocator
 from qwen1m.engine.sampler import sample
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
@@ -79,13 +78,10 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = model.lm_head.weight.device
         self.kv_cache = kv_cache
-        self.block_pool = BlockPool(kv_cache.num_blocks)
-        self.prefix_cache = None
-        if prefix_caching:
-            exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
-            self.prefix_cache = PrefixCache(kv_cache.block_size, 0.0 if exact else LOW_PRECISION_SCALE_TOLERANCE)
-        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self._allocate, self._release,
-                                   self._match_again if self.prefix_cache is not None else None)
+        self.kv = KVAllocator(kv_cache, self.device, model.backend.key_scale, prefix_caching)
+        self.block_pool, self.prefix_cache = self.kv.block_pool, self.kv.prefix_cache  # for inspection
+        self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self.kv.allocate, self.kv.release,
+                                   self.kv.match_again if prefix_caching else None)
         self.graph_runner = None
         if cuda_graphs:  # decode steps replay CUDA graphs; one block is kept for the padding rows' writes
             from qwen1m.engine.cuda_graph import DecodeGraphRunner
@@ -173,91 +169,7 @@ class LLMEngine:
         """Fraction of KV blocks reserved by running sequences (0.0 - 1.0); idle prefix-cache blocks
         count as free (an allocation takes them when it needs them)."""
         usable = self.block_pool.num_blocks - (1 if self.graph_runner is not None else 0)  # minus the pad block
-        return 1.0 - self._num_available() / max(1, usable)
-
-    def _num_available(self) -> int:
-        return self.block_pool.num_free + (self.prefix_cache.num_idle if self.prefix_cache is not None else 0)
-
-    def _take(self, n: int, after: int | None = None) -> list[int] | None:
-        """n free blocks, preferably the run that starts at block ``after`` (the blocks right after a
-        reused prefix, free again once the request that computed it has ended: the sequence's keys
-        then stay one strided view, no gather); idle prefix-cache blocks are evicted when short."""
-        blocks = None
-        if after is not None:
-            if self.prefix_cache is not None:  # the old request's idle tail right after the prefix
-                # (its last prompt block, with the old question in it) gives way to keep the run
-                idle = [b for b in range(after, min(after + n, self.block_pool.num_blocks))
-                        if self.prefix_cache.is_idle(b)]
-                if idle and self.block_pool.count_free(after, after + n) + len(idle) == n:
-                    self.prefix_cache.evict_blocks(idle)
-                    self.block_pool.free(idle)
-            blocks = self.block_pool.allocate_run(after, n)
-        if blocks is None:
-            blocks = self.block_pool.allocate(n)
-        if blocks is None and self.prefix_cache is not None and n <= self._num_available():
-            self.block_pool.free(self.prefix_cache.evict(n - self.block_pool.num_free))
-            blocks = self.block_pool.allocate(n)
-        return blocks
-
-    def _reserve(self, num_tokens: int) -> SequenceBlocks | None:
-        blocks = self._take(-(-num_tokens // self.kv_cache.block_size))
-        return None if blocks is None else SequenceBlocks(self.kv_cache, blocks, self.device)
-
-    def _allocate(self, seq: Sequence) -> bool:
-        """Reserve a sequence's blocks for its whole length; with prefix caching, its prompt's longest
-        cached prefix comes first, already computed (never the last prompt token: its logits are
-        the first output)."""
-        shared: list[int] = []
-        bs = self.kv_cache.block_size
-        if self.prefix_cache is not None:
-            if seq.block_keys is None:
-                seq.block_keys = self.prefix_cache.keys(seq.token_ids, seq.num_prompt_tokens // bs)
-            reusable = (seq.num_prompt_tokens - 1) // bs
-            shared = self.prefix_cache.match(seq.block_keys[:reusable], self._key_scale(seq))
-        blocks = self._take(-(-seq.max_len // bs) - len(shared), shared[-1] + 1 if shared else None)
-        if blocks is None:
-            if shared:
-                self.block_pool.free(self.prefix_cache.release(shared))
-            return False
-        seq.cache = SequenceBlocks(self.kv_cache, shared + blocks, self.device)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * bs
-        seq.num_registered_blocks = len(shared)
-        return True
-
-    def _match_again(self, seq: Sequence) -> None:
-        """A prompt admitted beside the one that computes its prefix (several questions about one
-        document in one ``generate`` call) found nothing cached at admission; when its first chunk is
-        due, what the other has computed since is. Its own leading blocks, not written yet, go back
-        to the pool in exchange (its keys are then gathered, not one view)."""
-        if seq.num_computed_tokens or seq.block_keys is None or seq.cache is None:
-            return
-        reusable = (seq.num_prompt_tokens - 1) // self.kv_cache.block_size
-        shared = self.prefix_cache.match(seq.block_keys[:reusable], self._key_scale(seq))
-        if not shared:
-            return
-        own = seq.cache.blocks
-        self.block_pool.free(own[:len(shared)])  # private and unwritten: nothing computed yet
-        seq.cache = SequenceBlocks(self.kv_cache, shared + own[len(shared):], self.device)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * self.kv_cache.block_size
-        seq.num_registered_blocks = len(shared)
-
-    def _key_scale(self, seq: Sequence) -> float:
-        return self.model.backend.key_scale(seq.num_prompt_tokens)
-
-    def _register(self, seq: Sequence) -> None:
-        """Enter the prompt blocks this sequence has computed so far into the prefix cache."""
-        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.kv_cache.block_size
-        if done > seq.num_registered_blocks:
-            scale = self._key_scale(seq)
-            for i in range(seq.num_registered_blocks, done):
-                self.prefix_cache.register(seq.cache.blocks[i], seq.block_keys[i], scale)
-            seq.num_registered_blocks = done
-
-    def _release(self, seq: Sequence) -> None:
-        blocks = seq.cache.blocks
-        if self.prefix_cache is not None:
-            blocks = self.prefix_cache.release(blocks)
-        self.block_pool.free(blocks)
+        return 1.0 - self.kv.num_available() / max(1, usable)
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -324,8 +236,7 @@ class LLMEngine:
             logits = self.model.compute_logits(hidden[sample_rows]) if samplers else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-            if self.prefix_cache is not None and item.seq.block_keys is not None:
-                self._register(item.seq)  # the writes are enqueued: any later step that reads them follows
+            self.kv.register(item.seq)
         launched = _Launched(samplers, logits, list(self._prefilled))
         if samplers and all(seq.params.greedy for seq in samplers):
             launched.tokens = logits.argmax(-1)
@@ -494,10 +405,10 @@ class LLMEngine:
         """Logits of every position, through the same forward as generation, chunk by chunk."""
         self.check_prompt(token_ids)
         n = len(token_ids)
-        cache = self._reserve(n)
+        cache = self.kv.reserve(n)
         if cache is None:
             raise RequestError(f"Not enough free KV cache blocks to score {n} tokens now "
-                               f"({self._num_available()} of {self.block_pool.num_blocks} blocks free).")
+                               f"({self.kv.num_available()} of {self.block_pool.num_blocks} blocks free).")
         try:
             ids = torch.tensor(token_ids, device=self.device)
             chunks = []
@@ -511,4 +422,4 @@ class LLMEngine:
                               for r in range(0, m, LOGITS_ROWS))
             return torch.cat(chunks)
         finally:
-            self.block_pool.free(cache.blocks)
+            self.kv.free(cache)

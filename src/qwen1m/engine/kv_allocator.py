@@ -1,0 +1,123 @@
+"""Which KV blocks a sequence gets: the engine's side of ``BlockPool`` and ``PrefixCache``.
+
+A sequence reserves blocks for its whole length (prompt + max new tokens) when it is admitted, so a
+running sequence never waits for memory. With prefix caching its prompt's longest cached prefix comes
+first, already computed; the blocks it computes itself enter the cache as they fill, and when it
+ends they stay there idle until an allocation needs the memory (``cache/prefix_cache.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qwen1m.cache.block_pool import BlockPool
+from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
+from qwen1m.cache.prefix_cache import LOW_PRECISION_SCALE_TOLERANCE, PrefixCache
+from qwen1m.engine.sequence import Sequence
+
+
+class KVAllocator:
+    def __init__(self, kv_cache: PagedKVCache, device: torch.device, key_scale: Callable[[int], float],
+                 prefix_caching: bool = False):
+        """key_scale: prompt length -> the factor prefill writes that prompt's keys with
+        (``AttentionBackend.key_scale``); cached blocks are reused only where it agrees."""
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.block_size
+        self.key_scale = key_scale
+        self.block_pool = BlockPool(kv_cache.num_blocks)
+        self.prefix_cache = None
+        if prefix_caching:
+            exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
+            self.prefix_cache = PrefixCache(self.block_size, 0.0 if exact else LOW_PRECISION_SCALE_TOLERANCE)
+
+    def num_available(self) -> int:
+        """Free blocks, counting idle prefix-cache blocks (an allocation evicts them when it needs them)."""
+        return self.block_pool.num_free + (self.prefix_cache.num_idle if self.prefix_cache is not None else 0)
+
+    def take(self, n: int, after: int | None = None) -> list[int] | None:
+        """n free blocks, preferably the run that starts at block ``after`` (the blocks right after a
+        reused prefix, free again once the request that computed it has ended: the sequence's keys
+        then stay one strided view, no gather); idle prefix-cache blocks are evicted when short."""
+        blocks = None
+        if after is not None:
+            if self.prefix_cache is not None:  # the old request's idle tail right after the prefix
+                # (its last prompt block, with the old question in it) gives way to keep the run
+                idle = [b for b in range(after, min(after + n, self.block_pool.num_blocks))
+                        if self.prefix_cache.is_idle(b)]
+                if idle and self.block_pool.count_free(after, after + n) + len(idle) == n:
+                    self.prefix_cache.evict_blocks(idle)
+                    self.block_pool.free(idle)
+            blocks = self.block_pool.allocate_run(after, n)
+        if blocks is None:
+            blocks = self.block_pool.allocate(n)
+        if blocks is None and self.prefix_cache is not None and n <= self.num_available():
+            self.block_pool.free(self.prefix_cache.evict(n - self.block_pool.num_free))
+            blocks = self.block_pool.allocate(n)
+        return blocks
+
+    def reserve(self, num_tokens: int) -> SequenceBlocks | None:
+        """Private blocks for num_tokens tokens (no prefix cache involved), or None when short."""
+        blocks = self.take(-(-num_tokens // self.block_size))
+        return None if blocks is None else SequenceBlocks(self.kv_cache, blocks, self.device)
+
+    def free(self, cache: SequenceBlocks) -> None:
+        """Give back what ``reserve`` gave."""
+        self.block_pool.free(cache.blocks)
+
+    def allocate(self, seq: Sequence) -> bool:
+        """Reserve a sequence's blocks for its whole length, its prompt's cached prefix first."""
+        shared = self._match(seq) if self.prefix_cache is not None else []
+        own = self.take(-(-seq.max_len // self.block_size) - len(shared), shared[-1] + 1 if shared else None)
+        if own is None:
+            if shared:
+                self.block_pool.free(self.prefix_cache.release(shared))
+            return False
+        self._assign(seq, shared, own)
+        return True
+
+    def match_again(self, seq: Sequence) -> None:
+        """A prompt admitted beside the one that computes its prefix (several questions about one
+        document in one ``generate`` call) found nothing cached at admission; when its first chunk is
+        due, what the other has computed since is. Its own leading blocks, not written yet, go back
+        to the pool in exchange (its keys are then gathered, not one view)."""
+        if self.prefix_cache is None or seq.num_computed_tokens or seq.cache is None:
+            return
+        shared = self._match(seq)
+        if shared:
+            own = seq.cache.blocks
+            self.block_pool.free(own[:len(shared)])  # private and unwritten: nothing computed yet
+            self._assign(seq, shared, own[len(shared):])
+
+    def register(self, seq: Sequence) -> None:
+        """Enter the prompt blocks the sequence has computed so far into the prefix cache (called
+        once their writes are enqueued: any later step that reads them follows on the stream)."""
+        if self.prefix_cache is None or seq.block_keys is None:
+            return
+        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
+        if done > seq.num_registered_blocks:
+            scale = self.key_scale(seq.num_prompt_tokens)
+            for i in range(seq.num_registered_blocks, done):
+                self.prefix_cache.register(seq.cache.blocks[i], seq.block_keys[i], scale)
+            seq.num_registered_blocks = done
+
+    def release(self, seq: Sequence) -> None:
+        blocks = seq.cache.blocks
+        if self.prefix_cache is not None:
+            blocks = self.prefix_cache.release(blocks)
+        self.block_pool.free(blocks)
+
+    def _match(self, seq: Sequence) -> list[int]:
+        """The blocks of the prompt's longest cached prefix, now used by seq; never the block of the
+        last prompt token (its logits are the first output)."""
+        if seq.block_keys is None:
+            seq.block_keys = self.prefix_cache.keys(seq.token_ids, seq.num_prompt_tokens // self.block_size)
+        reusable = (seq.num_prompt_tokens - 1) // self.block_size
+        return self.prefix_cache.match(seq.block_keys[:reusable], self.key_scale(seq.num_prompt_tokens))
+
+    def _assign(self, seq: Sequence, shared: list[int], own: list[int]) -> None:
+        seq.cache = SequenceBlocks(self.kv_cache, shared + own, self.device)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * self.block_size
+        seq.num_registered_blocks = len(shared)
