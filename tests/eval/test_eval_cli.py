@@ -27,7 +27,7 @@ def built(monkeypatch):
 
 def test_passkey_end_to_end_then_resume(tmp_path, capsys, built):
     argv = ["eval", "passkey", "--lengths", "1024,2048", "--depths", "0,100", "--samples", "2",
-            "--modes", "rope,dca", "--out", str(tmp_path)]
+            "--modes", "rope,dca", "--out", str(tmp_path), "--families", "train"]
     assert main(argv) == 0
     data = json.loads((tmp_path / "passkey.json").read_text())
     samples = data["samples"]
@@ -59,7 +59,7 @@ def test_passkey_end_to_end_then_resume(tmp_path, capsys, built):
 
 def test_ruler_end_to_end_skips_qa_without_files(tmp_path, capsys, built):
     argv = ["eval", "ruler", "--tasks", "niah_single_1,vt,fwe,qa_2", "--lengths", "1024,2048", "--samples", "2",
-            "--modes", "rope,dca", "--out", str(tmp_path)]
+            "--modes", "rope,dca", "--out", str(tmp_path), "--families", "train"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "skipping qa_2" in err and "--hotpotqa" in err

@@ -57,6 +57,10 @@ def add_eval_command(sub) -> None:
         s.add_argument("--modes", default="rope,dca,dca+sparse", help="comma list of rope, dca, dca+sparse")
         s.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
         s.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (= max_num_seqs)")
+        s.add_argument("--families", choices=("heldout", "train"), default="heldout",
+                       help="haystacks and wordings: 'heldout' (never trained on; asked in plain words through "
+                            "the chat template, the default) or 'train' (the training templates, with their "
+                            "answer prefixes)")
         _add_model_args(s)
         s.set_defaults(func=run_eval_command)
     p.set_defaults(func=lambda args: p.print_help() or 2)
@@ -180,7 +184,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if getattr(args, "hotpotqa", None) and "qa_2" in tasks:
         qa["hotpotqa"] = load_hotpotqa(args.hotpotqa)
     try:
-        ec = EvalContext.build(Tokenizer.from_folder(folder).backend, qa)
+        ec = EvalContext.build(Tokenizer.from_folder(folder).backend, qa, families=args.families)
     except ValueError as e:  # no <|im_start|> / <|im_end|>: the prompts are ChatML
         raise Qwen1mError(f"eval prompts use ChatML, but the tokenizer in {folder}: {e}") from None
     if args.suite == "passkey":
@@ -188,7 +192,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     else:
         jobs = ruler_jobs(tasks, lengths, args.samples)
     out = Path(args.out)
-    meta = {"suite": args.suite, "model": str(folder.resolve()), "seed": args.seed, "modes": modes,
+    meta = {"suite": args.suite, "model": str(folder.resolve()), "seed": args.seed, "families": args.families,
+            "modes": modes,
             "lengths": lengths, "tasks": tasks,
             "sparse": _describe_sparse(options.get("dca+sparse")),
             "sparse_dense_above": args.sparse_dense_above}  # None: SparseConfig's default

@@ -24,7 +24,7 @@ from typing import Any
 
 from qwen1m.errors import Qwen1mError
 from qwen1m.eval.scoring import sample_score
-from qwen1m.eval.tasks import TASKS, EvalContext, make_sample
+from qwen1m.eval.tasks import EvalContext, make_sample, task_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ResultStore:
                 old, self.records = data["meta"], list(data["samples"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise Qwen1mError(f"{self.path} exists but is not an eval results file; use another --out.") from None
-            for name in ("suite", "model", "seed"):
+            for name in ("suite", "model", "seed", "families"):
                 if old.get(name) != meta.get(name):
                     raise Qwen1mError(f"{self.path} holds results for {name}={old.get(name)!r}, not "
                                       f"{meta.get(name)!r}; use another --out to start a new run.")
@@ -114,8 +114,8 @@ class RunProgress:
         return None if done == 0 else elapsed * (self.total_tokens - done) / done
 
 
-def prompt_tokens(job: Job) -> int:
-    return job.length - TASKS[job.task].max_tokens
+def prompt_tokens(job: Job, families: str = "heldout") -> int:
+    return job.length - task_spec(job.task, families).max_tokens
 
 
 def _batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
@@ -148,15 +148,17 @@ def run_suite(jobs: list[Job], modes: list[str], make_llm: Callable[[str], Any],
                 progress(state)
 
         for batch in _batches(todo[mode], batch_size):
-            samples = [make_sample(ec, j.task, prompt_tokens(j), j.depth, j.seed(seed)) for j in batch]
-            params = [SamplingParams(max_tokens=TASKS[j.task].max_tokens, temperature=0.0) for j in batch]
+            samples = [make_sample(ec, j.task, prompt_tokens(j, ec.families), j.depth, j.seed(seed)) for j in batch]
+            specs = [task_spec(j.task, ec.families) for j in batch]
+            params = [SamplingParams(max_tokens=spec.max_tokens, temperature=0.0) for spec in specs]
             outs = llm.generate([s.ids for s in samples], params, progress=on_step)
             records = []
-            for j, s, o in zip(batch, samples, outs):
+            for j, s, o, spec in zip(batch, samples, outs, specs):
                 got = o.outputs[0].text
-                score = sample_score(TASKS[j.task].metric, got, s.answers)
+                score = sample_score(spec.metric, got, s.answers)
                 records.append({"task": j.task, "mode": mode, "length": j.length, "n_tokens": len(s.ids),
                                 "grid_depth": j.depth, "depth": s.depth, "sample": j.sample,
+                                "families": ec.families, "family": s.family, "phrasing": s.phrasing,
                                 "expected": s.answers, "got": got, "score": score, "correct": score >= 100.0})
             store.add(records)
             state.inflight.clear()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from qwen1m.errors import Qwen1mError
+from qwen1m.eval import heldout_tasks as held
 from qwen1m.eval.context import EvalContext, EvalSample
 from qwen1m.eval.needles import niah, passkey, vt
 from qwen1m.eval.qa import qa_hotpotqa, qa_squad
@@ -55,7 +56,36 @@ def _registry() -> dict[str, TaskSpec]:
     return {s.name: s for s in specs}
 
 
+def _heldout_registry() -> dict[str, TaskSpec]:
+    """The same task names over held-out families and phrasings, answered in plain words: no answer
+    prefix, so the budget covers a sentence before the value (passkey 24 tokens, not 12)."""
+    n = partial(partial, held.niah)
+    train = _registry()
+    specs = [
+        TaskSpec("passkey", "passkey", 24, held.passkey),
+        TaskSpec("niah_single_1", "all", 128, n(haystack="repeat")),
+        TaskSpec("niah_single_2", "all", 128, n(haystack="essay")),
+        TaskSpec("niah_single_3", "all", 128, n(haystack="essay", value_type="uuids")),
+        TaskSpec("niah_multikey_1", "all", 128, n(haystack="essay", num_keys=4)),
+        TaskSpec("niah_multikey_2", "all", 128, n(haystack="needle")),
+        TaskSpec("niah_multikey_3", "all", 128, n(haystack="needle", key_type="uuids", value_type="uuids")),
+        TaskSpec("niah_multivalue", "all", 128, n(haystack="essay", num_values=4)),
+        TaskSpec("niah_multiquery", "all", 128, n(haystack="essay", num_keys=4, num_queries=4)),
+        TaskSpec("vt", "all", 30, held.vt),
+        # cwe / fwe are built from pseudo-words no training generator writes, and qa from the user's
+        # files: the training-path versions are already held out
+        train["cwe"], train["fwe"], train["qa_1"], train["qa_2"],
+    ]
+    return {s.name: s for s in specs}
+
+
 TASKS: dict[str, TaskSpec] = _registry()
+HELDOUT_TASKS: dict[str, TaskSpec] = _heldout_registry()
+FAMILY_SETS = ("heldout", "train")  # --families: the registry each name is looked up in
+
+
+def task_spec(task: str, families: str = "heldout") -> TaskSpec:
+    return (HELDOUT_TASKS if families == "heldout" else TASKS)[task]
 RULER_TASKS = [t for t in TASKS if t != "passkey"]  # RULER's 13, in its order
 NIAH_TASKS = [t for t in TASKS if t.startswith("niah_")]
 
@@ -64,6 +94,6 @@ def make_sample(ec: EvalContext, task: str, length: int, depth: float | None, se
     """The sample of ``task`` at ``length`` (and ``depth`` percent, where the task takes one) for the
     seed string: the same arguments give the same tokens on every run and in every mode."""
     try:
-        return TASKS[task].make(ec, random.Random(seed), length, depth)
+        return task_spec(task, ec.families).make(ec, random.Random(seed), length, depth)
     except HaystackTooShort as e:
         raise Qwen1mError(f"task {task} does not fit in {length} tokens ({e}); use a longer --lengths.") from None

@@ -18,9 +18,23 @@ import random
 import string
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwen1m.train.corpus import ADJECTIVES, NOUNS
+from qwen1m.train.families import (
+    ANSWER_MODES,
+    FAMILIES,
+    NIAH_PHRASINGS,
+    PASSKEY_LABELS,
+    PASSKEY_PHRASINGS,
+    POOL_UNITS,
+    QUESTION_FIRST_P,
+    TEXT_FAMILIES,
+    TYPE_ONE,
+    Phrasing,
+    fill,
+    split_answer,
+)
 from qwen1m.train.encoding import (
     SYSTEM_PROMPTS,
     Encoder,
@@ -65,6 +79,7 @@ class TaskContext:
     newline: list[int]
     filler_ids: list[list[int]]
     essay_ids: list[list[int]]  # paragraph_ids each followed by a newline
+    pools: dict[str, list[list[int]]] = field(default_factory=dict)  # family -> encoded units, built lazily
 
     @classmethod
     def build(cls, enc: Encoder, paragraphs: list[str]) -> TaskContext:
@@ -77,14 +92,33 @@ class TaskContext:
     def repeat_units(self) -> Callable[[], list[int]]:
         return cycle_units(self.filler_ids, random.Random(0), start=0)
 
+    def warm_families(self) -> None:
+        """Encode every family's pool now: the trainer calls this before DataLoader workers fork, so
+        they share the pools instead of each building them, and step timing is not skewed."""
+        for family in TEXT_FAMILIES:
+            self.family_units(family, random.Random(0))
 
-def _task(ctx: TaskContext, rng: random.Random, length: int | None, head: str, units, inserts,
-          tail: str, prefix: str, answer: str) -> Sample:
+    def family_units(self, family: str, rng: random.Random) -> Callable[[], list[int]]:
+        """Units of one training haystack family (``families.FAMILIES``), drawn at random from a pool
+        encoded once per context (one ``encode_batch``, not one call per unit)."""
+        if family == "essay":
+            return self.essay_units(rng)
+        if family == "repeat":
+            return self.repeat_units()
+        pool = self.pools.get(family)
+        if pool is None:
+            gen, prng = TEXT_FAMILIES[family], random.Random(f"train-family/{family}")
+            pool = self.pools[family] = self.enc.encode_batch([gen(prng) for _ in range(POOL_UNITS)])
+        return lambda: pool[rng.randrange(len(pool))]
+
+
+def chat_task(ctx: TaskContext, rng: random.Random, length: int | None, head: str, units, inserts,
+              tail: str, prefix: str, answer: str, system: str | None = None) -> Sample:
     """head + haystack(inserts) + tail as the user turn, then prefix + answer; ``length`` counts all
     tokens of the sample, or of the prompt alone (answer left out) when ``answer`` is empty."""
     enc = ctx.enc
-    system = rng.choice(SYSTEM_PROMPTS)
-    head_ids, tail_ids, prefix_ids = enc(head), enc("\n" + tail), enc(prefix)
+    system = rng.choice(SYSTEM_PROMPTS) if system is None else system
+    head_ids, tail_ids, prefix_ids = enc(head), enc("\n" + tail) if tail else [], enc(prefix)
     answer_ids = enc(answer) if answer else []
     fixed = chat_overhead(enc, system) + len(head_ids) + len(tail_ids) + len(prefix_ids) + len(answer_ids)
     if not answer:
@@ -101,7 +135,7 @@ def passkey_sample(ctx: TaskContext, rng: random.Random, length: int, depth: flo
     key = key if key is not None else rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1)
     depth = rng.random() if depth is None else depth
     needle = ctx.enc(" " + PASSKEY_NEEDLE.format(key=key))
-    s = _task(ctx, rng, length, PASSKEY_TASK, ctx.repeat_units(), [(depth, needle)], PASSKEY_QUESTION,
+    s = chat_task(ctx, rng, length, PASSKEY_TASK, ctx.repeat_units(), [(depth, needle)], PASSKEY_QUESTION,
               PASSKEY_ANSWER_PREFIX, f" {key}." if with_answer else "")
     return s, str(key)
 
@@ -143,7 +177,7 @@ def niah_sample(ctx: TaskContext, rng: random.Random, length: int, depth: float 
             return ctx.enc(" " + NIAH_NEEDLE.format(type=vtype, key=k, value=_NIAH_VALUES[vtype](rng)))
     query = ", ".join(keys[:num_queries - 1]) + (" and " if num_queries > 1 else "") + keys[num_queries - 1]
     answers = [v for vs in values[:num_queries] for v in vs]
-    s = _task(ctx, rng, length, NIAH_TASK.format(type=vtype) + "\n", units, inserts,
+    s = chat_task(ctx, rng, length, NIAH_TASK.format(type=vtype) + "\n", units, inserts,
               NIAH_QUESTION.format(type=vtype, query=query), NIAH_ANSWER_PREFIX.format(type=vtype, query=query),
               " " + ", ".join(answers) + "." if with_answer else "")
     return s, answers
@@ -158,6 +192,90 @@ def niah_any(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     return niah_sample(ctx, rng, length, **kw)[0]
 
 
+LINE_FAMILIES = frozenset({"table", "code"})  # units are lines: a needle there starts a line of its own
+
+
+def retrieval_sample(ctx: TaskContext, rng: random.Random, length: int, phrasing: Phrasing,
+                     units: Callable[[], list[int]], needles: list[tuple[float, str]], question: str,
+                     answer: str, value_text: str, sep: str = " ", answer_mode: str | None = None,
+                     question_first: bool | None = None) -> Sample:
+    """A retrieval exchange in one of the ways a user asks: the question after the document or before
+    it, the phrasing's task line or none, and the answer after an answer prefix, as a sentence or
+    bare. ``needles`` are (depth, sentence); ``value_text`` is the part of ``answer`` asked for."""
+    mode = answer_mode or rng.choice(ANSWER_MODES)
+    if mode == "prefix":
+        prefix, said = split_answer(answer, value_text)
+    else:
+        prefix, said = "", answer if mode == "sentence" else value_text
+    intro = phrasing.intro + "\n" if phrasing.intro and rng.random() < 0.5 else ""
+    first = rng.random() < QUESTION_FIRST_P if question_first is None else question_first
+    head, tail = (intro + question + "\n\n", "") if first else (intro, question)
+    inserts = [(d, ctx.enc(sep + n)) for d, n in needles]
+    return chat_task(ctx, rng, length, head, units, inserts, tail, prefix, said)
+
+
+def passkey_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
+    """A number hidden in any training family, labelled and asked for in any training phrasing."""
+    ph, label = rng.choice(PASSKEY_PHRASINGS), rng.choice(PASSKEY_LABELS)
+    key = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
+    family = rng.choice(FAMILIES)
+    return retrieval_sample(ctx, rng, length, ph, ctx.family_units(family, rng),
+                            [(rng.random(), fill(ph.needle, label=label, value=key))], fill(ph.question, label=label),
+                            fill(ph.answer, label=label, value=key), key,
+                            sep="\n" if family in LINE_FAMILIES else " ")
+
+
+def _uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def niah_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
+    """RULER's niah variants (single / multikey / multivalue / multiquery, word or uuid keys, number,
+    word or uuid values, distractor needles) over any training family, in any training phrasing."""
+    variant = rng.choice(("single", "single", "multikey", "multivalue", "multiquery"))
+    if length < 1024:
+        variant = "single"
+    num_keys = 4 if variant in ("multikey", "multiquery") else 1
+    num_values = 4 if variant == "multivalue" else 1
+    num_queries = 4 if variant == "multiquery" else 1
+    vtype = rng.choice(("numbers", "words", "uuids", "uuids"))
+    new_key = _uuid if rng.random() < 0.25 else _word_key
+    ph = rng.choice(NIAH_PHRASINGS)
+    keys: list[str] = []
+    while len(keys) < num_keys:
+        if (k := new_key(rng)) not in keys:
+            keys.append(k)
+    values = [[_NIAH_VALUES[vtype](rng) for _ in range(num_values)] for _ in keys]
+
+    def needle(k: str, v: str) -> str:
+        return fill(ph.needle, type=vtype, type_one=TYPE_ONE[vtype], key=k, value=v)
+
+    family = rng.choice((*FAMILIES, "needle", "needle"))
+    sep = "\n" if family in LINE_FAMILIES else " "
+    if family == "needle":  # distractors: the same needle with other keys
+        def units() -> list[int]:
+            k = new_key(rng)
+            while k in keys:
+                k = new_key(rng)
+            return ctx.enc(" " + needle(k, _NIAH_VALUES[vtype](rng)))
+    else:
+        units = ctx.family_units(family, rng)
+    query = ", ".join(keys[:num_queries - 1]) + (" and " if num_queries > 1 else "") + keys[num_queries - 1]
+    answers = [v for vs in values[:num_queries] for v in vs]
+    joined = ", ".join(answers)
+    answer = fill(ph.answer, type=vtype, query=query, values=joined)
+    return retrieval_sample(ctx, rng, length, ph, units,
+                            [(rng.random(), needle(k, v)) for k, vs in zip(keys, values) for v in vs],
+                            fill(ph.question, type=vtype, query=query), answer, joined, sep=sep)
+
+
+def lm_families(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
+    """Plain text of one training family, loss on every token: the model learns to read each kind."""
+    family = rng.choice(tuple(f for f in FAMILIES if f != "repeat") if ctx.paragraphs else tuple(TEXT_FAMILIES))
+    ids, _ = haystack(ctx.family_units(family, rng), length - 1, [])
+    return Sample([ctx.enc.eot, *ids], [0] + [1] * len(ids))
+
+
 def vt_sample(ctx: TaskContext, rng: random.Random, length: int, hops: int = 4,
               with_answer: bool = True) -> tuple[Sample, list[str]]:
     names: list[str] = []
@@ -168,7 +286,7 @@ def vt_sample(ctx: TaskContext, rng: random.Random, length: int, hops: int = 4,
     lines = [f" VAR {names[0]} = {value}."] + [f" VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
     depths = sorted(rng.random() for _ in lines)
     inserts = [(d, ctx.enc(line)) for d, line in zip(depths, lines)]
-    s = _task(ctx, rng, length, VT_TASK + "\n", ctx.repeat_units(), inserts, VT_QUESTION.format(value=value),
+    s = chat_task(ctx, rng, length, VT_TASK + "\n", ctx.repeat_units(), inserts, VT_QUESTION.format(value=value),
               VT_ANSWER_PREFIX.format(n=len(names), value=value),
               " " + " ".join(names) + "." if with_answer else "")
     return s, names
@@ -237,7 +355,7 @@ def _paragraph_task(ctx: TaskContext, rng: random.Random, length: int, kind: str
         head = "Read the numbered paragraphs below.\n"
         q = f"Here are {m} excerpts in shuffled order:\n{excerpts}\nIn which order do they appear in the text above?"
         prefix, answer = "The order is", " " + ", ".join(labels[shown.index(p)] for p in picked) + "."
-    return _task(ctx, rng, length, head, cycle_units(units, rng, start=0), [], q, prefix, answer)
+    return chat_task(ctx, rng, length, head, cycle_units(units, rng, start=0), [], q, prefix, answer)
 
 
 def fim_sample(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
@@ -253,7 +371,7 @@ def fim_sample(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     holed = doc[:at] + marker + doc[at + span_len:]
     head = "Fill in the part of the text below that was replaced by [MISSING].\n"
     answer = ctx.enc.decode(span)
-    return _task(ctx, rng, length, head, cycle_units([holed], rng, start=0), [],
+    return chat_task(ctx, rng, length, head, cycle_units([holed], rng, start=0), [],
                  "Write the missing part.", "The missing part is:", " " + answer.strip())
 
 
@@ -273,6 +391,10 @@ TASKS: dict[str, Callable[[TaskContext, random.Random, int], Sample]] = {
     "position": lambda ctx, rng, n: _paragraph_task(ctx, rng, n, "position"),
     "reorder": lambda ctx, rng, n: _paragraph_task(ctx, rng, n, "reorder"),
     "fim": fim_sample,
+    # the transfer tasks: many haystack families and phrasings (families.py)
+    "passkey_varied": passkey_varied,
+    "niah_varied": niah_varied,
+    "lm_families": lm_families,
 }
 # Below this many tokens a task's fixed part does not fit; the packer uses ``lm`` instead.
 MIN_TASK_LENGTH = 256

@@ -58,7 +58,9 @@ def prepare_data(recipe: Recipe, out_dir: Path) -> tuple[Any, TaskContext]:
     else:
         tok = train_tokenizer(tokenizer_texts(paragraphs, recipe.seed), recipe.tokenizer.get("vocab_size", 4096))
         tok.save(str(saved))
-    return tok, TaskContext.build(Encoder(tok), paragraphs)
+    ctx = TaskContext.build(Encoder(tok), paragraphs)
+    ctx.warm_families()
+    return tok, ctx
 
 
 def lr_at(stage: Stage, step: int, steps: int) -> float:
