@@ -136,14 +136,55 @@ NIAH_PHRASINGS = (  # RULER's niah wording first
 # ``{type}`` plural as RULER writes it, and a singular for the needles that take one value
 TYPE_ONE = {"numbers": "number", "words": "word", "uuids": "uuid"}
 
-ANSWER_MODES = ("prefix", "sentence", "bare")  # after an answer prefix / a whole sentence / the value alone
+# How the answer is given: after the phrasing's answer prefix (RULER's way), or, as a user asking in
+# plain words gets it, the value alone or in a short sentence. Neither plain form restates the
+# question's label or key: a model that learns to restate one training wording stumbles on others.
+ANSWER_MODES = ("prefix", "bare", "bare", "short")
+SHORT_ANSWERS = ("The answer is {v}.", "It is {v}.", "{v}.")
 QUESTION_FIRST_P = 0.25  # share of samples that ask before the document
+PROCEDURAL_P = 0.5  # share of samples whose wording is assembled from parts (below) rather than a fixed phrasing
+
+# Parts of assembled wordings: the needle relates a label (passkey) or key (niah) to its value in
+# either order, the question names the label or key in some frame. Retrieval then has to follow the
+# label or key itself, not a template around it.
+_OPENERS = ("", "", "Note: ", "Remember, ", "Important: ", "By the way, ", "For the record, ", "Mind this: ")
+_PASSKEY_RELATIONS = ("the {label} is {value}.", "{label}: {value}.", "{value} is the {label}.", "{label} = {value}.",
+                      "the {label} reads {value}.", "use {value} as the {label}.", "the {label} was set to {value}.")
+_PASSKEY_QUESTIONS = ("What is the {label}?", "{Label}?", "Give me the {label}.", "I need the {label}.",
+                      "Which value is the {label}?", "Recall the {label} from the text.", "Do you know the {label}?",
+                      "What was the {label} again?", "Tell me which number is the {label}.")
+_NIAH_RELATIONS = ("{key} -> {value}.", "{value} belongs to {key}.", "the {type_one} for {key} is {value}.",
+                   "{key} has the {type_one} {value}.", "{key}: {value}.", "{value} was assigned to {key}.",
+                   "{key} goes with {value}.", "under {key} you will find {value}.")
+_NIAH_QUESTIONS = ("What goes with {query}?", "Which {type} belong to {query}?", "{query}?",
+                   "Give all values for {query}.", "What was assigned to {query}?", "Find every {type_one} for {query}.",
+                   "What is under {query}? List all.", "Which values does {query} have?")
+_LABEL_NOUNS = ("number", "code", "key", "value", "digits", "figure")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def assembled_passkey_phrasing(rng: random.Random) -> tuple[Phrasing, str]:
+    """(a phrasing assembled from parts, its label): the label is a fixed one or a training-half
+    adjective or noun before a label noun ("brisk number", "lantern code")."""
+    label = rng.choice(PASSKEY_LABELS) if rng.random() < 0.5 else \
+        f"{rng.choice(_w('adj') + _w('noun'))} {rng.choice(_LABEL_NOUNS)}"
+    needle = _cap(rng.choice(_OPENERS) + rng.choice(_PASSKEY_RELATIONS))
+    return Phrasing(needle, rng.choice(_PASSKEY_QUESTIONS), "The answer is {value}."), label
+
+
+def assembled_niah_phrasing(rng: random.Random) -> Phrasing:
+    needle = _cap(rng.choice(_OPENERS) + rng.choice(_NIAH_RELATIONS))
+    return Phrasing(needle, rng.choice(_NIAH_QUESTIONS), "The answer is {values}.")
 
 
 def fill(template: str, **slots: str) -> str:
-    """``str.format`` plus ``{Label}``: the label with its first letter capitalised."""
+    """``str.format`` plus ``{Label}``: the label with its first letter capitalised; slots a template
+    does not use are ignored."""
     if "label" in slots:
-        slots["Label"] = slots["label"][:1].upper() + slots["label"][1:]
+        slots["Label"] = _cap(slots["label"])
     return template.format(**slots)
 
 

@@ -24,6 +24,10 @@ from qwen1m.train.corpus import ADJECTIVES, NOUNS
 from qwen1m.train.families import (
     ANSWER_MODES,
     FAMILIES,
+    PROCEDURAL_P,
+    SHORT_ANSWERS,
+    assembled_niah_phrasing,
+    assembled_passkey_phrasing,
     NIAH_PHRASINGS,
     PASSKEY_LABELS,
     PASSKEY_PHRASINGS,
@@ -206,7 +210,7 @@ def retrieval_sample(ctx: TaskContext, rng: random.Random, length: int, phrasing
     if mode == "prefix":
         prefix, said = split_answer(answer, value_text)
     else:
-        prefix, said = "", answer if mode == "sentence" else value_text
+        prefix, said = "", value_text if mode == "bare" else rng.choice(SHORT_ANSWERS).format(v=value_text)
     intro = phrasing.intro + "\n" if phrasing.intro and rng.random() < 0.5 else ""
     first = rng.random() < QUESTION_FIRST_P if question_first is None else question_first
     head, tail = (intro + question + "\n\n", "") if first else (intro, question)
@@ -216,7 +220,10 @@ def retrieval_sample(ctx: TaskContext, rng: random.Random, length: int, phrasing
 
 def passkey_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     """A number hidden in any training family, labelled and asked for in any training phrasing."""
-    ph, label = rng.choice(PASSKEY_PHRASINGS), rng.choice(PASSKEY_LABELS)
+    if rng.random() < PROCEDURAL_P:
+        ph, label = assembled_passkey_phrasing(rng)
+    else:
+        ph, label = rng.choice(PASSKEY_PHRASINGS), rng.choice(PASSKEY_LABELS)
     key = str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
     family = rng.choice(FAMILIES)
     return retrieval_sample(ctx, rng, length, ph, ctx.family_units(family, rng),
@@ -240,7 +247,7 @@ def niah_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     num_queries = 4 if variant == "multiquery" else 1
     vtype = rng.choice(("numbers", "words", "uuids", "uuids"))
     new_key = _uuid if rng.random() < 0.25 else _word_key
-    ph = rng.choice(NIAH_PHRASINGS)
+    ph = assembled_niah_phrasing(rng) if rng.random() < PROCEDURAL_P else rng.choice(NIAH_PHRASINGS)
     keys: list[str] = []
     while len(keys) < num_keys:
         if (k := new_key(rng)) not in keys:
@@ -266,7 +273,8 @@ def niah_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     answer = fill(ph.answer, type=vtype, query=query, values=joined)
     return retrieval_sample(ctx, rng, length, ph, units,
                             [(rng.random(), needle(k, v)) for k, vs in zip(keys, values) for v in vs],
-                            fill(ph.question, type=vtype, query=query), answer, joined, sep=sep)
+                            fill(ph.question, type=vtype, type_one=TYPE_ONE[vtype], query=query), answer, joined,
+                            sep=sep)
 
 
 def lm_families(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
