@@ -180,6 +180,25 @@ def assembled_niah_phrasing(rng: random.Random) -> Phrasing:
     return Phrasing(needle, rng.choice(_NIAH_QUESTIONS), "The answer is {values}.")
 
 
+def free_phrasing(rng: random.Random, subject: str) -> Phrasing:
+    """A wording with no template at all: random training-half words around ``{subject}`` (the
+    label or the key) and ``{value}``, in either order, and a question of random words around the
+    subject. What stays constant is only that the question and the needle share the subject, so
+    the model must retrieve by it. ``subject`` is "{label}" or "{key}" / "{query}"."""
+    pool = _w("noun") + _w("adj") + _w("verb")
+
+    def words_(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(pool) for _ in range(rng.randint(lo, hi)))
+
+    query = "{query}" if subject == "{key}" else subject
+    parts = [words_(0, 3), subject, words_(1, 3), "{value}"]
+    if rng.random() < 0.5:
+        parts = [words_(0, 3), "{value}", words_(1, 3), subject]
+    needle = _cap(" ".join(p for p in parts if p) + rng.choice((".", ".", ";", "!")))
+    question = _cap(" ".join(p for p in (words_(0, 4), query, words_(0, 4)) if p) + "?")
+    return Phrasing(needle, question, "The answer is {values}." if subject == "{key}" else "The answer is {value}.")
+
+
 def fill(template: str, **slots: str) -> str:
     """``str.format`` plus ``{Label}``: the label with its first letter capitalised; slots a template
     does not use are ignored."""

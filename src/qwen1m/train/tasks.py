@@ -28,6 +28,7 @@ from qwen1m.train.families import (
     SHORT_ANSWERS,
     assembled_niah_phrasing,
     assembled_passkey_phrasing,
+    free_phrasing,
     NIAH_PHRASINGS,
     PASSKEY_LABELS,
     PASSKEY_PHRASINGS,
@@ -218,9 +219,13 @@ def retrieval_sample(ctx: TaskContext, rng: random.Random, length: int, phrasing
     return chat_task(ctx, rng, length, head, units, inserts, tail, prefix, said)
 
 
-def passkey_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
-    """A number hidden in any training family, labelled and asked for in any training phrasing."""
-    if rng.random() < PROCEDURAL_P:
+def passkey_varied(ctx: TaskContext, rng: random.Random, length: int, free: bool = False) -> Sample:
+    """A number hidden in any training family, labelled and asked for in any training phrasing
+    (``free``: in random words around the label, ``families.free_phrasing``)."""
+    if free:
+        label = assembled_passkey_phrasing(rng)[1]
+        ph = free_phrasing(rng, "{label}")
+    elif rng.random() < PROCEDURAL_P:
         ph, label = assembled_passkey_phrasing(rng)
     else:
         ph, label = rng.choice(PASSKEY_PHRASINGS), rng.choice(PASSKEY_LABELS)
@@ -236,7 +241,7 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def niah_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
+def niah_varied(ctx: TaskContext, rng: random.Random, length: int, free: bool = False) -> Sample:
     """RULER's niah variants (single / multikey / multivalue / multiquery, word or uuid keys, number,
     word or uuid values, distractor needles) over any training family, in any training phrasing."""
     variant = rng.choice(("single", "single", "multikey", "multivalue", "multiquery"))
@@ -247,7 +252,10 @@ def niah_varied(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     num_queries = 4 if variant == "multiquery" else 1
     vtype = rng.choice(("numbers", "words", "uuids", "uuids"))
     new_key = _uuid if rng.random() < 0.25 else _word_key
-    ph = assembled_niah_phrasing(rng) if rng.random() < PROCEDURAL_P else rng.choice(NIAH_PHRASINGS)
+    if free:
+        ph = free_phrasing(rng, "{key}")
+    else:
+        ph = assembled_niah_phrasing(rng) if rng.random() < PROCEDURAL_P else rng.choice(NIAH_PHRASINGS)
     keys: list[str] = []
     while len(keys) < num_keys:
         if (k := new_key(rng)) not in keys:
@@ -403,6 +411,8 @@ TASKS: dict[str, Callable[[TaskContext, random.Random, int], Sample]] = {
     "passkey_varied": passkey_varied,
     "niah_varied": niah_varied,
     "lm_families": lm_families,
+    "passkey_free": lambda ctx, rng, n: passkey_varied(ctx, rng, n, free=True),
+    "niah_free": lambda ctx, rng, n: niah_varied(ctx, rng, n, free=True),
 }
 # Below this many tokens a task's fixed part does not fit; the packer uses ``lm`` instead.
 MIN_TASK_LENGTH = 256
