@@ -171,15 +171,16 @@ class LLM:
         import os
 
         from qwen1m.parallel import runtime
+        from qwen1m.parallel.placement import torchrun_rank
 
         if os.environ.get("WORLD_SIZE") and os.environ.get("RANK") is not None:  # started by torchrun
             size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if size != spec.tensor_parallel_size:
                 raise ConfigError(f"torchrun started {size} processes but tensor_parallel_size is "
                                   f"{spec.tensor_parallel_size}; they must be equal.")
-            device = runtime.rank_device(self.device, int(os.environ.get("LOCAL_RANK", rank)))
-            runtime.init_group(rank, size, "env://", device)
-            parts = build_rank(spec, TPShard(rank, size), device)
+            device, backend, share = torchrun_rank(self.device, rank, size)
+            runtime.init_group(rank, size, "env://", device, backend)
+            parts = build_rank(spec, TPShard(rank, size), device, share=share)
             if rank != 0:  # a worker: serve the driver's steps, then leave the program
                 runtime.worker_loop(parts.model, parts.kv_cache, device)
                 runtime.leave_group()
