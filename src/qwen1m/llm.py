@@ -16,10 +16,12 @@ from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.model.loader import resolve_dtype
-from qwen1m.options import as_params_list, as_prompt_list, block_size_option, sparse_option
+from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.parallel.shard import TPShard, check_divisible
+from qwen1m.prompts import as_params_list, as_prompt_list, encode_prompts
 from qwen1m.sampling_params import SamplingParams
+from qwen1m.shared_engine import SharedEngine
 from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                 cuda_graphs=graphs, prefix_caching=enable_prefix_caching)
+        self._shared = SharedEngine(self.engine)  # generate, chat and logits are safe from any thread
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""
@@ -229,15 +232,23 @@ class LLM:
 
         Returns the finished outputs in prompt order; with ``stream=True`` an iterator of
         RequestOutputs instead, one after every step that changed a request (``new_text`` holds the
-        delta). ``progress`` is called after each step with the state of every prefilling request.
+        delta). ``progress`` is called after each step with the state of this call's prefilling
+        requests. Every prompt is checked before any is queued (a ``RequestError`` names the first bad
+        one by its index). Threads may call this at once: their requests share the engine's steps. A
+        stream that is closed, or dropped before its end, aborts its unfinished requests.
         """
         prompts = as_prompt_list(prompts)
         params = as_params_list(sampling_params, len(prompts))
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        steps = self._run(ids, progress)
+        encoded = encode_prompts(prompts, self.tokenizer,
+                                 lambda ids, label: self.engine.check_prompt(ids, label=label))
+        outputs = self._shared.submit(encoded, params, progress)
         if stream:
-            return steps
-        finished = {out.request_id: out for out in steps if out.finished}
+            return outputs
+        ids = outputs.request_ids
+        try:
+            finished = {out.request_id: out for out in outputs if out.finished}
+        finally:
+            outputs.close()  # an interrupt (Ctrl-C) mid-way leaves nothing queued
         return [finished[rid] for rid in ids]
 
     def generate_stream(
@@ -246,24 +257,6 @@ class LLM:
     ) -> Iterator[RequestOutput]:
         """One prompt, streamed: ``generate([prompt], params, stream=True)``."""
         return self.generate([prompt], sampling_params or SamplingParams(), stream=True, progress=progress)
-
-    def _run(self, ids: list[str], progress) -> Iterator[RequestOutput]:
-        """Step the engine until these requests finish; abort them if the consumer stops early."""
-        pending = set(ids)
-        try:
-            while pending:
-                outs = self.engine.step()
-                if progress is not None:
-                    for p in self.engine.prefill_progress():
-                        progress(p)
-                for out in outs:
-                    if out.request_id in pending:
-                        if out.finished:
-                            pending.discard(out.request_id)
-                        yield out
-        finally:
-            for rid in pending:
-                self.engine.abort_request(rid)
 
     def chat(
         self,
@@ -290,4 +283,5 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
-        return self.engine.prompt_logits(list(token_ids))
+        with self._shared.locked() as engine:
+            return engine.prompt_logits(list(token_ids))
