@@ -57,8 +57,8 @@ def place_ranks(device: torch.device, size: int) -> Placement:
     else:
         if count < size:
             raise ConfigError(
-                f"tensor_parallel_size={size} needs {size} GPUs but {count} are visible; to test the sharded "
-                f"path on fewer GPUs, set {DEVICES_ENV} to one CUDA index per rank (e.g. "
+                f"tensor_parallel_size={size} needs {size} GPUs but this machine has {count} visible; to test "
+                f"the sharded path on fewer GPUs, set {DEVICES_ENV} to one CUDA index per rank (e.g. "
                 f"{DEVICES_ENV}={','.join(['0'] * size)})."
             )
         indices = list(range(size))
