@@ -76,9 +76,14 @@ class LLM:
     sparse_telemetry: record the computed density and, on one GQA group, the attention recall of
         sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
     tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
-        NCCL on GPUs, gloo on CPU). qwen1m spawns the workers itself; under ``torchrun`` with as many
-        processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit
-        with status 0 (without running the rest of the script or its atexit handlers).
+        NCCL on GPUs, gloo on CPU). qwen1m starts the workers itself as ``python -m
+        qwen1m.parallel.worker`` processes, which never import the caller's ``__main__`` (so a script
+        without a main guard, stdin, ``python -c`` and notebooks all work). Rank r runs on cuda:r;
+        the environment variable QWEN1M_TP_DEVICES (one CUDA index per rank, e.g. "0,0") places ranks
+        elsewhere, and ranks sharing a GPU join over gloo and each plan for their share of its memory
+        (kv_cache_memory, when given, is per rank). Under ``torchrun`` with as many processes, rank 0
+        returns the LLM and the other ranks serve it inside this constructor, then exit with status 0
+        (without running the rest of the script or its atexit handlers). TP steps run eagerly.
     enforce_eager: on a GPU, decode steps replay CUDA graphs unless this is True.
     enable_prefix_caching: keep prompts' full KV blocks after their requests and start a later
         prompt that begins with the same tokens from them (another question about the same document:

@@ -118,3 +118,28 @@ def test_workers_inherit_the_drivers_import_path(monkeypatch, tmp_path):
     parts = child_env()["PYTHONPATH"].split(os.pathsep)
     assert parts[0] == str(extra) and parts[-1] == "/from/the/environment"
     assert str(Path(torch.__file__).parents[1]) in parts
+
+
+def test_a_worker_leaves_when_the_driver_is_gone(capfd):
+    """A worker waiting for rank 0 (here: in the rendezvous, which no rank 0 will ever join) exits
+    once its stdin closes, as the OS closes it when the driver dies, even by SIGKILL; it would
+    otherwise wait out the 30-minute collective timeout."""
+    import logging
+    import time
+
+    from qwen1m.parallel.placement import Placement
+    from qwen1m.parallel.runtime import free_port
+    from qwen1m.parallel.worker import WorkerProcess, WorkerSpec
+
+    proc = WorkerProcess(WorkerSpec(1, 2, f"tcp://127.0.0.1:{free_port()}", Placement(("cpu", "cpu"), "gloo"),
+                                    None, logging.DEBUG))
+    log, deadline = "", time.monotonic() + 120
+    while "joining the process group" not in log and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        log += capfd.readouterr().err  # the worker writes to our stderr (fd 2, inherited)
+    time.sleep(0.5)  # now inside init_process_group, waiting for rank 0
+    assert proc.is_alive() and proc.status() is None, log
+    proc.release()
+    proc.join(timeout=60)  # a hang guard: it leaves as soon as it sees EOF
+    assert proc.exitcode == 1
+    assert "the driver is gone; exiting" in log + capfd.readouterr().err

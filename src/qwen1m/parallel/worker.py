@@ -148,6 +148,7 @@ def _run(spec: WorkerSpec, report) -> int:
 
     device = spec.placement.device(spec.rank)
     try:
+        logger.debug("joining the process group at %s on %s", spec.init_method, device)
         runtime.init_group(spec.rank, spec.size, spec.init_method, device, spec.placement.backend)
         parts = build_rank(spec.build, TPShard(spec.rank, spec.size), device, share=spec.placement.share(spec.rank))
         report({"ready": True})
