@@ -203,8 +203,14 @@ class LLM:
         return self._tp.parts
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers (also done at interpreter exit); a no-op on one device."""
-        if self._tp is not None:
+        """Stop tensor-parallel workers (also done at interpreter exit); a no-op on one device.
+
+        Waits for a step another thread is running: the workers must not leave in the middle of it."""
+        if self._tp is None:
+            return
+        with self._shared.locked():
+            if self._tp is None:  # another thread shut down while this one waited
+                return
             if getattr(self, "_finalizer", None) is not None:
                 self._finalizer()
             else:  # under torchrun: tell the other ranks to leave their loop, then leave the group
@@ -284,7 +290,8 @@ class LLM:
         telemetry = self.model.backend.telemetry
         if telemetry is None:
             raise ConfigError("sparse_report() needs LLM(..., sparse_telemetry=True) and a sparse config.")
-        return telemetry.summary()
+        with self._shared.locked():  # not while another thread's step adds to it
+            return telemetry.summary()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
