@@ -181,6 +181,19 @@ def test_broken_shard_of_an_index(tmp_path):
         LLM(folder, device="cpu")
 
 
+def test_index_that_maps_a_tensor_to_the_wrong_shard(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "sharded", max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first, last = sorted(set(data["weight_map"].values()))[0], sorted(set(data["weight_map"].values()))[-1]
+    name = next(n for n, f in data["weight_map"].items() if f == first)
+    data["weight_map"][name] = last
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=rf"index\.json maps the tensor '{re.escape(name)}' to {last}, which does "
+                                              r"not hold it\."):
+        LLM(folder, device="cpu")
+
+
 def test_value_beyond_float16_names_the_dtype(tiny_checkpoint):
     _poison(tiny_checkpoint / "model.safetensors", "model.norm.weight", 1e6)
     with pytest.raises(CheckpointError, match=r"Tensor 'model\.norm\.weight' in .* has values up to 1e\+06, beyond "

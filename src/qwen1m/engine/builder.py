@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BuildSpec:
-    """Everything a rank needs to build its part of the engine (sent to spawned workers)."""
+    """Everything a rank needs to build its part of the engine (pickled to the worker processes)."""
 
     folder: Path
     config: ModelConfig  # the whole model's config, DCA resolved

@@ -44,7 +44,9 @@ def open_safetensors(path: Path) -> Iterator:
     """``safe_open`` whose failures (the header is checked against the file size on open) are one sentence."""
     try:
         handle = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path} could not be read: {e.strerror or e}.") from None
+    except SafetensorError as e:
         detail = str(e).removeprefix("Error while deserializing header: ")
         size = path.stat().st_size if path.is_file() else 0
         raise CheckpointError(
@@ -148,7 +150,11 @@ def load_weights(model: Qwen2ForCausalLM, folder: Path, shard: TPShard | None = 
     with torch.no_grad():
         for path, tensor_names in by_file.items():
             with open_safetensors(path) as f:
+                held = set(f.keys())
                 for name in tensor_names:
+                    if name not in held:  # a hand-edited or stale index
+                        raise CheckpointError(f"{folder / 'model.safetensors.index.json'} maps the tensor '{name}' "
+                                              f"to {path.name}, which does not hold it.")
                     param = params[name]
                     view = f.get_slice(name)
                     shape = tuple(view.get_shape())
