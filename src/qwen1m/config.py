@@ -137,6 +137,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"config.json head_dim must be even for RoPE, got {self.head_dim}.")
+        # eps <= 0 divides by zero in RMSNorm on a zero row (the model then emits token 0 only)
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"config.json field '{name}' must be a positive number, got {value}.")
+        bad = next((t for t in self.eos_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
+        if bad is not None:
+            raise ConfigError(f"config.json eos_token_id must be non-negative integers, got {bad!r}.")
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -172,6 +180,8 @@ class ModelConfig:
         num_heads = _int(d, "num_attention_heads", where)
         hidden = _int(d, "hidden_size", where)
         head_dim = d.get("head_dim")
+        if num_heads <= 0:
+            raise ConfigError(f"{where} field 'num_attention_heads' must be positive, got {num_heads}.")
         if head_dim is None:
             if hidden % num_heads:
                 raise ConfigError(
@@ -182,7 +192,7 @@ class ModelConfig:
         rope_params = d.get("rope_parameters") or {}
         if not isinstance(rope_params, dict):
             raise ConfigError(f"{where} field 'rope_parameters' must be an object.")
-        rope_theta = float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+        rope_theta = _float(d if "rope_theta" in d else rope_params, "rope_theta", where, 10000.0)
         scaling_dict = d.get("rope_scaling") or (
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
@@ -199,12 +209,12 @@ class ModelConfig:
             num_hidden_layers=_int(d, "num_hidden_layers", where),
             num_attention_heads=num_heads,
             num_key_value_heads=_int(d, "num_key_value_heads", where, default=num_heads),
-            head_dim=int(head_dim),
+            head_dim=_int({"head_dim": head_dim}, "head_dim", where),
             max_position_embeddings=_int(d, "max_position_embeddings", where, default=32768),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6),
             rope_theta=rope_theta,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", not is_qwen3)),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", where, False),
+            attention_bias=_bool(d, "attention_bias", where, not is_qwen3),
             qk_norm=is_qwen3,
             rope_scaling=rope_scaling,
             dca=dca,
@@ -222,6 +232,20 @@ def _int(d: dict[str, Any], key: str, where: str, default: int | None = None) ->
     return value
 
 
+def _float(d: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} field '{key}' must be a number, got {value!r}.")
+    return float(value)
+
+
+def _bool(d: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: a string here would flip the meaning
+        raise ConfigError(f"{where} field '{key}' must be true or false, got {value!r}.")
+    return value
+
+
 def _opt_int(d: dict[str, Any], key: str, where: str) -> int | None:
     return None if d.get(key) is None else _int(d, key, where)
 
@@ -233,12 +257,13 @@ def _parse_rope_scaling(d: Any, where: str) -> RopeScaling | None:
     if rope_type == "default":
         return None
     orig = d.get("original_max_position_embeddings")
+    where = f"{where} rope_scaling"
     return RopeScaling(
         rope_type=str(rope_type),
-        factor=float(d.get("factor", 1.0)),
-        original_max_position_embeddings=int(orig) if orig is not None else None,
-        beta_fast=float(d.get("beta_fast") or 32.0),
-        beta_slow=float(d.get("beta_slow") or 1.0),
+        factor=_float(d, "factor", where, 1.0),
+        original_max_position_embeddings=None if orig is None else _int(d, "original_max_position_embeddings", where),
+        beta_fast=_float(d, "beta_fast", where, 32.0) if d.get("beta_fast") else 32.0,
+        beta_slow=_float(d, "beta_slow", where, 1.0) if d.get("beta_slow") else 1.0,
         attention_factor=d.get("attention_factor"),
         mscale=d.get("mscale"),
         mscale_all_dim=d.get("mscale_all_dim"),

@@ -16,10 +16,12 @@ from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.model.loader import resolve_dtype
-from qwen1m.options import as_params_list, as_prompt_list, block_size_option, sparse_option
+from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.parallel.shard import TPShard, check_divisible
+from qwen1m.prompts import as_params_list, as_prompt_list, encode_prompts
 from qwen1m.sampling_params import SamplingParams
+from qwen1m.shared_engine import SharedEngine
 from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
@@ -74,9 +76,14 @@ class LLM:
     sparse_telemetry: record the computed density and, on one GQA group, the attention recall of
         sparse prefill (``llm.sparse_report()``); costs an extra dense pass over those heads.
     tensor_parallel_size: split heads and MLP over this many processes/GPUs (torch.distributed:
-        NCCL on GPUs, gloo on CPU). qwen1m spawns the workers itself; under ``torchrun`` with as many
-        processes, rank 0 returns the LLM and the other ranks serve it inside this constructor, then exit
-        with status 0 (without running the rest of the script or its atexit handlers).
+        NCCL on GPUs, gloo on CPU). qwen1m starts the workers itself as ``python -m
+        qwen1m.parallel.worker`` processes, which never import the caller's ``__main__`` (so a script
+        without a main guard, stdin, ``python -c`` and notebooks all work). Rank r runs on cuda:r;
+        the environment variable QWEN1M_TP_DEVICES (one CUDA index per rank, e.g. "0,0") places ranks
+        elsewhere, and ranks sharing a GPU join over gloo and each plan for their share of its memory
+        (kv_cache_memory, when given, is per rank). Under ``torchrun`` with as many processes, rank 0
+        returns the LLM and the other ranks serve it inside this constructor, then exit with status 0
+        (without running the rest of the script or its atexit handlers). TP steps run eagerly.
     enforce_eager: on a GPU, decode steps replay CUDA graphs unless this is True.
     enable_prefix_caching: keep prompts' full KV blocks after their requests and start a later
         prompt that begins with the same tokens from them (another question about the same document:
@@ -165,21 +172,23 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                 cuda_graphs=graphs, prefix_caching=enable_prefix_caching)
+        self._shared = SharedEngine(self.engine)  # generate, chat and logits are safe from any thread
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""
         import os
 
         from qwen1m.parallel import runtime
+        from qwen1m.parallel.placement import torchrun_rank
 
         if os.environ.get("WORLD_SIZE") and os.environ.get("RANK") is not None:  # started by torchrun
             size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if size != spec.tensor_parallel_size:
                 raise ConfigError(f"torchrun started {size} processes but tensor_parallel_size is "
                                   f"{spec.tensor_parallel_size}; they must be equal.")
-            device = runtime.rank_device(self.device, int(os.environ.get("LOCAL_RANK", rank)))
-            runtime.init_group(rank, size, "env://", device)
-            parts = build_rank(spec, TPShard(rank, size), device)
+            device, backend, share = torchrun_rank(self.device, rank, size)
+            runtime.init_group(rank, size, "env://", device, backend)
+            parts = build_rank(spec, TPShard(rank, size), device, share=share)
             if rank != 0:  # a worker: serve the driver's steps, then leave the program
                 runtime.worker_loop(parts.model, parts.kv_cache, device)
                 runtime.leave_group()
@@ -194,8 +203,14 @@ class LLM:
         return self._tp.parts
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers (also done at interpreter exit); a no-op on one device."""
-        if self._tp is not None:
+        """Stop tensor-parallel workers (also done at interpreter exit); a no-op on one device.
+
+        Waits for a step another thread is running: the workers must not leave in the middle of it."""
+        if self._tp is None:
+            return
+        with self._shared.locked():
+            if self._tp is None:  # another thread shut down while this one waited
+                return
             if getattr(self, "_finalizer", None) is not None:
                 self._finalizer()
             else:  # under torchrun: tell the other ranks to leave their loop, then leave the group
@@ -228,15 +243,23 @@ class LLM:
 
         Returns the finished outputs in prompt order; with ``stream=True`` an iterator of
         RequestOutputs instead, one after every step that changed a request (``new_text`` holds the
-        delta). ``progress`` is called after each step with the state of every prefilling request.
+        delta). ``progress`` is called after each step with the state of this call's prefilling
+        requests. Every prompt is checked before any is queued (a ``RequestError`` names the first bad
+        one by its index). Threads may call this at once: their requests share the engine's steps. A
+        stream that is closed, or dropped before its end, aborts its unfinished requests.
         """
         prompts = as_prompt_list(prompts)
         params = as_params_list(sampling_params, len(prompts))
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        steps = self._run(ids, progress)
+        encoded = encode_prompts(prompts, self.tokenizer,
+                                 lambda ids, label: self.engine.check_prompt(ids, label=label))
+        outputs = self._shared.submit(encoded, params, progress)
         if stream:
-            return steps
-        finished = {out.request_id: out for out in steps if out.finished}
+            return outputs
+        ids = outputs.request_ids
+        try:
+            finished = {out.request_id: out for out in outputs if out.finished}
+        finally:
+            outputs.close()  # an interrupt (Ctrl-C) mid-way leaves nothing queued
         return [finished[rid] for rid in ids]
 
     def generate_stream(
@@ -245,24 +268,6 @@ class LLM:
     ) -> Iterator[RequestOutput]:
         """One prompt, streamed: ``generate([prompt], params, stream=True)``."""
         return self.generate([prompt], sampling_params or SamplingParams(), stream=True, progress=progress)
-
-    def _run(self, ids: list[str], progress) -> Iterator[RequestOutput]:
-        """Step the engine until these requests finish; abort them if the consumer stops early."""
-        pending = set(ids)
-        try:
-            while pending:
-                outs = self.engine.step()
-                if progress is not None:
-                    for p in self.engine.prefill_progress():
-                        progress(p)
-                for out in outs:
-                    if out.request_id in pending:
-                        if out.finished:
-                            pending.discard(out.request_id)
-                        yield out
-        finally:
-            for rid in pending:
-                self.engine.abort_request(rid)
 
     def chat(
         self,
@@ -285,8 +290,10 @@ class LLM:
         telemetry = self.model.backend.telemetry
         if telemetry is None:
             raise ConfigError("sparse_report() needs LLM(..., sparse_telemetry=True) and a sparse config.")
-        return telemetry.summary()
+        with self._shared.locked():  # not while another thread's step adds to it
+            return telemetry.summary()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] of every position (same path as generation)."""
-        return self.engine.prompt_logits(list(token_ids))
+        with self._shared.locked() as engine:
+            return engine.prompt_logits(list(token_ids))

@@ -6,8 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qwen1m.config import DCAConfig
-from qwen1m.errors import ConfigError, RequestError
-from qwen1m.sampling_params import SamplingParams
+from qwen1m.errors import ConfigError
 from qwen1m.sparse_config import SparseConfig, load_sparse_config
 
 
@@ -61,26 +60,3 @@ def block_size_option(block_size: int | None, dca: DCAConfig | None) -> int:
             f"block_size={block_size}; use a block_size that divides it, e.g. {fit}."
         )
     return block_size
-
-
-def as_prompt_list(prompts) -> list[str | list[int]]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
-        return [prompts]
-    if not isinstance(prompts, list) or not prompts:
-        raise RequestError("prompts must be a string, a list of strings, or a list of token-id lists.")
-    for p in prompts:
-        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))):
-            raise RequestError("each prompt must be a string or a list of integer token ids.")
-    return prompts
-
-
-def as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    if len(params) != n:
-        raise RequestError(f"got {len(params)} SamplingParams for {n} prompts.")
-    return list(params)

@@ -91,8 +91,14 @@ def plan_memory(
     max_num_seqs: int,
     gpu_memory_utilization: float,
     kv_cache_memory: int | None,
+    share: int = 1,
 ) -> MemoryPlan:
-    """Size the KV cache. ``kv_cache_memory`` (bytes) overrides the computed KV budget on any device."""
+    """Size the KV cache. ``kv_cache_memory`` (bytes) overrides the computed KV budget on any device.
+
+    share: the number of processes planning on this GPU at once (tensor-parallel ranks placed on one
+    device, ``parallel/placement.py``); each takes 1/share of what is left after everything already
+    in use (all their weights: the ranks meet in a barrier first) and their activations.
+    """
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                              dtype, fp8)
     act = activation_bytes(cfg, dtype, max_num_batched_tokens, max_model_len, max_num_seqs)
@@ -109,7 +115,8 @@ def plan_memory(
         usable = int(total * gpu_memory_utilization)
         # what is already taken (our weights, loaded before planning, and anything else on the GPU,
         # e.g. another engine in this process) is not ours to give to the KV cache
-        kv_budget = usable - (total - free) - act
+        kv_budget = (usable - (total - free) - share * act) // share
+        usable //= share
     else:  # CPU: enough for a few full-length sequences, at most a quarter of the machine's memory
         kv_budget = min(int(physical_memory() * CPU_DEFAULT_FRACTION),
                         max_model_len * min(max_num_seqs, CPU_DEFAULT_SEQS) * per_token)

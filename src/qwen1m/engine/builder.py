@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BuildSpec:
-    """Everything a rank needs to build its part of the engine (sent to spawned workers)."""
+    """Everything a rank needs to build its part of the engine (pickled to the worker processes)."""
 
     folder: Path
     config: ModelConfig  # the whole model's config, DCA resolved
@@ -47,23 +47,27 @@ class RankParts:
     max_model_len: int
 
 
-def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device) -> RankParts:
+def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int = 1) -> RankParts:
     """Load this rank's weights, plan memory and allocate the KV cache.
 
     With several ranks this is collective: the number of KV blocks is the minimum over the ranks, so
-    every rank holds the same blocks and the driver's block tables are valid everywhere.
+    every rank holds the same blocks and the driver's block tables are valid everywhere. ``share``:
+    how many ranks (this one included) run on this device; each plans for its share of the memory.
     """
     cfg = local_config(spec.config, shard.size)
     model = load_model(spec.folder, cfg, spec.dtype, device, load_format=spec.load_format, dca=cfg.dca,
                        sparse=local_sparse(spec.sparse, shard), shard=shard)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if shard.size > 1:  # every rank's weights are in place before any rank measures free memory
+        import torch.distributed as dist
+
+        dist.barrier()
     plan = plan_memory(cfg, dtype=spec.dtype, device=device, weight_bytes=weight_bytes, fp8=spec.fp8,
                        block_size=spec.block_size, max_model_len=spec.max_model_len,
                        max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
-                       gpu_memory_utilization=spec.gpu_memory_utilization, kv_cache_memory=spec.kv_cache_memory)
+                       gpu_memory_utilization=spec.gpu_memory_utilization, kv_cache_memory=spec.kv_cache_memory,
+                       share=share)
     if shard.size > 1:
-        import torch.distributed as dist
-
         blocks = torch.tensor([plan.num_blocks], dtype=torch.int64, device=device)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
         plan = replace(plan, num_blocks=int(blocks.item()))

@@ -104,13 +104,16 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> str:
+        """prompt_token_ids: the ids of a text prompt when the caller has encoded it already."""
         request_id = request_id or str(next(self._ids))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("This model has no tokenizer.json, so prompts must be lists of token ids.")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text = prompt
+            ids = self.tokenizer.encode(prompt) if prompt_token_ids is None else list(prompt_token_ids)
         else:
             text, ids = None, list(prompt)
         self.check_prompt(ids, request_id)
@@ -138,18 +141,19 @@ class LLMEngine:
         self._prompt_ids[request_id] = seqs[0].token_ids[:len(ids)]
         return request_id
 
-    def check_prompt(self, ids: list[int], request_id: str = "") -> None:
+    def check_prompt(self, ids: list[int], request_id: str = "", label: str | None = None) -> None:
+        """label: how the error names the prompt (default "Request <request_id>")."""
+        who = label or f"Request {request_id}"
         if not ids:
-            raise RequestError(f"Request {request_id}: the prompt is empty.")
+            raise RequestError(f"{who}: the prompt is empty.")
         if len(ids) >= self.max_model_len:
             raise RequestError(
-                f"Request {request_id}: the prompt has {len(ids)} tokens but max_model_len is "
+                f"{who}: the prompt has {len(ids)} tokens but max_model_len is "
                 f"{self.max_model_len}; shorten the prompt or raise max_model_len."
             )
         bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"Request {request_id}: token id {bad} is outside the vocabulary "
-                               f"[0, {self.cfg.vocab_size}).")
+            raise RequestError(f"{who}: token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size}).")
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)

@@ -6,8 +6,9 @@
 
 A step is sent as plain data (token ids, positions, each sequence's slice and block ids); every rank
 holds the same KV blocks (``build_rank`` agrees on their number), for its own KV heads. Workers are
-spawned by qwen1m (gloo on CPU, NCCL on GPU) or started by ``torchrun`` (see ``LLM``).
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0): the lent machines forbid it.
+``python -m qwen1m.parallel.worker`` processes that qwen1m starts (``worker.py``), or ranks started by
+``torchrun`` (see ``LLM``). Ranks join over gloo on the CPU, NCCL on GPUs, or gloo when ranks share a
+GPU (``placement.py``). NVLink multicast stays off (NCCL_NVLS_ENABLE=0): the lent machines forbid it.
 """
 
 from __future__ import annotations
@@ -53,16 +54,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device
-
-
-def init_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
+def init_group(rank: int, size: int, init_method: str, device: torch.device, backend: str) -> None:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                            world_size=size, timeout=_TIMEOUT)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=_TIMEOUT)
 
 
 def leave_group() -> None:
@@ -73,12 +69,12 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def exit_worker() -> None:
-    """End a torchrun worker rank once it has left the group, without the interpreter's teardown: with
-    gloo on the CPU, that teardown aborted the process (SIGABRT, "terminate called without an active
-    exception") in about 1 run of 10 here, failing the torchrun job after its work was done. The worker
-    has nothing left to run (its script's code after ``LLM(...)`` is rank 0's), so it flushes its
-    output and leaves with status 0."""
+def exit_worker(status: int = 0) -> None:
+    """End a worker rank once it has left the group, without the interpreter's teardown: with gloo on
+    the CPU, that teardown aborted the process (SIGABRT, "terminate called without an active
+    exception") in about 1 run of 10 here, failing a torchrun job after its work was done. The worker
+    has nothing left to run (under torchrun, its script's code after ``LLM(...)`` is rank 0's), so it
+    flushes its output and leaves with ``status``."""
     import logging
     import sys
 
@@ -88,7 +84,7 @@ def exit_worker() -> None:
             stream.flush()
         except (OSError, ValueError):  # closed or redirected to a closed pipe: nothing to flush
             pass
-    os._exit(0)
+    os._exit(status)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +102,7 @@ class StepBroadcaster:
     """The driver model's ``before_forward``: checks the workers are alive, then sends the step."""
 
     def __init__(self, workers: list) -> None:
-        self.workers = workers  # multiprocessing.Process of ranks 1..N-1 (empty under torchrun)
+        self.workers = workers  # worker.WorkerProcess of ranks 1..N-1 (empty under torchrun)
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.workers, start=1):
@@ -138,54 +134,33 @@ def worker_loop(model, kv_cache, device: torch.device) -> None:
             model(torch.tensor(msg.input_ids, device=device), meta)
 
 
-def worker_main(rank: int, size: int, init_method: str, spec, device_type: str, status) -> None:
-    """Entry point of a spawned worker process."""
-    from qwen1m.engine.builder import build_rank
-    from qwen1m.parallel.shard import TPShard
-
-    device = rank_device(torch.device(device_type), rank)
-    try:
-        init_group(rank, size, init_method, device)
-        parts = build_rank(spec, TPShard(rank, size), device)
-        status.put(("ready", rank, ""))
-        worker_loop(parts.model, parts.kv_cache, device)
-    except Qwen1mError as e:
-        status.put(("error", rank, str(e)))
-    except BaseException as e:  # surfaced to the driver as one sentence; the traceback goes to the log
-        logger.exception("tensor-parallel worker rank %d failed", rank)
-        status.put(("error", rank, f"{type(e).__name__}: {e}"))
-    finally:
-        if dist.is_initialized():
-            try:
-                leave_group()
-            except RuntimeError:  # the driver is gone: nothing to meet
-                dist.destroy_process_group()
-
-
 class TPDriver:
-    """Rank 0's side: spawn the workers, build rank 0's part with them, broadcast steps, shut down."""
+    """Rank 0's side: start the workers, build rank 0's part with them, broadcast steps, shut down."""
 
     def __init__(self, spec, device: torch.device) -> None:
-        import multiprocessing
         import threading
 
         from qwen1m.engine.builder import build_rank
+        from qwen1m.parallel.placement import place_ranks
         from qwen1m.parallel.shard import TPShard
+        from qwen1m.parallel.worker import WorkerProcess, WorkerSpec
 
         size = spec.tensor_parallel_size
-        ctx = multiprocessing.get_context("spawn")
-        self.status = ctx.Queue()
+        placement = place_ranks(device, size)
+        self.device = placement.device(0)
+        if self.device.type == "cuda":  # this thread's current device too (Triton launches on it)
+            torch.cuda.set_device(self.device)
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.workers = [ctx.Process(target=worker_main, args=(r, size, init_method, spec, device.type, self.status),
-                                    daemon=True, name=f"qwen1m-tp{r}") for r in range(1, size)]
-        for proc in self.workers:
-            proc.start()
+        level = logging.getLogger("qwen1m").getEffectiveLevel()
+        self.workers: list = []
+        for r in range(1, size):
+            self.workers.append(WorkerProcess(WorkerSpec(r, size, init_method, placement, spec, level)))
         result: dict = {}
 
         def bootstrap() -> None:  # blocks in rendezvous and collectives: run it where we can watch the workers
             try:
-                init_group(0, size, init_method, device)
-                result["parts"] = build_rank(spec, TPShard(0, size), device)
+                init_group(0, size, init_method, self.device, placement.backend)
+                result["parts"] = build_rank(spec, TPShard(0, size), self.device, share=placement.share(0))
             except BaseException as e:
                 result["error"] = e
 
@@ -204,21 +179,18 @@ class TPDriver:
         self.parts.model.all_reduce = self._all_reduce
 
     def _poll(self, ready: set[int]) -> None:
-        import queue
-
-        try:
-            while True:
-                kind, rank, message = self.status.get_nowait()
-                if kind == "error":
-                    self.close()
-                    raise Qwen1mError(f"tensor-parallel worker rank {rank} failed to start: {message}")
-                ready.add(rank)
-        except queue.Empty:
-            pass
-        for rank, proc in enumerate(self.workers, start=1):
-            if rank not in ready and not proc.is_alive():
+        for proc in self.workers:
+            if proc.rank in ready:
+                continue
+            status = proc.status()
+            if status is not None and "error" in status:
                 self.close()
-                raise Qwen1mError(f"tensor-parallel worker rank {rank} exited while starting "
+                raise Qwen1mError(f"tensor-parallel worker rank {proc.rank} failed to start: {status['error']}")
+            if status is not None:
+                ready.add(proc.rank)
+            elif not proc.is_alive():
+                self.close()
+                raise Qwen1mError(f"tensor-parallel worker rank {proc.rank} exited while starting "
                                   f"(exit code {proc.exitcode}).")
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,3 +226,5 @@ class TPDriver:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=10)
+            proc.release()
