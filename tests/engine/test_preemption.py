@@ -75,7 +75,8 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(ckpt):
     request that arrives after them finishes while they still run (whole-length reservation kept it
     waiting until they had all ended)."""
     roomy = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=256)
-    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=256, kv_cache_memory=4 * 256 * _per_token(roomy))
+    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=256,
+              kv_cache_memory=4 * 256 * _per_token(roomy))
     engine = llm.engine
     assert engine.block_pool.num_blocks * engine.kv_cache.block_size < 6 * 256
     big = engine.add_request(list(range(1, 9)), SamplingParams(n=6, max_tokens=None, temperature=0,
@@ -96,7 +97,8 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(ckpt):
 
 def test_a_request_that_can_never_fit_fails_alone(ckpt):
     roomy = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=128)
-    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=64, kv_cache_memory=64 * _per_token(roomy))
+    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=64,
+              kv_cache_memory=64 * _per_token(roomy))
     llm.engine.max_model_len = 128  # as if the memory plan had let it through: the scheduler still copes
     outs = llm.generate([[i % 90 + 1 for i in range(99)], list(range(1, 6))],
                         SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))

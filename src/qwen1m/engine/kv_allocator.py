@@ -2,8 +2,9 @@
 
 A sequence gets blocks for its known tokens when it is admitted and one more each time it fills its
 last (``grow``); the scheduler preempts when a sequence cannot grow. With prefix caching its prompt's
-longest cached prefix comes first, already computed; the blocks it computes itself enter the cache as they fill, and when it
-ends they stay there idle until an allocation needs the memory (``cache/prefix_cache.py``).
+longest cached prefix comes first, already computed; the blocks it computes itself enter the cache
+as they fill, and when it ends they stay there idle until an allocation needs the memory
+(``cache/prefix_cache.py``).
 """
 
 from __future__ import annotations
