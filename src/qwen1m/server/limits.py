@@ -1,5 +1,7 @@
 """What one request may ask of the server, and how much waiting work it holds (docs/server.md).
 
+Imported by ``qwen1m --help`` for the defaults, so it needs neither FastAPI nor pydantic.
+
 Every bound here is checked before the work it bounds: a body before it is read, a prompt's length
 before it is tokenized where a cheap bound settles it, a request before it is queued.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen1m.server.protocol import OpenAIError
+from qwen1m.errors import ConfigError
 
 # A body limit that admits any prompt up to max_model_len: a token is ~4 bytes of English, at most
 # ~8 as a JSON token id ("151643, "), ~9 as JSON-escaped CJK text; 16 leaves room, plus 1 MiB for
@@ -33,7 +35,7 @@ class ServerLimits:
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_queued_requests", "max_prompts_per_request"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
 
 
 class QueueGate:
@@ -46,6 +48,8 @@ class QueueGate:
 
     def enter(self) -> Ticket:
         if self.queued >= self.limit:
+            from qwen1m.server.protocol import OpenAIError  # pydantic: this module imports without it (CLI)
+
             raise OpenAIError(429, f"The server is busy: {self.queued} requests are already waiting to start "
                               f"(--max-queued-requests {self.limit}); retry in a moment.",
                               type="rate_limit_error", code="queue_full",
