@@ -61,6 +61,11 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $QWEN1M_API_KEY (read when the server starts), else None: no key."""
+    return args.api_key or os.environ.get("QWEN1M_API_KEY") or None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -74,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if logging.getLogger().level == logging.WARNING:  # the CLI default: still show progress lines
         logging.getLogger("qwen1m.server").setLevel(logging.INFO)
-    api_key = args.api_key or os.environ.get("QWEN1M_API_KEY") or None
+    api_key = resolve_api_key(args)
     if args.api_key:
         logger.warning("--api-key is visible to every user of this machine (ps, /proc); "
                        "set QWEN1M_API_KEY in the environment instead")

@@ -53,8 +53,7 @@ class BodyLimit:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     answered = True
-                    await _send_error(send, 413, self._message(f"over {self.max_bytes}"), "request_too_large",
-                                      [(b"connection", b"close")])
+                    await _send_error(send, 413, self._message(f"over {self.max_bytes}"), "request_too_large")
                     return {"type": "http.disconnect"}  # the app stops reading and answering
             return message
 
