@@ -137,3 +137,22 @@ def test_tiny_temperature_and_a_failing_row_do_not_fail_the_batch(ckpt, monkeypa
     assert outs[0].outputs[0].finish_reason == "error" and "no finite logit" in outs[0].error
     assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 6
     assert llm.engine.kv_cache_usage() == 0.0
+
+
+def test_a_short_prompt_overtakes_one_that_does_not_fit_yet(ckpt):
+    """A 90-token prompt that does not fit beside a running 100-token one waits; a 5-token request
+    queued behind it starts (and ends) first; the long prompt starts once blocks are free."""
+    roomy = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=128)
+    llm = LLM(ckpt, dtype="float32", device="cpu", block_size=8, max_model_len=128,
+              kv_cache_memory=160 * _per_token(roomy))
+    engine = llm.engine
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    running = engine.add_request([i % 90 + 1 for i in range(100)], params)
+    engine.step()
+    blocked = engine.add_request([i % 80 + 2 for i in range(90)], params)
+    small = engine.add_request([3, 4, 5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == [small, running, blocked]
+    assert engine.requests == {} and engine.kv_cache_usage() == 0.0

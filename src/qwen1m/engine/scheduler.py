@@ -14,18 +14,26 @@ written, and a small request behind it is admitted as soon as its prompt fits. W
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks go
 back to the pool and it returns to the front of the queue, to be recomputed (prompt and generated
 tokens, as one longer prompt) when blocks are free again. The oldest sequence therefore always makes
-progress; nothing waits on a sequence that cannot be admitted. While a step preempts, it admits
-nothing (vLLM v1's rule: admitting would only feed the next preemption).
+progress. While a step preempts, it admits nothing (vLLM v1's rule: admitting would only feed the next
+preemption). Admission is first come, first served, except that a prompt too large for the free
+blocks lets smaller ones that fit go first, a bounded number of times (``OVERTAKE_LIMIT``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from qwen1m.engine.sequence import Sequence, SequenceStatus
 from qwen1m.errors import RequestError
+
+# A waiting sequence whose prompt does not fit in the free blocks lets later ones that fit start
+# first, at most this many times (then it waits at the head until blocks free up), looking this far
+# down the queue: a 4-token request does not wait behind a 100K-token prompt, and the prompt still starts.
+OVERTAKE_LIMIT = 64
+OVERTAKE_LOOKAHEAD = 32
 
 
 @dataclass(slots=True)
@@ -98,14 +106,9 @@ class Scheduler:
                 scheduled.append(ScheduledSequence(seq, n))
                 budget -= n
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.fits(seq.num_tokens):
-                self.waiting.popleft()
-                self._fail(seq, seq.num_tokens)
-                continue
-            if not self.allocate(seq):
-                break  # first come, first served: later arrivals do not overtake it
-            self.waiting.popleft()
+            seq = self._admit_next()
+            if seq is None:
+                break
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
@@ -116,6 +119,26 @@ class Scheduler:
         order = {id(s): i for i, s in enumerate(self.running)}
         scheduled.sort(key=lambda x: order[id(x.seq)])
         return scheduled
+
+    def _admit_next(self) -> Sequence | None:
+        """The next waiting sequence, its blocks allocated: the oldest, or when its prompt does not fit
+        now a later one that does, unless the oldest has been overtaken OVERTAKE_LIMIT times already
+        (then everyone waits for it, so a long prompt is never starved by a stream of short ones)."""
+        while self.waiting and not self.fits(self.waiting[0].num_tokens):
+            self._fail(self.waiting.popleft(), 0)
+        if not self.waiting:
+            return None
+        head = self.waiting[0]
+        if self.allocate(head):
+            return self.waiting.popleft()
+        if head.num_overtaken >= OVERTAKE_LIMIT:
+            return None
+        for seq in itertools.islice(self.waiting, 1, 1 + OVERTAKE_LOOKAHEAD):
+            if self.fits(seq.num_tokens) and self.allocate(seq):
+                head.num_overtaken += 1
+                self.waiting.remove(seq)
+                return seq
+        return None
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks and queue it first, to recompute all its tokens later."""
@@ -131,6 +154,7 @@ class Scheduler:
 
     def _fail(self, seq: Sequence, num_tokens: int) -> None:
         """End a sequence that cannot fit however much is freed; the engine fails its request."""
+        num_tokens = num_tokens or seq.num_tokens
         self.finish(seq)
         self.failed.append((seq, RequestError(
             f"The KV cache cannot hold {num_tokens} tokens for one sequence, even with nothing else running; "
