@@ -14,6 +14,7 @@ from pathlib import Path
 from qwen1m.errors import Qwen1mError
 from qwen1m.server.limits import (
     BODY_BYTES_PER_TOKEN,
+    MAX_CONNECTIONS,
     MAX_PROMPTS_PER_REQUEST,
     MAX_QUEUED_REQUESTS,
     ServerLimits,
@@ -50,6 +51,8 @@ def add_serve_command(sub) -> None:
                           "more get 429 with Retry-After")
     lim.add_argument("--max-prompts-per-request", type=int, default=MAX_PROMPTS_PER_REQUEST,
                      help="prompts in one /v1/completions request")
+    lim.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                     help="open connections (streams included); more get uvicorn's 503")
     exp = p.add_argument_group("exposure")
     exp.add_argument("--allowed-hosts", action="append", default=None, metavar="NAME",
                      help="a Host header name to answer besides localhost/127.0.0.1/::1 (repeatable; '*' for "
@@ -83,14 +86,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key:
         logger.warning("--api-key is visible to every user of this machine (ps, /proc); "
                        "set QWEN1M_API_KEY in the environment instead")
-    if args.max_num_seqs < 1:
-        raise Qwen1mError(f"--max-num-seqs must be at least 1, got {args.max_num_seqs}.")
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-connections", args.max_connections)):
+        if value < 1:
+            raise Qwen1mError(f"{flag} must be at least 1, got {value}.")
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or ("qwen1m" if args.model is None else Path(args.model).resolve().name)
     limits = ServerLimits(args.max_request_bytes or default_max_request_bytes(llm.engine.max_model_len),
                           args.max_queued_requests, args.max_prompts_per_request)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout, limit_concurrency=args.max_connections)
     server = Server(config)
     config.app = build_app(llm, model_name=name, api_key=api_key, limits=limits, allowed_hosts=args.allowed_hosts,
                            metrics_public=args.metrics_public, cors_origins=args.cors_allow_origin,

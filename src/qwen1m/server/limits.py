@@ -19,6 +19,7 @@ BODY_BYTES_PER_TOKEN = 16
 BODY_OVERHEAD_BYTES = 1 << 20
 MAX_QUEUED_REQUESTS = 256  # TGI's --max-concurrent-requests is 128; vLLM has no bound
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions request (vLLM and TGI: no bound)
+MAX_CONNECTIONS = 1024  # uvicorn's limit_concurrency: open connections, idle keep-alive ones included
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees when any request starts
 
 
