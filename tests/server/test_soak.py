@@ -1,4 +1,5 @@
-"""Soak (slow): 1,100 requests, 32 at a time, with random hang-ups and bad requests mixed in.
+"""Soak (slow): 1,100 requests, 32 at a time, with random hang-ups and bad requests mixed in, on a
+KV cache small enough that sequences are preempted and recomputed.
 
 Afterwards the engine holds nothing (KV usage 0, no request running, waiting, tracked or queued) and
 the process's memory is flat: within 10% of what it was after the first 200 requests (allocator
@@ -21,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from qwen1m import LLM  # noqa: E402
+from qwen1m.cache.paged_kv import PagedKVCache  # noqa: E402
 from qwen1m.server.app import build_app  # noqa: E402
 
 NUM_REQUESTS = 1100
@@ -87,7 +89,14 @@ async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict) -> Non
 @pytest.mark.slow
 def test_soak(tmp_path):
     folder = text_checkpoint(tmp_path / "soak")
-    llm = LLM(folder, dtype="float32", device="cpu", max_model_len=512, max_num_seqs=16)
+    roomy = LLM(folder, dtype="float32", device="cpu", max_model_len=512)
+    cfg = roomy.config
+    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                             roomy.dtype, False)
+    del roomy
+    # KV for 1,024 tokens: 16 sequences of up to ~140 tokens outgrow it, so sequences are preempted
+    llm = LLM(folder, dtype="float32", device="cpu", max_model_len=512, max_num_seqs=16, block_size=16,
+              kv_cache_memory=1024 * per_token)
     holder = {}
 
     def build(server):
@@ -130,6 +139,7 @@ def test_soak(tmp_path):
               f"({NUM_REQUESTS / elapsed:.1f} req/s); {stats}; RSS after {WARM_UP} requests "
               f"{rss['warm'] / 2**20:.0f} MiB, at the end {rss['end'] / 2**20:.0f} MiB; "
               f"preemptions {engine.scheduler.num_preemptions}")
+        assert engine.scheduler.num_preemptions > 0  # the soak went through preemption and recompute
         assert stats.get("bad_unexpected", 0) == 0 and stats["ok"] > NUM_REQUESTS // 2 and stats["hung_up"] > 100
         assert engine.kv_cache_usage() == 0.0 and engine.requests == {}
         assert not loop.streams and serving.gate.queued == 0
