@@ -192,10 +192,11 @@ def test_tools_stay_refused_however_they_arrive(url, field, value):
     {"messages": [{"role": "w" * 5_000_000, "content": "hi"}]},
     {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"k" * 1_000_000: {"x": "y"}},
      "tools": [{"k" * 1_000_000: 1}]},
+    {"prompt": "hi", "extra": {"k" * 1_000_000: "\ud800"}},  # a surrogate under a 1 MB key
 ])
 def test_errors_quote_at_most_a_few_hundred_characters(url, body):
     route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    response = post(url, route, body)
+    response = post(url, route, json.dumps(body).encode())  # ASCII JSON: a surrogate goes as its escape
     assert response.status_code in (400, 404), response.text[:300]
     assert len(response.content) < 2000, len(response.content)
     assert "characters)" in response.json()["error"]["message"] or len(response.json()["error"]["message"]) < 1000

@@ -120,6 +120,7 @@ class GenerationRequest(BaseModel):
     def _valid_unicode(cls, data: Any) -> Any:
         where = _find_surrogate(data)
         if where is not None:
+            where = where if len(where) <= QUOTE_CHARS else where[:QUOTE_CHARS] + "..."  # keys are input too
             raise ValueError(f"'{where}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
                              "which is not text; send valid Unicode")
         return data
