@@ -158,7 +158,11 @@ class OpenAIServing:
             return prompt
         if self.tokenizer_pool is None:
             raise RequestError("This model has no tokenizer.json, so prompts must be lists of token ids.")
-        return await self.tokenizer_pool.encode(prompt)
+        ids = await self.tokenizer_pool.encode(prompt)
+        if len(ids) >= self.max_model_len:  # refused here, not after a trip through the engine thread
+            raise RequestError(f"Too long: the prompt has {len(ids)} tokens but max_model_len is "
+                               f"{self.max_model_len}; shorten the prompt or raise max_model_len.")
+        return ids
 
     async def _generate(self, kind: Kind, req: GenerationRequest, prompts: list[list[int]],
                         params: SamplingParams, request: Request, ticket: Ticket) -> Response:
