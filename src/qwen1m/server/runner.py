@@ -18,7 +18,8 @@ import uvicorn
 
 logger = logging.getLogger(__name__)
 
-# the drain ends streams this long before uvicorn's deadline, so their last events get out first
+# the drain ends streams this long (or a quarter of the grace period, if shorter) before uvicorn's
+# deadline, so that their last events get out before uvicorn cancels what is left
 DRAIN_MARGIN_S = 1.0
 
 
@@ -37,8 +38,8 @@ class Server(uvicorn.Server):
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
             return
-        if not self.should_exit and self._loop is not None:
-            grace = self.config.timeout_graceful_shutdown or 0.0
+        grace = self.config.timeout_graceful_shutdown  # None: uvicorn waits for ever, so no drain either
+        if not self.should_exit and self._loop is not None and grace is not None:
             self._loop.call_soon_threadsafe(self._drain, max(0.0, grace - min(DRAIN_MARGIN_S, grace / 4)))
         self.should_exit = True
 
