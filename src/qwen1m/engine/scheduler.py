@@ -14,7 +14,11 @@ written, and a small request behind it is admitted as soon as its prompt fits. W
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks go
 back to the pool and it returns to the front of the queue, to be recomputed (prompt and generated
 tokens, as one longer prompt) when blocks are free again. The oldest sequence therefore always makes
-progress. While a step preempts, it admits nothing (vLLM v1's rule: admitting would only feed the next
+progress. Recompute gives the same keys where DCA's YaRN temperature is 1 (no DCA, or lengths below
+its training length: every CPU test); beyond it the recomputed keys carry the temperature of the
+length at recompute, as a prompt of that length would (``SequenceSlice.scale_len``).
+
+While a step preempts, it admits nothing (vLLM v1's rule: admitting would only feed the next
 preemption). Admission is first come, first served, except that a prompt too large for the free
 blocks lets smaller ones that fit go first, a bounded number of times (``OVERTAKE_LIMIT``).
 """
