@@ -5,14 +5,36 @@
     out = llm.generate(["..."], SamplingParams(max_tokens=32, temperature=0))
 """
 
-from qwen1m.config import DCAConfig, ModelConfig
-from qwen1m.errors import Qwen1mError
-from qwen1m.llm import LLM, bundled_model_path
-from qwen1m.outputs import CompletionOutput, RequestOutput
-from qwen1m.sampling_params import SamplingParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# name -> module. Imported on first use (PEP 562) so that a process needing one light submodule (the
+# server's tokenizer worker, ``qwen1m --help``) does not import torch (~2 s, ~200 MB) with it.
+_EXPORTS = {
+    "LLM": "qwen1m.llm", "bundled_model_path": "qwen1m.llm", "SamplingParams": "qwen1m.sampling_params",
+    "RequestOutput": "qwen1m.outputs", "CompletionOutput": "qwen1m.outputs", "DCAConfig": "qwen1m.config",
+    "ModelConfig": "qwen1m.config", "Qwen1mError": "qwen1m.errors",
+}
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "DCAConfig", "ModelConfig",
     "Qwen1mError", "bundled_model_path",
 ]
+
+if TYPE_CHECKING:
+    from qwen1m.config import DCAConfig, ModelConfig
+    from qwen1m.errors import Qwen1mError
+    from qwen1m.llm import LLM, bundled_model_path
+    from qwen1m.outputs import CompletionOutput, RequestOutput
+    from qwen1m.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qwen1m' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

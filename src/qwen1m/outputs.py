@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
 
@@ -35,6 +35,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     new_text: list[str] = field(default_factory=list)  # per completion: text added since the last step
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    error: str | None = None  # set (finished, finish_reason "error") when this request alone failed
 
 
 @dataclass(slots=True)

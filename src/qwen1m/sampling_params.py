@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 from qwen1m.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator, TGI's u64); vLLM allows the int64 range
+# below this a temperature divides logits into inf (1e-300 did): vLLM raises it to the same floor,
+# which is greedy in all but ties
+MIN_TEMPERATURE = 1e-2
+MAX_N = 128  # completions per prompt: OpenAI's own bound
 
 
 @dataclass(slots=True)
@@ -24,10 +34,18 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise RequestError(f"SamplingParams.n must be at least 1, got {self.n}.")
-        if self.temperature < 0:
-            raise RequestError(f"SamplingParams.temperature must be >= 0, got {self.temperature}.")
+        if not 1 <= self.n <= MAX_N:
+            raise RequestError(f"SamplingParams.n must be in [1, {MAX_N}], got {self.n}.")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"SamplingParams.temperature must be >= 0 and finite, got {self.temperature}.")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logger.info("temperature %g raised to %g (smaller values overflow the logits)", self.temperature,
+                        MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX - (self.n - 1):
+            # completion j of n is seeded with seed + j: every one of them must be a valid seed
+            raise RequestError(f"SamplingParams.seed must be in [0, 2**64 - n] = [0, {SEED_MAX - (self.n - 1)}] "
+                               f"for n={self.n}, got {_quote(self.seed)}.")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
@@ -46,3 +64,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _quote(value: object, limit: int = 40) -> str:
+    """A value for an error message, cut to ``limit`` characters (a 10**100000 seed is 100K digits)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -91,7 +91,8 @@ def client(base_url):
 
 
 def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(base_url + "/metrics", timeout=TIMEOUT).text
+    # with an API key /metrics needs it too (unless --metrics-public)
+    text = httpx.get(base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT).text
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -416,7 +417,8 @@ def test_engine_failure_is_a_500_and_the_server_recovers(base_url, client, serve
 # ---- metrics and logs --------------------------------------------------------------------------------
 def test_metrics_are_prometheus_text(base_url, client):
     client.completions.create(model=MODEL, prompt="The dog", max_tokens=3, temperature=0)
-    response = httpx.get(base_url + "/metrics", timeout=TIMEOUT)
+    assert httpx.get(base_url + "/metrics", timeout=TIMEOUT).status_code == 401
+    response = httpx.get(base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=TIMEOUT)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     for name, kind in [("qwen1m_requests_total", "counter"), ("qwen1m_prompt_tokens_total", "counter"),

@@ -94,15 +94,27 @@ class SequenceBlocks:
 
     def __init__(self, cache: PagedKVCache, blocks: list[int], device: torch.device):
         self.cache = cache
-        self.blocks = blocks
-        self.capacity = len(blocks) * cache.block_size
-        self.block_table = torch.tensor(blocks, dtype=torch.int32, device=device)  # [num_blocks_of_seq]
-        # host copy for building decode batches: blocks never change after allocation, and converting
-        # a 1M-token sequence's 15,626-entry list costs ~0.8 ms per decode step on a CPU core
-        on_cpu = torch.device(device).type == "cpu"
-        self.block_table_cpu = self.block_table if on_cpu else torch.tensor(blocks, dtype=torch.int32)
-        # Contiguous block ids -> the sequence's keys are one strided view: prefill reads need no gather.
-        self.first_block = blocks[0] if blocks and blocks == list(range(blocks[0], blocks[0] + len(blocks))) else None
+        self.device = device
+        self.blocks: list[int] = []
+        self.first_block: int | None = None
+        self.extend(blocks)
+
+    def extend(self, blocks: list[int]) -> None:
+        """Append blocks (a sequence grows one block at a time as it generates)."""
+        # contiguous block ids -> the sequence's keys are one strided view: prefill reads need no gather
+        contiguous = blocks == list(range(blocks[0], blocks[0] + len(blocks))) if blocks else True
+        if not self.blocks:
+            self.first_block = blocks[0] if blocks and contiguous else None
+        elif self.first_block is not None and not (contiguous and blocks and blocks[0] == self.blocks[-1] + 1):
+            self.first_block = None
+        self.blocks = self.blocks + blocks
+        self.capacity = len(self.blocks) * self.cache.block_size
+        # rebuilt once per block_size tokens of growth, not per step
+        self.block_table = torch.tensor(self.blocks, dtype=torch.int32, device=self.device)  # [num_blocks_of_seq]
+        # host copy for building decode batches: converting a 1M-token sequence's 15,626-entry list
+        # costs ~0.8 ms, too much for every decode step on a CPU core
+        on_cpu = torch.device(self.device).type == "cpu"
+        self.block_table_cpu = self.block_table if on_cpu else torch.tensor(self.blocks, dtype=torch.int32)
 
     def _rows(self, start: int, end: int) -> slice | torch.Tensor:
         """Flat row indices of tokens [start, end) in a layer's [num_blocks * block_size, ...] view:

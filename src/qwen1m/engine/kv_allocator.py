@@ -1,9 +1,10 @@
 """Which KV blocks a sequence gets: the engine's side of ``BlockPool`` and ``PrefixCache``.
 
-A sequence reserves blocks for its whole length (prompt + max new tokens) when it is admitted, so a
-running sequence never waits for memory. With prefix caching its prompt's longest cached prefix comes
-first, already computed; the blocks it computes itself enter the cache as they fill, and when it
-ends they stay there idle until an allocation needs the memory (``cache/prefix_cache.py``).
+A sequence gets blocks for its known tokens when it is admitted and one more each time it fills its
+last (``grow``); the scheduler preempts when a sequence cannot grow. With prefix caching its prompt's
+longest cached prefix comes first, already computed; the blocks it computes itself enter the cache
+as they fill, and when it ends they stay there idle until an allocation needs the memory
+(``cache/prefix_cache.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class KVAllocator:
         self.block_size = kv_cache.block_size
         self.key_scale = key_scale
         self.block_pool = BlockPool(kv_cache.num_blocks)
+        self.num_reserved = 0  # blocks taken out of the pool for good (the CUDA graphs' pad block)
         self.prefix_cache = None
         if prefix_caching:
             exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
@@ -37,13 +39,13 @@ class KVAllocator:
         """Free blocks, counting idle prefix-cache blocks (an allocation evicts them when it needs them)."""
         return self.block_pool.num_free + (self.prefix_cache.num_idle if self.prefix_cache is not None else 0)
 
-    def take(self, n: int, after: int | None = None) -> list[int] | None:
+    def take(self, n: int, after: int | None = None, evict_for_run: bool = True) -> list[int] | None:
         """n free blocks, preferably the run that starts at block ``after`` (the blocks right after a
         reused prefix, free again once the request that computed it has ended: the sequence's keys
         then stay one strided view, no gather); idle prefix-cache blocks are evicted when short."""
         blocks = None
         if after is not None:
-            if self.prefix_cache is not None:  # the old request's idle tail right after the prefix
+            if self.prefix_cache is not None and evict_for_run:  # the old request's idle tail right after the prefix
                 # (its last prompt block, with the old question in it) gives way to keep the run
                 idle = [b for b in range(after, min(after + n, self.block_pool.num_blocks))
                         if self.prefix_cache.is_idle(b)]
@@ -67,16 +69,42 @@ class KVAllocator:
         """Give back what ``reserve`` gave."""
         self.block_pool.free(cache.blocks)
 
+    def fits(self, num_tokens: int) -> bool:
+        """Whether one sequence of num_tokens tokens fits in the cache with nothing else in it."""
+        return self._blocks_for(num_tokens) <= self.block_pool.num_blocks - self.num_reserved
+
     def allocate(self, seq: Sequence) -> bool:
-        """Reserve a sequence's blocks for its whole length, its prompt's cached prefix first."""
+        """Blocks for a sequence's known tokens (its prompt, or prompt and output when it is recomputed
+        after a preemption), its prompt's cached prefix first; False when short."""
         shared = self._match(seq) if self.prefix_cache is not None else []
-        own = self.take(-(-seq.max_len // self.block_size) - len(shared), shared[-1] + 1 if shared else None)
+        own = self.take(self._blocks_for(seq.num_tokens) - len(shared), shared[-1] + 1 if shared else None)
         if own is None:
             if shared:
                 self.block_pool.free(self.prefix_cache.release(shared))
             return False
         self._assign(seq, shared, own)
         return True
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Room for ``num_tokens`` tokens in a running sequence's blocks; False when no block is free.
+        The new block is the one right after its last when free (keys stay one view); idle
+        prefix-cache blocks are not evicted just for that."""
+        need = self._blocks_for(num_tokens) - len(seq.cache.blocks)
+        if need <= 0:
+            return True
+        blocks = self.take(need, seq.cache.blocks[-1] + 1 if seq.cache.blocks else None, evict_for_run=False)
+        if blocks is None:
+            return False
+        seq.cache.extend(blocks)
+        return True
+
+    def can_grow(self, seqs: list[Sequence], extra: int) -> bool:
+        """Whether every sequence can get room for ``extra`` more tokens without a preemption."""
+        need = sum(max(0, self._blocks_for(s.num_tokens + extra) - len(s.cache.blocks)) for s in seqs)
+        return need <= self.num_available()
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def match_again(self, seq: Sequence) -> None:
         """A prompt admitted beside the one that computes its prefix (several questions about one

@@ -9,7 +9,8 @@ bounded by that budget (the report's 32K chunks), and logits are computed only f
 Decode speed: with CUDA graphs the engine overlaps steps (``step``): the next decode is launched from
 the device argmax before the host has looked at this step's tokens.
 
-KV blocks: ``KVAllocator`` (``kv_allocator.py``) reserves each sequence's blocks at admission; with
+KV blocks: ``KVAllocator`` (``kv_allocator.py``) gives each sequence blocks as it grows, and the
+scheduler preempts the newest sequence when one cannot grow (``scheduler.py``); with
 prefix caching (``prefix_caching``, off by default) a prompt's full blocks stay cached after its
 request, and a later prompt that starts with the same tokens starts with them computed.
 """
@@ -31,7 +32,7 @@ from qwen1m.engine.kv_allocator import KVAllocator
 from qwen1m.engine.sampler import sample
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
-from qwen1m.errors import RequestError
+from qwen1m.errors import Qwen1mError, RequestError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
 from qwen1m.outputs import CompletionOutput, PrefillProgress, RequestMetrics, RequestOutput
 from qwen1m.sampling_params import SamplingParams
@@ -81,12 +82,14 @@ class LLMEngine:
         self.kv = KVAllocator(kv_cache, self.device, model.backend.key_scale, prefix_caching)
         self.block_pool, self.prefix_cache = self.kv.block_pool, self.kv.prefix_cache  # for inspection
         self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self.kv.allocate, self.kv.release,
-                                   self.kv.match_again if prefix_caching else None)
+                                   self.kv.match_again if prefix_caching else None, grow=self.kv.grow,
+                                   fits=self.kv.fits)
         self.graph_runner = None
         if cuda_graphs:  # decode steps replay CUDA graphs; one block is kept for the padding rows' writes
             from qwen1m.engine.cuda_graph import DecodeGraphRunner
 
             (pad_block,) = self.block_pool.allocate(1)
+            self.kv.num_reserved = 1
             self.graph_runner = DecodeGraphRunner(model, kv_cache, pad_block, max_num_seqs, max_model_len)
         self._ids = itertools.count()
         self.eos_ids: set[int] = set(self.cfg.eos_token_ids)
@@ -101,6 +104,7 @@ class LLMEngine:
         # work is then what stands between two steps); tests turn it on for the CPU
         self.overlap = cuda_graphs if overlap is None else overlap
         self._ahead: _Launched | None = None  # a launched step whose outputs the next call returns
+        self._failed: list[RequestOutput] = []  # requests ended by their own error, for the next outputs
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(
@@ -170,7 +174,7 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks reserved by running sequences (0.0 - 1.0); idle prefix-cache blocks
+        """Fraction of KV blocks held by running sequences (0.0 - 1.0); idle prefix-cache blocks
         count as free (an allocation takes them when it needs them)."""
         usable = self.block_pool.num_blocks - (1 if self.graph_runner is not None else 0)  # minus the pad block
         return 1.0 - self.kv.num_available() / max(1, usable)
@@ -194,8 +198,9 @@ class LLMEngine:
             self._prefilled = launched.prefilled
         else:
             scheduled = self.scheduler.schedule()
+            self._fail_unfit()
             if not scheduled:
-                return []
+                return self._take_failed()
             launched = self._launch(scheduled)
         if self.overlap:
             try:
@@ -266,6 +271,8 @@ class LLMEngine:
         sampling = {id(seq): i for i, seq in enumerate(launched.samplers)}
         if any(id(seq) not in sampling for seq in self.scheduler.running):
             return None  # some sequence is still prefilling: the next step is not a pure decode
+        if not self.kv.can_grow([s for s in launched.samplers if s.cache is not None], 1):
+            return None  # a sequence needs a block that only a preemption would free: plan it normally
         inputs_from = {}
         for seq in launched.samplers:
             if not seq.is_finished and seq.num_tokens + 1 < seq.max_len:
@@ -299,7 +306,7 @@ class LLMEngine:
         overlapped launch appended), run the stop checks and build the outputs."""
         samplers = launched.samplers
         if not samplers:
-            return []
+            return self._take_failed()
         if launched.tokens_host is not None:
             if launched.ready is not None:
                 launched.ready.synchronize()
@@ -311,28 +318,60 @@ class LLMEngine:
         for seq, token in zip(samplers, tokens):
             if seq.is_finished:  # finished (or aborted) after this step was launched: drop its row
                 continue
+            if isinstance(token, Exception):  # this row could not be sampled: its request fails alone
+                self._fail_request(seq.request_id, token)
+                continue
             if id(seq) in placeholders:
                 seq.token_ids[-1] = token
             else:
                 seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._check_stop(seq, token)
+            try:
+                self._check_stop(seq, token)
+            except Exception as e:  # e.g. detokenizing: one request's failure, not the batch's
+                self._fail_request(seq.request_id, e)
+                continue
             touched[seq.request_id] = None
-        return [self._request_output(rid) for rid in touched if rid in self.requests]
+        return self._take_failed() + [self._request_output(rid) for rid in touched if rid in self.requests]
 
     @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row; greedy rows in one argmax and one device->host copy for the batch."""
-        tokens: list[int | None] = [None] * len(seqs)
+    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row, or the exception that row raised (the others are unaffected); greedy
+        rows in one argmax and one device->host copy for the batch."""
+        tokens: list[int | Exception | None] = [None] * len(seqs)
         greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 tokens[i] = t
         for i, seq in enumerate(seqs):
             if tokens[i] is None:
-                tokens[i] = sample(logits[i], seq.params, seq.generator)
+                try:
+                    tokens[i] = sample(logits[i], seq.params, seq.generator)
+                except Exception as e:
+                    tokens[i] = e
         return tokens
+
+    def _fail_request(self, request_id: str, error: Exception) -> None:
+        """End one request with an error output (its KV freed); the rest of the step goes on."""
+        if request_id not in self.requests:
+            return
+        logger.warning("request %s failed: %s: %s", request_id, type(error).__name__, error)
+        seqs = self.requests[request_id]
+        self.scheduler.abort(request_id)
+        for s in seqs:
+            s.finish_reason = "error"
+        out = self._request_output(request_id)
+        out.error = str(error) if isinstance(error, Qwen1mError) else f"Internal error ({type(error).__name__})."
+        self._failed.append(out)
+
+    def _fail_unfit(self) -> None:
+        for seq, error in self.scheduler.take_failed():
+            self._fail_request(seq.request_id, error)
+
+    def _take_failed(self) -> list[RequestOutput]:
+        failed, self._failed = self._failed, []
+        return failed
 
     def prefill_progress(self) -> list[PrefillProgress]:
         """Progress of the sequences that computed prompt tokens in the last step."""

@@ -44,6 +44,7 @@ class Sequence:
     block_keys: list[bytes] | None = field(default=None, repr=False)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    num_overtaken: int = 0  # later sequences admitted before it while its prompt did not fit (scheduler)
 
     @property
     def num_tokens(self) -> int:

@@ -7,47 +7,85 @@
     GET  /metrics                Prometheus text format
 
 Every error is OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``; request
-validation errors become 400 (not FastAPI's 422) because OpenAI clients expect 400.
+validation errors become 400 (not FastAPI's 422) because OpenAI clients expect 400, and an error
+quotes at most ~200 characters of what the client sent.
+
+Exposure (docs/server.md). With an API key, every route but /health needs it, /metrics too unless
+``metrics_public``, and /docs and /openapi.json are off. Without one, only loopback Host names are
+answered (``guards.HostCheck``: DNS rebinding) unless ``allowed_hosts`` says otherwise. CORS is off
+unless ``cors_origins`` lists origins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen1m.errors import Qwen1mError
 from qwen1m.llm import LLM
 from qwen1m.server.engine_loop import EngineLoop, EngineUnavailable
+from qwen1m.server.guards import LOOPBACK_HOSTS, BodyLimit, HostCheck
+from qwen1m.server.limits import ServerLimits, default_max_request_bytes
 from qwen1m.server.metrics import ServerMetrics
-from qwen1m.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from qwen1m.server.protocol import QUOTE_CHARS, ChatCompletionRequest, CompletionRequest, OpenAIError, quote
 from qwen1m.server.serving import OpenAIServing, error_body
 
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
 
-def build_app(llm: LLM, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app serving ``llm``; its engine loop starts and stops with the app's lifespan."""
+def build_app(llm: LLM, *, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
+              allowed_hosts: list[str] | None = None, metrics_public: bool = False,
+              cors_origins: list[str] | None = None, on_death: Callable[[str], None] | None = None) -> FastAPI:
+    """The app serving ``llm``; its engine loop starts and stops with the app's lifespan.
+
+    allowed_hosts: Host names answered besides the loopback ones; None: any when there is an API key.
+    on_death: called with the reason if the engine loop dies (the CLI then exits non-zero).
+    """
+    limits = limits or ServerLimits(default_max_request_bytes(llm.engine.max_model_len))
     metrics = ServerMetrics()
-    engine_loop = EngineLoop(llm.engine, metrics)
+    engine_loop = EngineLoop(llm.engine, metrics, on_death)
     serving = OpenAIServing(engine_loop, llm.tokenizer, model_name=model_name,
-                            max_model_len=llm.engine.max_model_len)
+                            max_model_len=llm.engine.max_model_len, limits=limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine_loop.start()
+        if serving.tokenizer_pool is not None:
+            serving.tokenizer_pool.start()
         try:
             yield
         finally:
             engine_loop.shutdown()  # uvicorn has finished or cancelled in-flight requests by now
+            if serving.tokenizer_pool is not None:
+                serving.tokenizer_pool.shutdown()
 
-    app = FastAPI(title="qwen1m", lifespan=lifespan)
-    app.add_middleware(_CountResponses, metrics=metrics)
+    # with a key the schema is not public; without one /docs stays for local use
+    app = FastAPI(title="qwen1m", lifespan=lifespan, openapi_url=None if api_key else "/openapi.json")
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+    hosts = list(LOOPBACK_HOSTS) + list(allowed_hosts or []) if (allowed_hosts or not api_key) else ["*"]
+    app.add_middleware(HostCheck, allowed_hosts=hosts)
+    app.add_middleware(_CountResponses, metrics=metrics)  # outermost: it counts the guards' answers too
     app.state.serving, app.state.metrics, app.state.engine_loop = serving, metrics, engine_loop
+
+    def drain(grace_s: float) -> None:
+        """SIGTERM: in ``grace_s`` seconds, end every stream still open with an error event and [DONE]
+        (before uvicorn's own deadline would cut them with nothing). Event-loop thread."""
+        error = EngineUnavailable("The server is shutting down; the request was cancelled before it "
+                                  "finished.", 503)
+        asyncio.get_running_loop().call_later(grace_s, engine_loop.interrupt_all, error)
+
+    app.state.drain = drain
 
     def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -80,7 +118,7 @@ def build_app(llm: LLM, *, model_name: str, api_key: str | None = None) -> FastA
             raise EngineUnavailable("The engine loop is not running.", 503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if metrics_public else v1)
     async def prometheus_metrics():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -90,7 +128,7 @@ def build_app(llm: LLM, *, model_name: str, api_key: str | None = None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        message = f"{request.method} {request.url.path}: {exc.detail}."
+        message = f"{request.method} {quote(request.url.path)}: {exc.detail}."
         if exc.status_code == 404:
             message += f" This server has {', '.join(ROUTES)}."
         return _error_response(OpenAIError(exc.status_code, message))
@@ -104,7 +142,7 @@ def build_app(llm: LLM, *, model_name: str, api_key: str | None = None) -> FastA
 
 
 def _error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.body.model_dump(), status_code=error.status_code)
+    return JSONResponse(error.body.model_dump(), status_code=error.status_code, headers=error.headers)
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
@@ -115,6 +153,7 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
         # drop pydantic's union-member names ("list[int]", "str") from the field path
         loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "function-after")]
         field = ".".join(loc) if err.get("type") != "json_invalid" else ""  # its loc is a byte offset
+        field = field if len(field) <= QUOTE_CHARS else field[:QUOTE_CHARS] + "..."  # dict keys are input too
         param = param or field or None
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
@@ -122,7 +161,7 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
         elif err.get("type") == "missing":
             problems.append(f"'{field}' is required")
         elif field:
-            problems.append(f"'{field}': {msg} (got {err.get('input')!r})")
+            problems.append(f"'{field}': {msg} (got {quote(err.get('input'))})")
         else:
             problems.append(msg)
     return OpenAIError(400, "Invalid request: " + "; ".join(dict.fromkeys(problems)) + ".", param=param)

@@ -12,6 +12,14 @@ import os
 from pathlib import Path
 
 from qwen1m.errors import Qwen1mError
+from qwen1m.server.limits import (
+    BODY_BYTES_PER_TOKEN,
+    MAX_CONNECTIONS,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_QUEUED_REQUESTS,
+    ServerLimits,
+    default_max_request_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +32,41 @@ def add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("QWEN1M_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes "
-                        "(default: $QWEN1M_API_KEY, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                        "$QWEN1M_API_KEY, else no key; prefer the variable: arguments show in ps)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the checkpoint folder's name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
+                   help="seconds in-flight requests get to finish after SIGTERM; streams still running then "
+                        "end with an error event and [DONE]")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences the engine runs at once (one per completion: n=4 counts 4); more wait")
+    lim = p.add_argument_group("limits (docs/server.md)")
+    lim.add_argument("--max-request-bytes", type=int, default=None,
+                     help="larger request bodies get 413 before they are read "
+                          f"(default {BODY_BYTES_PER_TOKEN} bytes per token of max_model_len + 1 MiB)")
+    lim.add_argument("--max-queued-requests", type=int, default=MAX_QUEUED_REQUESTS,
+                     help="requests waiting for their first token (tokenizing, queued, prefilling); "
+                          "more get 429 with Retry-After")
+    lim.add_argument("--max-prompts-per-request", type=int, default=MAX_PROMPTS_PER_REQUEST,
+                     help="prompts in one /v1/completions request")
+    lim.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                     help="open connections (streams included); more get uvicorn's 503")
+    exp = p.add_argument_group("exposure")
+    exp.add_argument("--allowed-hosts", action="append", default=None, metavar="NAME",
+                     help="a Host header name to answer besides localhost/127.0.0.1/::1 (repeatable; '*' for "
+                          "any). Default: loopback names only without an API key, any with one")
+    exp.add_argument("--metrics-public", action="store_true",
+                     help="serve /metrics without the API key (default: it needs the key when one is set)")
+    exp.add_argument("--cors-allow-origin", action="append", default=None, metavar="ORIGIN",
+                     help="let browser pages from ORIGIN call the API (repeatable; default: no CORS)")
     p.set_defaults(func=cmd_serve)
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $QWEN1M_API_KEY (read when the server starts), else None: no key."""
+    return args.api_key or os.environ.get("QWEN1M_API_KEY") or None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from qwen1m.server.app import build_app
+        from qwen1m.server.runner import Server
     except ImportError as e:
         raise Qwen1mError(f"qwen1m serve needs the server extra ({e.name} is missing): "
                           "pip install 'qwen1m[server]'.") from None
@@ -46,13 +82,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if logging.getLogger().level == logging.WARNING:  # the CLI default: still show progress lines
         logging.getLogger("qwen1m.server").setLevel(logging.INFO)
-    llm = _load_llm(args)
+    api_key = resolve_api_key(args)
+    if args.api_key:
+        logger.warning("--api-key is visible to every user of this machine (ps, /proc); "
+                       "set QWEN1M_API_KEY in the environment instead")
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-connections", args.max_connections)):
+        if value < 1:
+            raise Qwen1mError(f"{flag} must be at least 1, got {value}.")
+    llm = _load_llm(args, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or ("qwen1m" if args.model is None else Path(args.model).resolve().name)
-    app = build_app(llm, model_name=name, api_key=args.api_key or None)
-    logger.info("serving '%s' (max_model_len %d) on http://%s:%d/v1", name, llm.engine.max_model_len,
-                args.host, args.port)
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish within the
-    # timeout, cancel the rest (which aborts their engine requests), then stop the engine loop
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=args.shutdown_timeout)
-    return 0
+    limits = ServerLimits(args.max_request_bytes or default_max_request_bytes(llm.engine.max_model_len),
+                          args.max_queued_requests, args.max_prompts_per_request)
+    config = uvicorn.Config(None, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_timeout, limit_concurrency=args.max_connections)
+    server = Server(config)
+    config.app = build_app(llm, model_name=name, api_key=api_key, limits=limits, allowed_hosts=args.allowed_hosts,
+                           metrics_public=args.metrics_public, cors_origins=args.cors_allow_origin,
+                           on_death=server.engine_died)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_hosts:
+        logger.warning("no API key: only requests addressed to a loopback name are answered; set "
+                       "QWEN1M_API_KEY, or name this host with --allowed-hosts")
+    logger.info("serving '%s' (max_model_len %d, %s) on http://%s:%d/v1", name, llm.engine.max_model_len,
+                limits, args.host, args.port)
+    # SIGTERM/SIGINT: stop accepting, let in-flight requests finish within the timeout, end the
+    # streams still open with an error event, then stop the engine loop (runner.Server)
+    server.run()
+    return server.exit_code

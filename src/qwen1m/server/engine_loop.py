@@ -7,21 +7,34 @@ The engine is not thread-safe, so no other thread calls it: requests, aborts and
 gauges all go through this loop. Every engine step runs all scheduled requests together, so
 requests that arrive mid-generation join the next step (continuous batching) and requests beyond
 the engine's capacity wait in its scheduler queue.
+
+Isolation. A request that fails while it is added or generated (its own error) fails alone; a step
+that fails as a whole (the device) fails the requests in it and the loop goes on. If the loop itself
+dies, ``on_death`` is called so that the server exits non-zero and a supervisor restarts it: no
+half-dead process answering 503 forever.
+
+Bounds. The inbox holds at most one command per admitted HTTP request and one abort per stream
+(the server refuses work past ``--max-queued-requests`` before it gets here), and a stream keeps
+only the newest output of each of its engine requests (outputs are cumulative), so a client that
+reads slowly costs one output per prompt, not one per step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import Qwen1mError
 from qwen1m.outputs import RequestOutput
 from qwen1m.sampling_params import SamplingParams
+from qwen1m.server.limits import Ticket
 from qwen1m.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -46,28 +59,46 @@ _ACCEPTED = object()  # first item of a RequestStream when the engine took all i
 
 
 class RequestStream:
-    """The outputs of one HTTP request's engine requests (one per prompt), in step order."""
+    """The outputs of one HTTP request's engine requests (one per prompt), in step order; only the
+    newest output of each is kept until the reader takes it."""
 
-    def __init__(self, engine_loop: EngineLoop, request_ids: list[str]):
+    def __init__(self, engine_loop: EngineLoop, request_ids: list[str], ticket: Ticket | None = None):
         self._engine_loop = engine_loop
+        self._ticket = ticket  # its place in the server's queue: given up at the first output or the end
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._latest: dict[str, RequestOutput] = {}  # request id -> its newest unread output
+        self._control: collections.deque = collections.deque()  # _ACCEPTED and exceptions, read first
+        self._ready = asyncio.Event()
         self.request_ids = request_ids
         self.unfinished = set(request_ids)
 
     def put(self, item: object) -> None:
         """Called from the engine thread."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the event loop already closed: nobody is waiting
             pass
 
+    def _deliver(self, item: object) -> None:
+        if item is not _ACCEPTED and self._ticket is not None:
+            self._ticket.release()
+        if isinstance(item, RequestOutput):
+            self._latest[item.request_id] = item  # replaces an unread one: the new one carries all of it
+        else:
+            self._control.append(item)
+        self._ready.set()
+
     async def _get(self) -> object:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.unfinished.clear()  # the engine thread already dropped these requests
-            raise item
-        return item
+        while not self._control and not self._latest:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._control:
+            item = self._control.popleft()
+            if isinstance(item, BaseException):
+                self.unfinished.clear()  # the engine thread already dropped these requests
+                raise item
+            return item
+        return self._latest.pop(next(iter(self._latest)))
 
     def __aiter__(self):
         return self
@@ -82,6 +113,9 @@ class RequestStream:
 
     def close(self) -> None:
         """Cancel whatever has not finished and free its KV cache; safe to call twice."""
+        self._engine_loop.streams.discard(self)
+        if self._ticket is not None:
+            self._ticket.release()
         if self.unfinished:
             self._engine_loop.abort(sorted(self.unfinished))
             self.unfinished.clear()
@@ -89,7 +123,7 @@ class RequestStream:
     def interrupt(self, error: Exception) -> None:
         """Cancel the requests and make the waiting reader raise ``error`` (event-loop thread only)."""
         self.close()
-        self._queue.put_nowait(error)
+        self._deliver(error)
 
 
 @dataclass(slots=True)
@@ -115,13 +149,16 @@ _STOP = object()
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, on_death: Callable[[str], None] | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.on_death = on_death  # called (engine thread) with the reason when the loop dies of a bug
         self._inbox: queue.Queue = queue.Queue()  # _Submit | _Abort | _STOP, in arrival order
         self._tracked: dict[str, _Tracked] = {}  # requests in flight (engine thread only)
         self._thread: threading.Thread | None = None
         self._failure: str | None = None  # why the loop died, for requests that arrive afterwards
+        self.streams: set[RequestStream] = set()  # open streams (event-loop thread): shutdown ends them
+        self._preemptions = 0  # the scheduler's count already added to the metrics
 
     # ---- asyncio side -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -131,19 +168,28 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, requests: list[EngineRequest]) -> RequestStream:
+    async def submit(self, requests: list[EngineRequest], ticket: Ticket | None = None) -> RequestStream:
         """Hand requests to the engine; raises its RequestError (a bad prompt) before any output."""
         if not self.is_alive():
             raise EngineUnavailable(self._failure or "The server is shutting down.", 503)
-        stream = RequestStream(self, [r.request_id for r in requests])
+        stream = RequestStream(self, [r.request_id for r in requests], ticket)
+        self.streams.add(stream)
         self._inbox.put(_Submit(requests, stream))
         try:
             first = await stream._get()
         except asyncio.CancelledError:  # the client left before the engine answered
             stream.close()
             raise
+        except BaseException:
+            self.streams.discard(stream)
+            raise
         assert first is _ACCEPTED
         return stream
+
+    def interrupt_all(self, error: Exception) -> None:
+        """End every open stream with ``error`` (event-loop thread): the shutdown grace period is over."""
+        for stream in list(self.streams):
+            stream.interrupt(error)
 
     def abort(self, request_ids: list[str]) -> None:
         self._inbox.put(_Abort(request_ids))
@@ -166,9 +212,16 @@ class EngineLoop:
         except BaseException as e:  # a bug: fail loudly, but never leave a client waiting forever
             logger.exception("the engine loop stopped")
             self._failure = f"The engine stopped after an internal error ({type(e).__name__}: {e})."
-            self._fail_all(EngineUnavailable(self._failure, 500), "error")
+            try:
+                self._fail_all(EngineUnavailable(self._failure, 500), "error")
+            finally:
+                if self.on_death is not None:
+                    self.on_death(self._failure)
         finally:
-            self._update_gauges()
+            try:
+                self._update_gauges()
+            except Exception:  # the engine is broken: the gauges can stay where they were
+                logger.exception("could not update the gauges")
 
     def _drain(self, block: bool) -> bool:
         """Apply waiting commands (waiting for one if ``block``); False when asked to stop."""
@@ -194,9 +247,12 @@ class EngineLoop:
             for r in cmd.requests:
                 self.engine.add_request(r.prompt_token_ids, r.params, r.request_id)
                 added.append(r.request_id)
-        except Qwen1mError as e:
+        except Exception as e:  # a bad request (Qwen1mError) or a bug on its account: it fails alone
             for rid in added:
                 self.engine.abort_request(rid)
+            if not isinstance(e, Qwen1mError):
+                logger.exception("adding request %s failed", cmd.requests[0].request_id)
+                e = EngineUnavailable(f"Internal error while adding the request ({type(e).__name__}).", 500)
             cmd.stream.put(e)
             return
         now = time.monotonic()
@@ -219,6 +275,10 @@ class EngineLoop:
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:  # aborted while its step ran
+                continue
+            if out.error is not None:  # this request alone failed (the engine has freed it)
+                self._fail_stream(tracked.stream, EngineUnavailable(
+                    f"The request failed while generating: {out.error}", 500))
                 continue
             n = sum(len(o.token_ids) for o in out.outputs)
             if n > tracked.num_generated:
@@ -243,6 +303,14 @@ class EngineLoop:
                 logger.info("prefill %s: %d / %d tokens (%.1f%%), %.0f tokens/s%s", p.request_id, p.done, p.total,
                             100.0 * p.done / p.total, p.tokens_per_s, eta)
 
+    def _fail_stream(self, stream: RequestStream, error: Exception) -> None:
+        """Fail one HTTP request: its other engine requests (other prompts) are aborted too."""
+        for rid in stream.request_ids:
+            if self._tracked.pop(rid, None) is not None:
+                self.engine.abort_request(rid)
+                self.metrics.requests.inc(finish_reason="error")
+        stream.put(error)
+
     def _fail_all(self, error: Exception, reason: str) -> None:
         for rid, tracked in list(self._tracked.items()):
             self.engine.abort_request(rid)
@@ -251,6 +319,9 @@ class EngineLoop:
         self._tracked.clear()
 
     def _update_gauges(self) -> None:
+        preemptions = self.engine.scheduler.num_preemptions
+        self.metrics.preemptions.inc(preemptions - self._preemptions)
+        self._preemptions = preemptions
         self.metrics.running.set(self.engine.num_running())
         self.metrics.waiting.set(self.engine.num_waiting())
         self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage())

@@ -126,6 +126,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("generation_tokens", "Generated tokens.", [], lock)
         self.prefix_cache_hit_tokens = Counter("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix "
                                                "cache instead of computed (--enable-prefix-caching).", [], lock)
+        self.preemptions = Counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later) "
+                                   "because an older one needed a block.", [], lock)
         self.time_to_first_token = Histogram(
             "time_to_first_token_seconds", "Seconds from arrival at the engine to the first generated token.",
             [], lock, buckets=TTFT_BUCKETS)
@@ -141,8 +143,8 @@ class ServerMetrics:
 
     def render(self) -> str:
         metrics = (self.requests, self.http_requests, self.prompt_tokens, self.generation_tokens,
-                   self.prefix_cache_hit_tokens, self.time_to_first_token, self.inter_token_latency, self.running,
-                   self.waiting, self.kv_cache_usage)
+                   self.prefix_cache_hit_tokens, self.preemptions, self.time_to_first_token,
+                   self.inter_token_latency, self.running, self.waiting, self.kv_cache_usage)
         with self._lock:
             lines = [line for m in metrics for line in m.render()]
         return "\n".join(lines) + "\n"

@@ -8,13 +8,19 @@ one of those to a non-default value gets a 400 instead of a silently different a
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from qwen1m.sampling_params import SamplingParams
+from qwen1m.sampling_params import MAX_N, SEED_MAX, SamplingParams
 
-MAX_N = 128  # OpenAI's own upper bound on `n`
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is searched for at every step
+MAX_STOP_TOKEN_IDS = 1024
+QUOTE_CHARS = 200  # an error message quotes at most this much of a value the client sent
+# variables the server itself gives the chat template: chat_template_kwargs may not replace them
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape parses to one; UTF-8 has none
 
 # field -> the values that mean "off"; anything else asks for a feature this server lacks
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -28,18 +34,46 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
+    "functions": (None, []),  # the deprecated name of tools
+    "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a 5 MB bad value must not
+    come back as a 10 MB error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class OpenAIError(Exception):
     """An error answered with OpenAI's error object and an HTTP status."""
 
     def __init__(self, status_code: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status_code = status_code
+        self.headers = headers
         self.body = ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code))
+
+
+def _find_surrogate(value: Any, path: str = "") -> str | None:
+    """The field path of the first string holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = _find_surrogate(key, where) or _find_surrogate(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 class ErrorDetail(BaseModel):
@@ -61,24 +95,35 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="allow")
+    # Python's JSON parser reads NaN and Infinity: no float field takes them
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # None: OpenAI's default 1.0
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # and seed + n - 1 too (SamplingParams)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _find_surrogate(data)
+        if where is not None:
+            where = where if len(where) <= QUOTE_CHARS else where[:QUOTE_CHARS] + "..."  # keys are input too
+            raise ValueError(f"'{where}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                             "which is not text; send valid Unicode")
+        return data
 
     @model_validator(mode="after")
     def _reject_unsupported(self):
@@ -159,6 +204,17 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_variables(cls, v):
+        for key in v or {}:
+            if key in UNSUPPORTED:  # tools stay refused however they arrive
+                raise ValueError(f"'{key}' is not supported by this server, in chat_template_kwargs or elsewhere")
+            if key in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(f"'{key}' is set by the server ({', '.join(RESERVED_TEMPLATE_VARIABLES)} are); "
+                                 "leave it out of chat_template_kwargs")
+        return v
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -1,9 +1,13 @@
 """Engine <-> protocol: turn OpenAI requests into engine requests and engine outputs into
 OpenAI responses, whole or as server-sent events.
 
-Tokenizing and chat templating run in a worker thread (a 1M-token prompt takes seconds to
-encode) so neither the event loop nor the engine loop waits on them. Each prompt becomes one engine
-request with ``n`` completions; choice ``i * n + j`` is completion ``j`` of prompt ``i``, as in OpenAI.
+Tokenizing runs in a worker process (``tokenize.py``; a 1M-token prompt takes seconds to encode, with
+the GIL held) and chat templating in a thread, so neither the event loop nor the engine loop waits on
+them. Each prompt becomes one engine request with ``n`` completions; choice ``i * n + j`` is
+completion ``j`` of prompt ``i``, as in OpenAI.
+
+A request holds a place in the queue (``limits.QueueGate``) from its arrival to its first output, so
+the work waiting for the engine, tokenizing included, is bounded: past the limit the answer is 429.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from qwen1m.errors import Qwen1mError, RequestError
 from qwen1m.outputs import RequestOutput
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.server.engine_loop import EngineLoop, EngineRequest, EngineUnavailable, RequestStream
+from qwen1m.server.limits import QueueGate, ServerLimits, Ticket
 from qwen1m.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -38,9 +43,12 @@ from qwen1m.server.protocol import (
     OpenAIError,
     PromptTokensDetails,
     UsageInfo,
+    quote,
 )
+from qwen1m.server.tokenize import TokenizerPool
 
 Kind = Literal["completion", "chat"]
+MAX_ERROR_CHARS = 1000  # an error message's length: each quotes ~200 characters of input at most
 
 
 class _Choices:
@@ -85,11 +93,15 @@ class _Choices:
 
 
 class OpenAIServing:
-    def __init__(self, engine_loop: EngineLoop, tokenizer, *, model_name: str, max_model_len: int):
+    def __init__(self, engine_loop: EngineLoop, tokenizer, *, model_name: str, max_model_len: int,
+                 limits: ServerLimits):
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.limits = limits
+        self.gate = QueueGate(limits.max_queued_requests)
+        self.tokenizer_pool = TokenizerPool(tokenizer, max_model_len) if tokenizer is not None else None
         self.created = int(time.time())
 
     def models(self) -> ModelList:
@@ -98,40 +110,65 @@ class OpenAIServing:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise OpenAIError(404, f"The model '{name}' does not exist; this server serves "
+            raise OpenAIError(404, f"The model {quote(name)} does not exist; this server serves "
                               f"'{self.model_name}'.", param="model", code="model_not_found")
 
     async def completions(self, req: CompletionRequest, request: Request):
         self.check_model(req.model)
-        prompts = [await self._encode(p) for p in req.prompts()]
-        params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default
-        return await self._generate("completion", req, prompts, params, request)
+        prompts = req.prompts()
+        if len(prompts) > self.limits.max_prompts_per_request:
+            raise OpenAIError(400, f"The request has {len(prompts)} prompts; this server takes at most "
+                              f"{self.limits.max_prompts_per_request} per request (--max-prompts-per-request).",
+                              param="prompt")
+        ticket = self.gate.enter()
+        try:
+            ids = [await self._encode(p) for p in prompts]
+            params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default
+            return await self._generate("completion", req, ids, params, request, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        finally:
+            if not req.stream:  # a stream's ticket goes with its RequestStream (released at its first output)
+                ticket.release()
 
     async def chat(self, req: ChatCompletionRequest, request: Request):
         self.check_model(req.model)
         if self.tokenizer is None:
             raise RequestError("This model has no tokenizer.json, so chat messages cannot be turned into a "
                                "prompt; use /v1/completions with token ids.")
-        messages = [m.template_dict() for m in req.messages]
-        text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
-                                       add_generation_prompt=req.add_generation_prompt,
-                                       **(req.chat_template_kwargs or {}))
-        # chat has no default cap: up to max_model_len, as OpenAI and vLLM do
-        params = req.sampling_params(req.max_new_tokens)
-        return await self._generate("chat", req, [await self._encode(text)], params, request)
+        ticket = self.gate.enter()
+        try:
+            messages = [m.template_dict() for m in req.messages]
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           **(req.chat_template_kwargs or {}))
+            # chat has no default cap: up to max_model_len, as OpenAI and vLLM do
+            params = req.sampling_params(req.max_new_tokens)
+            return await self._generate("chat", req, [await self._encode(text)], params, request, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        finally:
+            if not req.stream:
+                ticket.release()
 
     async def _encode(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
             return prompt
-        if self.tokenizer is None:
+        if self.tokenizer_pool is None:
             raise RequestError("This model has no tokenizer.json, so prompts must be lists of token ids.")
-        return await asyncio.to_thread(self.tokenizer.encode, prompt)
+        ids = await self.tokenizer_pool.encode(prompt)
+        if len(ids) >= self.max_model_len:  # refused here, not after a trip through the engine thread
+            raise RequestError(f"Too long: the prompt has {len(ids)} tokens but max_model_len is "
+                               f"{self.max_model_len}; shorten the prompt or raise max_model_len.")
+        return ids
 
     async def _generate(self, kind: Kind, req: GenerationRequest, prompts: list[list[int]],
-                        params: SamplingParams, request: Request) -> Response:
+                        params: SamplingParams, request: Request, ticket: Ticket) -> Response:
         response_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         requests = [EngineRequest(f"{response_id}-{i}", ids, params) for i, ids in enumerate(prompts)]
-        stream = await self.engine_loop.submit(requests)
+        stream = await self.engine_loop.submit(requests, ticket)
         holdback = max((len(s) for s in params.stop_strings), default=1) - 1
         choices = _Choices(stream.request_ids, params.n, holdback)
         if req.stream:
@@ -205,12 +242,15 @@ def error_body(e: Exception) -> OpenAIError:
     """The OpenAI error (status and object) for an exception raised while serving a request."""
     if isinstance(e, OpenAIError):
         return e
+    message = str(e)
+    if len(message) > MAX_ERROR_CHARS:  # e.g. a template's own error quoting a message's content
+        message = message[:MAX_ERROR_CHARS] + "..."
     if isinstance(e, EngineUnavailable):
-        return OpenAIError(e.status_code, str(e), type="server_error" if e.status_code == 500 else
+        return OpenAIError(e.status_code, message, type="server_error" if e.status_code == 500 else
                            "service_unavailable_error")
     if isinstance(e, Qwen1mError):  # a bad prompt or sampling parameter, or no chat template
-        code = "context_length_exceeded" if "max_model_len" in str(e) else None
-        return OpenAIError(400, str(e), code=code)
+        code = "context_length_exceeded" if "max_model_len" in message else None
+        return OpenAIError(400, message, code=code)
     return OpenAIError(500, f"Internal server error ({type(e).__name__}).", type="server_error")
 
 
