@@ -91,10 +91,13 @@ def test_demo_on_the_bundled_model_finds_the_pass_key(capsys):
     assert main(["demo", "--length", "3000", "--depth", "0.3", "--strict", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "CORRECT" in out and "attention: DCA" in out and "time to first token" in out
+    # the key hides in text no training generator writes, asked in plain words (eval.heldout)
+    assert "text: held-out 'reports' text, asked in plain words: 'Please recall the secret code" in out
 
 
 def test_demo_without_dca_keeps_the_training_length(capsys):
     """--no-dca compares with plain RoPE at the same document length (8x = 32K tokens by default)."""
-    assert main(["demo", "--length-factor", "1", "--no-dca", "--device", "cpu"]) == 0
+    assert main(["demo", "--length-factor", "1", "--no-dca", "--device", "cpu", "--families", "train"]) == 0
     out = capsys.readouterr().out
     assert "4,096 tokens = 1.0x the training length 4,096" in out and "attention: plain RoPE" in out
+    assert "text: the training template" in out

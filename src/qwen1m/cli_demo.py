@@ -1,8 +1,11 @@
 """The main job: find a pass key hidden in a document far longer than the model was trained on.
 
-``qwen1m demo`` builds the passkey prompt of spec 6.1 at ``length_factor`` times the model's training
-length (the DCA chunk_size of the bundled model), answers it greedily through Dual Chunk Attention
-and prints the answer, whether it is right, the time to first token and the decode speed.
+``qwen1m demo`` hides a pass key in ``length_factor`` times the model's training length (the DCA
+chunk_size of the bundled model) of text from a held-out family (``eval.heldout``: text and wording no
+training generator writes; "reports" by default), asks for it in plain words through the chat
+template as ``llm.chat`` does, answers greedily through Dual Chunk Attention and prints the answer,
+whether it is right, the time to first token and the decode speed. ``--families train`` uses the
+spec 6.1 passkey prompt the model was trained on instead.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import time
 
 from qwen1m.errors import Qwen1mError
+from qwen1m.eval.heldout import FAMILIES as HELDOUT_FAMILIES
 
 
 def training_length(llm) -> int:
@@ -25,6 +29,7 @@ def training_length(llm) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from qwen1m import SamplingParams
     from qwen1m.cli import _load_llm, _progress_printer
+    from qwen1m.eval.heldout import passkey_document
     from qwen1m.train.data import passkey_prompt
     from qwen1m.train.scoring import passkey_correct
 
@@ -38,18 +43,26 @@ def run_demo(args: argparse.Namespace) -> int:
             f"a {length:,}-token document does not fit max_model_len={llm.engine.max_model_len:,}; "
             "pass a smaller --length or --length-factor."
         )
-    ids, answer = passkey_prompt(llm.tokenizer, length, args.depth, args.seed)
+    if args.families == "train":
+        prompt, answer = passkey_prompt(llm.tokenizer, length, args.depth, args.seed)
+        what = "the training template (spec 6.1 filler and wording)"
+    else:  # the same prompt llm.chat([{"role": "user", "content": message}]) sends, streamed here
+        message, answer = passkey_document(llm.tokenizer.encode, args.family, length, args.depth, args.seed)
+        prompt = llm.tokenizer.encode(
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True))
+        what = f"held-out '{args.family}' text, asked in plain words: {message.splitlines()[-1]!r}"
     mode = "DCA" if llm.config.dca is not None else "plain RoPE"
     print(f"model: {llm.model_path}")
     print(
-        f"document: {len(ids):,} tokens = {len(ids) / train_len:.1f}x the training length {train_len:,}; "
+        f"document: {len(prompt):,} tokens = {len(prompt) / train_len:.1f}x the training length {train_len:,}; "
         f"pass key at depth {args.depth:.0%}; attention: {mode}"
     )
+    print(f"text: {what}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     start = time.monotonic()
     last = None
     for out in llm.generate_stream(
-        ids, params, progress=_progress_printer(llm.engine.max_num_batched_tokens)
+        prompt, params, progress=_progress_printer(llm.engine.max_num_batched_tokens)
     ):
         last = out
     total = time.monotonic() - start
@@ -61,7 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"answer: {text!r}")
     print(f"expected: {answer} -> {'CORRECT' if correct else 'WRONG'}")
     print(
-        f"time to first token: {ttft:.2f} s ({len(ids) / ttft:,.0f} prompt tokens/s); "
+        f"time to first token: {ttft:.2f} s ({len(prompt) / ttft:,.0f} prompt tokens/s); "
         f"decode: {decode_rate:.1f} tokens/s"
     )
     return 0 if correct or not args.strict else 1
@@ -80,8 +93,11 @@ def add_demo_command(sub) -> None:
         "--length", type=int, default=None, help="document length in tokens (overrides the factor)"
     )
     p.add_argument("--depth", type=float, default=0.5, help="where the pass key sits, 0 (start) to 1 (end)")
+    p.add_argument("--families", choices=("heldout", "train"), default="heldout",
+                   help="text the model never trained on, asked in plain words (default), or the training template")
+    p.add_argument("--family", choices=HELDOUT_FAMILIES, default="reports", help="which held-out text (default reports)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--strict", action="store_true", help="exit 1 when the answer is wrong")
     _add_model_args(p)
     p.set_defaults(func=run_demo)

@@ -10,5 +10,17 @@ from qwen1m.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")
-def ec() -> EvalContext:
+def heldout_ec() -> EvalContext:
     return EvalContext.build(Tokenizer.from_folder(bundled_model_path()).backend)
+
+
+@pytest.fixture(scope="session")
+def ec(heldout_ec) -> EvalContext:
+    """The eval default: held-out families and phrasings."""
+    return heldout_ec
+
+
+@pytest.fixture(scope="session")
+def train_ec(heldout_ec) -> EvalContext:
+    """The same tokenizer and corpus with the training templates (``--families train``)."""
+    return EvalContext(heldout_ec.enc, heldout_ec.ctx, families="train")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -13,8 +14,8 @@ from qwen1m.outputs import CompletionOutput, RequestOutput
 
 
 class EchoLLM:
-    """Answers every prompt with the last 5-digit number in it (the passkey), or raises on call
-    ``fail_on``, like a run killed mid-way."""
+    """Answers every prompt with the 5-digit number in it (the passkey: held-out haystacks hold no other),
+    or raises on call ``fail_on``, like a run killed mid-way."""
 
     def __init__(self, enc, fail_on: int | None = None):
         self.enc, self.fail_on, self.calls = enc, fail_on, []
@@ -26,7 +27,8 @@ class EchoLLM:
         outs = []
         for i, ids in enumerate(prompts):
             text = self.enc.decode(ids)
-            key = text.split("The pass key is ")[1].split(".")[0] if "pass key is" in text else "?"
+            keys = re.findall(r"(?<!\d)\d{5}(?!\d)", text)
+            key = keys[-1] if len(keys) == 1 else "?"
             outs.append(RequestOutput(str(i), None, ids, [CompletionOutput(0, f" {key}.", [])], finished=True))
         return outs
 
@@ -51,7 +53,10 @@ def test_batches_records_and_report(ec, tmp_path):
     assert len(data["samples"]) == 24
     r = data["samples"][0]
     assert {"task", "mode", "length", "depth", "expected", "got", "score", "correct", "n_tokens"} <= r.keys()
-    assert all(r["correct"] and r["n_tokens"] == r["length"] - 12 for r in data["samples"])
+    # held-out prompts (the default) leave 24 tokens for an answer in plain words
+    assert all(r["correct"] and r["n_tokens"] == r["length"] - 24 for r in data["samples"])
+    assert {r["family"] for r in data["samples"]} <= {"reports", "dictionary", "logs", "refrain"}
+    assert all(r["families"] == "heldout" and r["phrasing"] in (0, 1, 2) for r in data["samples"])
     assert summary_rows(data["samples"]) == {"rope": {1024: 100.0, 2048: 100.0}, "dca": {1024: 100.0, 2048: 100.0}}
     md = markdown(data["samples"], "passkey", data["meta"])
     assert "| rope | 100.0 | 100.0 | 100.0 |" in md and "| 100% | 100.0 | 100.0 |" in md

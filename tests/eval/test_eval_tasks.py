@@ -16,6 +16,13 @@ from qwen1m.eval.qa import load_hotpotqa, load_squad
 from qwen1m.eval.scoring import sample_score
 from qwen1m.eval.tasks import RULER_TASKS, TASKS, make_sample
 
+@pytest.fixture(scope="module")
+def ec(train_ec):
+    """These tests check the training-template generators (``--families train``); the held-out ones
+    are tested in test_heldout_tasks.py."""
+    return train_ec
+
+
 SYNTHETIC = ["passkey"] + [t for t in RULER_TASKS if not TASKS[t].needs]
 PREFIX_END = {"passkey": "The pass key is", "vt": "they are:", "cwe": "in the list are:", "fwe": "words are:"}
 
@@ -92,7 +99,8 @@ def _qa_files(tmp_path):
 
 def test_qa_from_local_files(ec, tmp_path):
     squad, hotpot = _qa_files(tmp_path)
-    qa_ec = EvalContext(ec.enc, ec.ctx, {"squad": load_squad(squad), "hotpotqa": load_hotpotqa(hotpot)})
+    qa = {"squad": load_squad(squad), "hotpotqa": load_hotpotqa(hotpot)}
+    qa_ec = EvalContext(ec.enc, ec.ctx, qa, families="train")
     for task in ("qa_1", "qa_2"):
         for length in (1024, 3000):  # 3000 tokens needs more than the file's documents: they repeat
             s = make_sample(qa_ec, task, length, None, f"q/{length}")

@@ -18,6 +18,7 @@ say whether retrieval transfers. Nothing here is imported by ``qwen1m.train``, a
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ SEED_NAMESPACE = "heldout/"
 def training_words() -> frozenset[str]:
     """Every word a training generator can write: corpus lists and templates, training families
     and phrasings (lower-cased, letters only). Held-out vocabularies leave these out."""
-    import re
-
     from qwen1m.data.words import TRAIN, all_words
     from qwen1m.train import corpus, families, tasks
 
-    text = [*corpus._TEMPLATES, *families._WORDTEXT, *families.PASSKEY_LABELS, *tasks.PASSKEY_FILLER]
+    text = [*corpus._TEMPLATES, *families._WORDTEXT, *families.PASSKEY_LABELS, *families.SHORT_ANSWERS,
+            *families._OPENERS, *families._PASSKEY_RELATIONS, *families._PASSKEY_QUESTIONS,
+            *families._NIAH_RELATIONS, *families._NIAH_QUESTIONS, *tasks.PASSKEY_FILLER, tasks.PASSKEY_TASK,
+            tasks.NIAH_TASK, tasks.VT_TASK, tasks.VT_QUESTION, tasks.VT_ANSWER_PREFIX]
     for ph in (*families.PASSKEY_PHRASINGS, *families.NIAH_PHRASINGS):
         text += [ph.needle, ph.question, ph.answer, ph.intro]
     lists = [corpus.FIRST_NAMES, corpus.LAST_NAMES, corpus.PLACES, corpus.BUILDINGS, corpus.ADJECTIVES,
@@ -60,7 +62,7 @@ def vocab(pos: str) -> tuple[str, ...]:
 
 _REPORTS = (
     "Officials said the {adj} {noun} would be reviewed again next spring.",
-    "According to a recent survey, most residents prefer a {adj} {noun} over a {adj2} {noun2}.",
+    "A recent survey found most residents prefer a {adj} {noun} over a {adj2} {noun2}.",
     "The council postponed its vote on the {noun} after a {adj} debate.",
     "Researchers reported that the {noun} tends to {verb} under {adj} conditions.",
     "Shares of the {noun} firm climbed after a {adj} announcement on Thursday morning.",
@@ -72,10 +74,14 @@ _REPORTS = (
 )
 
 
+_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiou])")
+
+
 def _report(rng: random.Random) -> str:
     nouns, adjs = vocab("noun"), vocab("adj")
-    return " " + rng.choice(_REPORTS).format(noun=rng.choice(nouns), noun2=rng.choice(nouns), adj=rng.choice(adjs),
-                                             adj2=rng.choice(adjs), verb=rng.choice(vocab("verb")))
+    text = rng.choice(_REPORTS).format(noun=rng.choice(nouns), noun2=rng.choice(nouns), adj=rng.choice(adjs),
+                                       adj2=rng.choice(adjs), verb=rng.choice(vocab("verb")))
+    return " " + _A_BEFORE_VOWEL.sub(r"\1n ", text)
 
 
 def _dictionary(rng: random.Random) -> str:
@@ -121,7 +127,7 @@ PASSKEY_PHRASINGS = (
 
 NIAH_PHRASINGS = (
     HeldoutPhrasing("The catalog lists {value} as the {one} filed under {key}.",
-                    "According to the catalog, which {many} are filed under {query}?"),
+                    "Which {many} does the catalog file under {query}?"),
     HeldoutPhrasing("Badge holder {key} was issued the {one} {value}.",
                     "What {many} were issued to badge holder {query}? Give every one."),
     HeldoutPhrasing("In the ledger, {key} maps to {value}.",
@@ -146,3 +152,25 @@ VALUES: dict[str, Callable[[random.Random], str]] = {
     "uuids": uuid_value,
 }
 KEYS: dict[str, Callable[[random.Random], str]] = {"words": word_key, "uuids": uuid_value}
+
+
+def passkey_document(encode: Callable[[str], list[int]], family: str, n_tokens: int, depth: float, seed: int,
+                     phrasing: int = 0) -> tuple[str, str]:
+    """(the user message, the pass key): about ``n_tokens`` tokens of a held-out family with a pass
+    key at ``depth`` (0 = start, 1 = end) and the question in held-out phrasing ``phrasing``, as
+    plain text for ``llm.chat`` (the demo; the eval suites build exact-length token prompts)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown held-out family {family!r} (known: {', '.join(FAMILIES)}).")
+    rng = random.Random(f"{SEED_NAMESPACE}demo/{seed}")
+    key = str(rng.randint(10_000, 99_999))
+    ph = PASSKEY_PHRASINGS[phrasing]
+    sep = "\n" if family in LINE_FAMILIES else " "
+    needle, texts = sep + ph.needle.format(value=key), unit_texts(family, POOL_UNITS)
+    total, units = len(encode(needle)) + len(encode(ph.question)) + 32, []  # 32: the chat turns around it
+    while total < n_tokens:
+        unit = texts[len(units) % len(texts)] if family == "refrain" else rng.choice(texts)
+        units.append(unit)
+        total += len(encode(unit))
+    units.insert(round(depth * len(units)), needle)
+    document = "".join(units).strip()
+    return (ph.question + "\n\n" + document if ph.question_first else document + "\n" + ph.question), key

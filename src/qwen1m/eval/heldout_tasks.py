@@ -73,7 +73,7 @@ def niah(ec: EvalContext, rng: random.Random, length: int, depth: float | None, 
                       family, k)
 
 
-VT_QUESTIONS = ("Which variables end up holding the value {value}? Name all of them.",
+VT_QUESTIONS = ("Which variables end up holding the value {value}? Name each such variable.",
                 "List every variable whose value is {value} after all the assignments above.",
                 "Trace the assignments: which variables are equal to {value}?")
 
