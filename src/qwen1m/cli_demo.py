@@ -95,7 +95,8 @@ def add_demo_command(sub) -> None:
     p.add_argument("--depth", type=float, default=0.5, help="where the pass key sits, 0 (start) to 1 (end)")
     p.add_argument("--families", choices=("heldout", "train"), default="heldout",
                    help="text the model never trained on, asked in plain words (default), or the training template")
-    p.add_argument("--family", choices=HELDOUT_FAMILIES, default="reports", help="which held-out text (default reports)")
+    p.add_argument("--family", choices=HELDOUT_FAMILIES, default="reports",
+                   help="which held-out text (default reports)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--strict", action="store_true", help="exit 1 when the answer is wrong")

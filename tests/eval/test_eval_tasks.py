@@ -16,6 +16,7 @@ from qwen1m.eval.qa import load_hotpotqa, load_squad
 from qwen1m.eval.scoring import sample_score
 from qwen1m.eval.tasks import RULER_TASKS, TASKS, make_sample
 
+
 @pytest.fixture(scope="module")
 def ec(train_ec):
     """These tests check the training-template generators (``--families train``); the held-out ones

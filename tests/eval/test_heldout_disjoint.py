@@ -49,7 +49,8 @@ def _training_templates() -> list[str]:
 
 
 def _heldout_templates() -> list[str]:
-    t = [*heldout._REPORTS, *heldout_tasks.VT_QUESTIONS, "{t} {level} {svc}-svc: handled {n} {item} requests in {ms} ms"]
+    log_line = "{t} {level} {svc}-svc: handled {n} {item} requests in {ms} ms"
+    t = [*heldout._REPORTS, *heldout_tasks.VT_QUESTIONS, log_line]
     for ph in (*heldout.PASSKEY_PHRASINGS, *heldout.NIAH_PHRASINGS):
         t += [ph.needle, ph.question]
     return t

@@ -54,3 +54,16 @@ def test_bundled_passkey_generate_through_the_engine(folder):
     ids, key = passkey_prompt(Encoder(folder), 2048, 0.3, seed=5)
     out = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0].text
     assert passkey_correct(out, key), (out, key)
+
+
+@pytest.mark.parametrize("family, phrasing", [("reports", 0), ("refrain", 1), ("dictionary", 2)])
+def test_bundled_finds_a_key_in_heldout_text_asked_in_plain_words(family, phrasing):
+    """Text and wording it never trained on, asked through the chat template with no answer prefix
+    (``eval.heldout``): the case the stage-4 model failed (0 of 110 at 4K on the H200)."""
+    from qwen1m import LLM, SamplingParams
+    from qwen1m.eval.heldout import passkey_document
+
+    llm = LLM(device="cpu")
+    message, key = passkey_document(llm.tokenizer.encode, family, 2000, 0.3, seed=phrasing, phrasing=phrasing)
+    out = llm.chat([{"role": "user", "content": message}], SamplingParams(max_tokens=16, temperature=0.0))
+    assert passkey_correct(out[0].outputs[0].text, key), (out[0].outputs[0].text, key)

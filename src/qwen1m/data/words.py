@@ -9,7 +9,7 @@ and it never changes with the Python version, the seed or the order of the file.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 TRAIN, HELDOUT = "train", "heldout"
@@ -21,7 +21,7 @@ def split_of(word: str) -> str:
     return HELDOUT if hashlib.sha1(f"qwen1m-split/{word}".encode()).digest()[0] & 1 else TRAIN
 
 
-@lru_cache(maxsize=None)
+@cache
 def _entries() -> tuple[tuple[str, str], ...]:
     text = resources.files("qwen1m.data").joinpath("wordlist.txt").read_text(encoding="utf-8")
     out = []
@@ -32,7 +32,7 @@ def _entries() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def words(pos: str, split: str) -> tuple[str, ...]:
     """The words of one part of speech ("adj", "noun", "verb") in one half, in file order."""
     if pos not in POS or split not in (TRAIN, HELDOUT):

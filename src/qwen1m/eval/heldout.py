@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from qwen1m.data.words import HELDOUT, words
 
@@ -51,7 +51,7 @@ def training_words() -> frozenset[str]:
     return frozenset(found | all_words(TRAIN))
 
 
-@lru_cache(maxsize=None)
+@cache
 def vocab(pos: str) -> tuple[str, ...]:
     """Held-out words of one part of speech that no training generator uses."""
     banned = training_words()

@@ -60,7 +60,8 @@ def _wordtext(rng: random.Random) -> str:
 def _table_row(rng: random.Random) -> str:
     """A row of a pipe table with numbers: distractor numbers teach matching the label, not the digits."""
     nouns, adjs = _w("noun"), _w("adj")
-    cells = [rng.choice(nouns), str(rng.randint(1, 9999)), rng.choice(adjs), f"{rng.randint(0, 999)}.{rng.randint(0, 99):02d}"]
+    cells = [rng.choice(nouns), str(rng.randint(1, 9999)), rng.choice(adjs),
+             f"{rng.randint(0, 999)}.{rng.randint(0, 99):02d}"]
     return "\n| " + " | ".join(cells) + " |"
 
 
@@ -157,7 +158,8 @@ _NIAH_RELATIONS = ("{key} -> {value}.", "{value} belongs to {key}.", "the {type_
                    "{key} has the {type_one} {value}.", "{key}: {value}.", "{value} was assigned to {key}.",
                    "{key} goes with {value}.", "under {key} you will find {value}.")
 _NIAH_QUESTIONS = ("What goes with {query}?", "Which {type} belong to {query}?", "{query}?",
-                   "Give all values for {query}.", "What was assigned to {query}?", "Find every {type_one} for {query}.",
+                   "Give all values for {query}.", "What was assigned to {query}?",
+                   "Find every {type_one} for {query}.",
                    "What is under {query}? List all.", "Which values does {query} have?")
 _LABEL_NOUNS = ("number", "code", "key", "value", "digits", "figure")
 

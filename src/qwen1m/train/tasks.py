@@ -21,25 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qwen1m.train.corpus import ADJECTIVES, NOUNS
-from qwen1m.train.families import (
-    ANSWER_MODES,
-    FAMILIES,
-    PROCEDURAL_P,
-    SHORT_ANSWERS,
-    assembled_niah_phrasing,
-    assembled_passkey_phrasing,
-    free_phrasing,
-    NIAH_PHRASINGS,
-    PASSKEY_LABELS,
-    PASSKEY_PHRASINGS,
-    POOL_UNITS,
-    QUESTION_FIRST_P,
-    TEXT_FAMILIES,
-    TYPE_ONE,
-    Phrasing,
-    fill,
-    split_answer,
-)
 from qwen1m.train.encoding import (
     SYSTEM_PROMPTS,
     Encoder,
@@ -48,6 +29,25 @@ from qwen1m.train.encoding import (
     chat_sample,
     cycle_units,
     haystack,
+)
+from qwen1m.train.families import (
+    ANSWER_MODES,
+    FAMILIES,
+    NIAH_PHRASINGS,
+    PASSKEY_LABELS,
+    PASSKEY_PHRASINGS,
+    POOL_UNITS,
+    PROCEDURAL_P,
+    QUESTION_FIRST_P,
+    SHORT_ANSWERS,
+    TEXT_FAMILIES,
+    TYPE_ONE,
+    Phrasing,
+    assembled_niah_phrasing,
+    assembled_passkey_phrasing,
+    fill,
+    free_phrasing,
+    split_answer,
 )
 
 PASSKEY_TASK = (
