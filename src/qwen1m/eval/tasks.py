@@ -35,18 +35,28 @@ class TaskSpec:
     needs: str | None = None  # a user data file ("squad" / "hotpotqa") the task cannot run without
 
 
+# RULER synthetic.yaml's eight niah tasks: haystack, key and value types, counts. The same variants
+# run over the training templates (eval.needles.niah) and over held-out text (eval.heldout_tasks.niah).
+NIAH_VARIANTS: dict[str, dict] = {
+    "niah_single_1": dict(haystack="repeat"),
+    "niah_single_2": dict(haystack="essay"),
+    "niah_single_3": dict(haystack="essay", value_type="uuids"),
+    "niah_multikey_1": dict(haystack="essay", num_keys=4),
+    "niah_multikey_2": dict(haystack="needle"),
+    "niah_multikey_3": dict(haystack="needle", key_type="uuids", value_type="uuids"),
+    "niah_multivalue": dict(haystack="essay", num_values=4),
+    "niah_multiquery": dict(haystack="essay", num_keys=4, num_queries=4),
+}
+
+
+def _niah_specs(make) -> list[TaskSpec]:
+    return [TaskSpec(name, "all", 128, partial(make, **kw)) for name, kw in NIAH_VARIANTS.items()]
+
+
 def _registry() -> dict[str, TaskSpec]:
-    n = partial(partial, niah)
     specs = [
         TaskSpec("passkey", "passkey", 12, passkey),
-        TaskSpec("niah_single_1", "all", 128, n(haystack="repeat")),
-        TaskSpec("niah_single_2", "all", 128, n(haystack="essay")),
-        TaskSpec("niah_single_3", "all", 128, n(haystack="essay", value_type="uuids")),
-        TaskSpec("niah_multikey_1", "all", 128, n(haystack="essay", num_keys=4)),
-        TaskSpec("niah_multikey_2", "all", 128, n(haystack="needle")),
-        TaskSpec("niah_multikey_3", "all", 128, n(haystack="needle", key_type="uuids", value_type="uuids")),
-        TaskSpec("niah_multivalue", "all", 128, n(haystack="essay", num_values=4)),
-        TaskSpec("niah_multiquery", "all", 128, n(haystack="essay", num_keys=4, num_queries=4)),
+        *_niah_specs(niah),
         TaskSpec("vt", "all", 30, vt),
         TaskSpec("cwe", "all", 120, cwe),
         TaskSpec("fwe", "all", 50, fwe),
@@ -59,18 +69,10 @@ def _registry() -> dict[str, TaskSpec]:
 def _heldout_registry() -> dict[str, TaskSpec]:
     """The same task names over held-out families and phrasings, answered in plain words: no answer
     prefix, so the budget covers a sentence before the value (passkey 24 tokens, not 12)."""
-    n = partial(partial, held.niah)
     train = _registry()
     specs = [
         TaskSpec("passkey", "passkey", 24, held.passkey),
-        TaskSpec("niah_single_1", "all", 128, n(haystack="repeat")),
-        TaskSpec("niah_single_2", "all", 128, n(haystack="essay")),
-        TaskSpec("niah_single_3", "all", 128, n(haystack="essay", value_type="uuids")),
-        TaskSpec("niah_multikey_1", "all", 128, n(haystack="essay", num_keys=4)),
-        TaskSpec("niah_multikey_2", "all", 128, n(haystack="needle")),
-        TaskSpec("niah_multikey_3", "all", 128, n(haystack="needle", key_type="uuids", value_type="uuids")),
-        TaskSpec("niah_multivalue", "all", 128, n(haystack="essay", num_values=4)),
-        TaskSpec("niah_multiquery", "all", 128, n(haystack="essay", num_keys=4, num_queries=4)),
+        *_niah_specs(held.niah),
         TaskSpec("vt", "all", 30, held.vt),
         # cwe / fwe are built from pseudo-words no training generator writes, and qa from the user's
         # files: the training-path versions are already held out
@@ -81,11 +83,13 @@ def _heldout_registry() -> dict[str, TaskSpec]:
 
 TASKS: dict[str, TaskSpec] = _registry()
 HELDOUT_TASKS: dict[str, TaskSpec] = _heldout_registry()
-FAMILY_SETS = ("heldout", "train")  # --families: the registry each name is looked up in
 
 
 def task_spec(task: str, families: str = "heldout") -> TaskSpec:
+    """The task of that name in the held-out ("heldout", the default) or training-template ("train") set."""
     return (HELDOUT_TASKS if families == "heldout" else TASKS)[task]
+
+
 RULER_TASKS = [t for t in TASKS if t != "passkey"]  # RULER's 13, in its order
 NIAH_TASKS = [t for t in TASKS if t.startswith("niah_")]
 
