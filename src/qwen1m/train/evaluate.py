@@ -114,28 +114,3 @@ def llm_accuracy(folder: str | Path, task: str, lengths: list[int], n: int, dca:
         torch.cuda.empty_cache()
     return records
 
-
-@torch.no_grad()
-def retrieval_margin(model: torch.nn.Module, enc: Encoder, prompts: list[list[int]], keys: list[str],
-                     seed: int = 0) -> float:
-    """Mean log-probability margin, in nats, of each prompt's own key over another key of the same
-    length, both as the bare answer (``"{key}<|im_end|>"``). A model that does not read the key out of
-    the prompt scores 0 on average whatever its digit priors; one that retrieves it scores above 0.
-    It moves long before greedy accuracy leaves 0, so toy-scale runs can show retrieval starting."""
-    import random
-
-    rng = random.Random(f"margin/{seed}")
-    device = next(model.parameters()).device
-    margins = []
-    for ids, key in zip(prompts, keys):
-        other = key
-        while other == key:
-            other = "".join(rng.choice("0123456789") for _ in key).lstrip("0").rjust(len(key), "1")
-        lp = []
-        for answer in (key, other):
-            tail = enc(answer) + [enc.im_end]
-            x = torch.tensor([ids + tail], device=device)
-            logp = torch.log_softmax(model.forward_train(x).float()[0, len(ids) - 1:-1], dim=-1)
-            lp.append(logp.gather(1, torch.tensor(tail, device=device)[:, None]).sum().item())
-        margins.append(lp[0] - lp[1])
-    return sum(margins) / len(margins)
