@@ -29,12 +29,13 @@ from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.cache.planner import LOGITS_ROWS
 from qwen1m.detokenizer import IncrementalDetokenizer
 from qwen1m.engine.kv_allocator import KVAllocator
+from qwen1m.engine.output_processor import check_stop, request_output
 from qwen1m.engine.sampler import sample
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import Qwen1mError, RequestError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.outputs import CompletionOutput, PrefillProgress, RequestMetrics, RequestOutput
+from qwen1m.outputs import PrefillProgress, RequestOutput
 from qwen1m.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -387,57 +388,12 @@ class LLMEngine:
         return report
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if seq.detokenizer is not None:  # incremental: a few tokens decoded per step, not the whole output
-            seq.output_text += seq.detokenizer.add(token)
-        reason, stop = None, None
-        if not params.ignore_eos and token in self.eos_ids:
-            reason, stop = "stop", None
-        elif params.stop_token_ids and token in params.stop_token_ids:
-            reason, stop = "stop", token
-        elif params.stop_strings:
-            for s in params.stop_strings:
-                at = seq.output_text.find(s, max(0, seq.emitted_text_len - len(s)))
-                if at >= 0:
-                    end = at + len(s) if params.include_stop_str_in_output else at
-                    seq.output_text = seq.output_text[:end]
-                    reason, stop = "stop", s
-                    break
-        if reason is None and seq.num_tokens >= seq.max_len:
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
-            seq.finished_time = time.monotonic()
-            if not isinstance(stop, str) and seq.detokenizer is not None:
-                seq.output_text += seq.detokenizer.flush()  # final: nothing will complete a held-back character
+        if check_stop(seq, token, self.eos_ids):
             self.scheduler.finish(seq)
 
     def _request_output(self, request_id: str) -> RequestOutput:
-        seqs = self.requests[request_id]
-        finished = all(s.is_finished for s in seqs)
-        new_text = []
-        for s in seqs:
-            visible = len(s.output_text)
-            if not s.is_finished and s.params.stop_strings:
-                # hold back what could still turn out to be the start of a stop string
-                visible = max(s.emitted_text_len, visible - (max(map(len, s.params.stop_strings)) - 1))
-            new_text.append(s.output_text[s.emitted_text_len:visible])
-            s.emitted_text_len = visible
-        first = seqs[0]
-        ttft = [s.first_token_time for s in seqs if s.first_token_time is not None]
-        out = RequestOutput(
-            request_id=request_id,
-            prompt=first.prompt,
-            prompt_token_ids=self._prompt_ids[request_id],
-            outputs=[CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason,
-                                      s.stop_reason) for s in seqs],
-            finished=finished,
-            metrics=RequestMetrics(first.arrival_time, min(ttft) if ttft else None,
-                                   max((s.finished_time or 0.0) for s in seqs) if finished else None),
-            new_text=new_text,
-            num_cached_tokens=first.num_cached_tokens,
-        )
-        if finished:
+        out = request_output(request_id, self.requests[request_id], self._prompt_ids[request_id])
+        if out.finished:
             del self.requests[request_id]
             del self._prompt_ids[request_id]
         return out
