@@ -58,3 +58,23 @@ def running(build, grace_s: float = 5.0):
         server.should_exit = True
         thread.join(TIMEOUT)
         assert not thread.is_alive()
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    """An OpenAI-shaped JSON error with this status whose message holds each of ``words``."""
+    assert response.status_code == status, response.text[:500]
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error
+
+
+def assert_serving(url: str) -> None:
+    """A normal completion still succeeds (after a bad request, say)."""
+    import httpx
+
+    out = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0,
+                                                   "ignore_eos": True}, timeout=TIMEOUT)
+    assert out.status_code == 200 and out.json()["choices"][0]["finish_reason"] == "length", out.text

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from live_server import TIMEOUT, running, text_checkpoint
+from live_server import TIMEOUT, assert_error, assert_serving, running, text_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -45,21 +45,6 @@ def post(url: str, route: str, body: dict | bytes, **kw) -> httpx.Response:
         return httpx.post(url + route, json=body, timeout=TIMEOUT, **kw)
     return httpx.post(url + route, content=body, timeout=TIMEOUT,
                       headers={"Content-Type": "application/json", **kw.pop("headers", {})}, **kw)
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error["message"]
-    return error
-
-
-def assert_serving(url: str) -> None:
-    out = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
-    assert out.status_code == 200 and out.json()["choices"][0]["finish_reason"] == "length", out.text
 
 
 class BackgroundStream:

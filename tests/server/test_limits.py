@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from live_server import TIMEOUT, free_port, running, text_checkpoint
+from live_server import TIMEOUT, assert_error, assert_serving, free_port, running, text_checkpoint
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -66,21 +66,6 @@ def served(llm):
 
     with running(build) as (_, url):
         yield holder["app"], url
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text[:500]
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error["message"]
-    return error
-
-
-def assert_serving(url: str) -> None:
-    out = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0},
-                     timeout=TIMEOUT)
-    assert out.status_code == 200, out.text
 
 
 # ---- defect 3: a large body froze the server ---------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import save_tiny_checkpoint
+from live_server import running
 from tokenizer_utils import make_tokenizer_folder
 
 openai = pytest.importorskip("openai")
@@ -37,12 +38,6 @@ ENGINE = dict(dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN)
 # hang guard: on a slow, loaded machine things take longer, but never change order.
 TIMEOUT = 30.0
 WORDS = "the quick brown fox jumps over the lazy dog while long context models read whole books".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +63,8 @@ def server_llm(checkpoint):
 
 @pytest.fixture(scope="module")
 def base_url(server_llm):
-    app = build_app(server_llm, model_name=MODEL, api_key=API_KEY)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(TIMEOUT)
-    assert not thread.is_alive()
+    with running(lambda server: build_app(server_llm, model_name=MODEL, api_key=API_KEY)) as (_, url):
+        yield url
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import save_tiny_checkpoint
+from live_server import free_port
 from tokenizer_utils import make_tokenizer_folder
 
 from qwen1m.cli import build_parser
@@ -28,12 +29,6 @@ CHATML = (Path(__file__).parents[1] / "fixtures" / "chatml_template.jinja").read
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--model", "somewhere"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TIMEOUT = 60  # hang guard for every wait below; each returns as soon as its condition holds
