@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qwen1m.errors import RequestError
@@ -31,6 +32,10 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's hook: each is called as proc(output_token_ids, logits[vocab]) -> logits, in order, before
+    # any other filter (JSON mode masks tokens this way); a row with processors never takes the
+    # device-side greedy fast path
+    logits_processors: list[Callable] | None = None
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -64,6 +69,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that rewrites the logits: an argmax on the device is its token."""
+        return self.greedy and not self.logits_processors
 
 
 def _quote(value: object, limit: int = 40) -> str:

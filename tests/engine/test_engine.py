@@ -146,3 +146,24 @@ def test_outputs_carry_the_prompt_ids_and_the_engine_forgets_finished_requests(d
             seen.append(list(out.outputs[0].token_ids))
     assert [len(t) for t in seen] == [1, 2, 3, 4, 5] and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
     assert not engine.requests and not engine._prompt_ids
+
+
+def test_logits_processors_rewrite_the_row_before_sampling(tiny_checkpoint):
+    """A processor that allows one token forces it, greedy or sampled (JSON mode's seam)."""
+    from qwen1m import LLM, SamplingParams
+
+    llm = LLM(str(tiny_checkpoint), dtype="float32")
+    seen = []
+
+    def only_seven(output_ids, logits):
+        seen.append(list(output_ids))
+        masked = torch.full_like(logits, float("-inf"))
+        masked[7] = 0.0
+        return masked
+
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(max_tokens=3, temperature=temperature, ignore_eos=True,
+                                logits_processors=[only_seven])
+        out = llm.generate([[1, 2, 3]], params)[0].outputs[0]
+        assert out.token_ids == [7, 7, 7]
+    assert seen[:3] == [[], [7], [7, 7]]

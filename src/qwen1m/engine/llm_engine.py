@@ -248,7 +248,7 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
             self.kv.register(item.seq)
         launched = _Launched(samplers, logits, list(self._prefilled))
-        if samplers and all(seq.params.greedy for seq in samplers):
+        if samplers and all(seq.params.plain_greedy for seq in samplers):
             launched.tokens = logits.argmax(-1)
             if launched.tokens.is_cuda:  # to pinned host memory, without waiting; _finish waits
                 launched.tokens_host = torch.empty(len(samplers), dtype=torch.long, pin_memory=True)
@@ -341,14 +341,17 @@ class LLMEngine:
         """One token per row, or the exception that row raised (the others are unaffected); greedy
         rows in one argmax and one device->host copy for the batch."""
         tokens: list[int | Exception | None] = [None] * len(seqs)
-        greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
+        greedy = [i for i, seq in enumerate(seqs) if seq.params.plain_greedy]
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
                 tokens[i] = t
         for i, seq in enumerate(seqs):
             if tokens[i] is None:
                 try:
-                    tokens[i] = sample(logits[i], seq.params, seq.generator)
+                    row = logits[i]
+                    for proc in seq.params.logits_processors or ():
+                        row = proc(seq.output_token_ids, row)
+                    tokens[i] = sample(row, seq.params, seq.generator)
                 except Exception as e:
                     tokens[i] = e
         return tokens
