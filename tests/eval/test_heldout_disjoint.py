@@ -84,6 +84,16 @@ def test_heldout_vocabulary_avoids_every_training_word():
         assert set(_norm(text)) <= allowed, family
 
 
+def test_no_training_family_writes_a_heldout_word():
+    """Sampled units of every training family, their fixed text included (the code and ledger lines
+    are f-strings), hold no word of the held-out vocabulary."""
+    held = set(heldout.vocab("adj") + heldout.vocab("noun") + heldout.vocab("verb"))
+    for family, gen in {**families.TEXT_FAMILIES, **families.EXTRA_FAMILIES}.items():
+        rng = random.Random(f"disjoint/{family}")
+        written = {w for _ in range(3000) for w in _norm(gen(rng))}
+        assert not written & held, (family, sorted(written & held)[:10])
+
+
 def test_heldout_wordings_share_no_fragment_with_training_templates():
     training = set().union(*map(_trigrams, _training_templates()))
     for t in _heldout_templates():

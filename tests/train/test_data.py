@@ -106,3 +106,20 @@ def test_scorers():
     assert string_match_part(preds, refs) == pytest.approx(100.0)
     assert string_match_all(["FOO-bar"], [["foo-BAR"]]) == 100.0
     assert string_match_part(["nothing"], [["a", "b"]]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_passkey_decoys_answer_only_the_asked_label(small_ctx, seed):
+    """Over a haystack with no digits ("words"), the prompt holds 2-5 numbers: the asked one and 1-4
+    decoys, all different; the answer is the asked one, so a model must match the label."""
+    import re
+
+    from qwen1m.train.tasks import passkey_decoys
+
+    s = passkey_decoys(small_ctx, random.Random(seed), 900, family="words")
+    loss_from = s.mask.index(1)
+    prompt, answer = small_ctx.enc.decode(s.ids[:loss_from]), small_ctx.enc.decode(s.ids[loss_from:])
+    numbers = re.findall(r"\d+", prompt)
+    key = re.search(r"\d+", answer).group()
+    assert 2 <= len(numbers) <= 5 and len(set(numbers)) == len(numbers)
+    assert key in numbers

@@ -42,7 +42,8 @@ def training_words() -> frozenset[str]:
     text = [*corpus._TEMPLATES, *families._WORDTEXT, *families.PASSKEY_LABELS, *families.SHORT_ANSWERS,
             *families._OPENERS, *families._PASSKEY_RELATIONS, *families._PASSKEY_QUESTIONS,
             *families._NIAH_RELATIONS, *families._NIAH_QUESTIONS, *tasks.PASSKEY_FILLER, tasks.PASSKEY_TASK,
-            tasks.NIAH_TASK, tasks.VT_TASK, tasks.VT_QUESTION, tasks.VT_ANSWER_PREFIX]
+            tasks.NIAH_TASK, tasks.VT_TASK, tasks.VT_QUESTION, tasks.VT_ANSWER_PREFIX,
+            *families.LINE_TEMPLATE_WORDS]
     for ph in (*families.PASSKEY_PHRASINGS, *families.NIAH_PHRASINGS):
         text += [ph.needle, ph.question, ph.answer, ph.intro]
     lists = [corpus.FIRST_NAMES, corpus.LAST_NAMES, corpus.PLACES, corpus.BUILDINGS, corpus.ADJECTIVES,

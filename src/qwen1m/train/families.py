@@ -87,6 +87,34 @@ TEXT_FAMILIES: dict[str, UnitText] = {
     "code": _code_line,
 }
 FAMILIES = ("essay", "repeat", *TEXT_FAMILIES)
+
+
+def _ledger_line(rng: random.Random) -> str:
+    """A dated line of counts: numbers that look like answers (dates, times, counts, ids) and carry no
+    label a question names. Stage 6 answered held-out passkeys hidden among log lines with the first
+    number of a line; these lines teach that a number is found by its label, not by being a number."""
+    nouns, verbs = _w("noun"), _w("verb")
+    date = rng.choice((f"{rng.randint(1990, 2060)}/{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}",
+                       f"{rng.randint(1, 28):02d}.{rng.randint(1, 12):02d}.{rng.randint(1990, 2060)}",
+                       f"day {rng.randint(1, 365)}", f"{rng.randint(0, 23):02d}h{rng.randint(0, 59):02d}"))
+    a, b = rng.choice(nouns), rng.choice(nouns)
+    n, m = rng.randint(1, 99999), rng.randint(1, 9999)
+    return "\n" + date + " " + rng.choice((
+        f"{a} {rng.choice(verbs)} {n} {b}, {m} left",
+        f"#{n} {a} -> {b} ({m})",
+        f"{a}={n} {b}={m}",
+        f"{n} x {a} at {m} each",
+        f"[{a}] {m} of {n} {b} done",
+    ))
+
+
+# the fixed words of the code and ledger lines (their templates are f-strings), for the held-out
+# side's list of words training can write (``qwen1m.eval.heldout.training_words``)
+LINE_TEMPLATE_WORDS = ("def", "if", "return", "class", "self", "the", "before", "day", "h", "x", "at", "each",
+                       "left", "of", "done")
+
+# families only the decoy tasks draw (kept out of FAMILIES so earlier stages' recipes draw as before)
+EXTRA_FAMILIES: dict[str, UnitText] = {"ledger": _ledger_line}
 POOL_UNITS = 4096  # units encoded per family and TaskContext; a 4K-token row draws ~200 of them
 
 
@@ -199,6 +227,17 @@ def free_phrasing(rng: random.Random, subject: str) -> Phrasing:
     needle = _cap(" ".join(p for p in parts if p) + rng.choice((".", ".", ";", "!")))
     question = _cap(" ".join(p for p in (words_(0, 4), query, words_(0, 4)) if p) + "?")
     return Phrasing(needle, question, "The answer is {values}." if subject == "{key}" else "The answer is {value}.")
+
+
+def decoy_labels(rng: random.Random, label: str, count: int) -> list[str]:
+    """``count`` labels for decoy needles: assembled like the real one, none containing it or
+    contained in it (a decoy "room number" beside a "room number 2" would make the question ambiguous)."""
+    out: list[str] = []
+    while len(out) < count:
+        other = assembled_passkey_phrasing(rng)[1]
+        if label not in other and other not in label and other not in out:
+            out.append(other)
+    return out
 
 
 def fill(template: str, **slots: str) -> str:

@@ -32,6 +32,7 @@ from qwen1m.train.encoding import (
 )
 from qwen1m.train.families import (
     ANSWER_MODES,
+    EXTRA_FAMILIES,
     FAMILIES,
     NIAH_PHRASINGS,
     PASSKEY_LABELS,
@@ -45,6 +46,7 @@ from qwen1m.train.families import (
     Phrasing,
     assembled_niah_phrasing,
     assembled_passkey_phrasing,
+    decoy_labels,
     fill,
     free_phrasing,
     split_answer,
@@ -100,7 +102,7 @@ class TaskContext:
     def warm_families(self) -> None:
         """Encode every family's pool now: the trainer calls this before DataLoader workers fork, so
         they share the pools instead of each building them, and step timing is not skewed."""
-        for family in TEXT_FAMILIES:
+        for family in (*TEXT_FAMILIES, *EXTRA_FAMILIES):
             self.family_units(family, random.Random(0))
 
     def family_units(self, family: str, rng: random.Random) -> Callable[[], list[int]]:
@@ -112,7 +114,7 @@ class TaskContext:
             return self.repeat_units()
         pool = self.pools.get(family)
         if pool is None:
-            gen, prng = TEXT_FAMILIES[family], random.Random(f"train-family/{family}")
+            gen, prng = {**TEXT_FAMILIES, **EXTRA_FAMILIES}[family], random.Random(f"train-family/{family}")
             pool = self.pools[family] = self.enc.encode_batch([gen(prng) for _ in range(POOL_UNITS)])
         return lambda: pool[rng.randrange(len(pool))]
 
@@ -197,7 +199,7 @@ def niah_any(ctx: TaskContext, rng: random.Random, length: int) -> Sample:
     return niah_sample(ctx, rng, length, **kw)[0]
 
 
-LINE_FAMILIES = frozenset({"table", "code"})  # units are lines: a needle there starts a line of its own
+LINE_FAMILIES = frozenset({"table", "code", "ledger"})  # units are lines: a needle there starts a line of its own
 
 
 def retrieval_sample(ctx: TaskContext, rng: random.Random, length: int, phrasing: Phrasing,
@@ -234,6 +236,35 @@ def passkey_varied(ctx: TaskContext, rng: random.Random, length: int, free: bool
     return retrieval_sample(ctx, rng, length, ph, ctx.family_units(family, rng),
                             [(rng.random(), fill(ph.needle, label=label, value=key))], fill(ph.question, label=label),
                             fill(ph.answer, label=label, value=key), key,
+                            sep="\n" if family in LINE_FAMILIES else " ")
+
+
+DECOY_FAMILIES = (*FAMILIES, "ledger", "ledger", "table")  # numbers everywhere: the label must decide
+
+
+def passkey_decoys(ctx: TaskContext, rng: random.Random, length: int, family: str | None = None) -> Sample:
+    """A labelled number among 1-4 decoys: other labels, other numbers, in the same wording, over
+    number-heavy families as often as not. Only the asked label's value is right, so the model must
+    match the label, not take the first (or any) number it sees."""
+    if rng.random() < 0.5:
+        label = assembled_passkey_phrasing(rng)[1]
+        ph = free_phrasing(rng, "{label}")
+    else:
+        ph, label = assembled_passkey_phrasing(rng)
+
+    def number() -> str:
+        return str(rng.randint(10 ** (d := rng.randint(2, 6)), 10 ** (d + 1) - 1))
+
+    key = number()
+    needles = [(rng.random(), fill(ph.needle, label=label, value=key))]
+    for other in decoy_labels(rng, label, rng.randint(1, 4)):
+        value = number()
+        while value == key:
+            value = number()
+        needles.append((rng.random(), fill(ph.needle, label=other, value=value)))
+    family = family or rng.choice(DECOY_FAMILIES)
+    return retrieval_sample(ctx, rng, length, ph, ctx.family_units(family, rng), needles,
+                            fill(ph.question, label=label), fill(ph.answer, label=label, value=key), key,
                             sep="\n" if family in LINE_FAMILIES else " ")
 
 
@@ -413,6 +444,7 @@ TASKS: dict[str, Callable[[TaskContext, random.Random, int], Sample]] = {
     "lm_families": lm_families,
     "passkey_free": lambda ctx, rng, n: passkey_varied(ctx, rng, n, free=True),
     "niah_free": lambda ctx, rng, n: niah_varied(ctx, rng, n, free=True),
+    "passkey_decoys": passkey_decoys,
 }
 # Below this many tokens a task's fixed part does not fit; the packer uses ``lm`` instead.
 MIN_TASK_LENGTH = 256
