@@ -1,7 +1,8 @@
 """Engine logprobs (``{token id: Logprob}`` per position) -> OpenAI's two shapes.
 
 Completions: parallel lists ``tokens``, ``token_logprobs``, ``top_logprobs`` (token text -> logprob,
-the chosen token and the top-k, as vLLM sends them) and ``text_offset``. Chat: ``content``, one
+the chosen token and the top-k, as vLLM sends them; tokens with the same text keep the larger) and
+``text_offset``. Chat: ``content``, one
 ``{token, logprob, bytes, top_logprobs}`` per token, ``top_logprobs`` the k most likely by rank.
 A logprob of -inf (a token the model rules out) is sent as -9999.0, as vLLM does: JSON has no
 infinity.
@@ -43,7 +44,11 @@ def completion_logprobs(entries: list[TokenLogprobs | None], token_ids: list[int
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(_finite(entry[token].logprob))
-        out.top_logprobs.append({_token(entry, t, text_of): _finite(lp.logprob) for t, lp in entry.items()})
+        top: dict[str, float] = {}
+        for t, lp in entry.items():  # keyed by text: tokens that share one (partial UTF-8) keep the best
+            text = _token(entry, t, text_of)
+            top[text] = max(top.get(text, FLOOR), _finite(lp.logprob))
+        out.top_logprobs.append(top)
     return out
 
 
