@@ -16,6 +16,8 @@ SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator, TGI's u64); 
 # which is greedy in all but ties
 MIN_TEMPERATURE = 1e-2
 MAX_N = 128  # completions per prompt: OpenAI's own bound
+MAX_LOGPROBS = 20  # top logprobs per token: OpenAI's and vLLM's default bound (max_logprobs=20)
+MAX_LOGIT_BIAS = 100.0  # |bias| bound: OpenAI's [-100, 100]
 
 
 @dataclass(slots=True)
@@ -36,6 +38,19 @@ class SamplingParams:
     # any other filter (JSON mode masks tokens this way); a row with processors never takes the
     # device-side greedy fast path
     logits_processors: list[Callable] | None = None
+    # penalties, vLLM's names and meanings: presence and frequency (OpenAI's) subtract from the logits
+    # of tokens generated so far, once and per occurrence; repetition (HF's) divides the positive and
+    # multiplies the negative logits of tokens in the prompt or the output (1.0: off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    # top logprobs per generated token (0: only the sampled token's) / per prompt token; computed from
+    # the model's raw distribution, before any processor, bias, penalty or temperature (vLLM's default)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    best_of: int | None = None  # accepted only as n: the server returns every completion it generates
+    use_beam_search: bool = False  # refused: no beam search here
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -65,15 +80,58 @@ class SamplingParams:
         self.stop_strings = tuple(stops)
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise RequestError("SamplingParams.stop_token_ids must be a list of non-negative token ids.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise RequestError(f"SamplingParams.{name} must be in [-2, 2], got {_quote(value)}.")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 100:
+            raise RequestError(f"SamplingParams.repetition_penalty must be in (0, 100] (1 is off), "
+                               f"got {_quote(self.repetition_penalty)}.")
+        self._check_logit_bias()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"SamplingParams.{name} must be None or an integer in [0, {MAX_LOGPROBS}], "
+                                   f"got {_quote(value)}.")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"SamplingParams.best_of must be None or equal to n={self.n} (every generated "
+                               f"completion is returned), got {_quote(self.best_of)}.")
+        if self.use_beam_search:
+            raise RequestError("SamplingParams.use_beam_search is not supported: qwen1m has no beam search.")
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise RequestError("SamplingParams.logit_bias must be a dict of token id -> bias.")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise RequestError(f"SamplingParams.logit_bias keys must be non-negative token ids, "
+                                   f"got {_quote(token)}.")
+            numeric = isinstance(bias, (int, float)) and not isinstance(bias, bool)
+            if not numeric or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise RequestError(f"SamplingParams.logit_bias values must be in [-100, 100], got "
+                                   f"{_quote(bias)} for token {token}.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def rewrites_logits(self) -> bool:
+        """Whether anything changes the logits before the token is chosen (the greedy token too)."""
+        return bool(self.logits_processors or self.logit_bias or self.has_penalties)
+
+    @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing that rewrites the logits: an argmax on the device is its token."""
-        return self.greedy and not self.logits_processors
+        """Greedy with nothing that rewrites the logits: an argmax on the device is its token (its
+        logprobs, if asked for, are read from the same raw logits)."""
+        return self.greedy and not self.rewrites_logits
 
 
 def _quote(value: object, limit: int = 40) -> str:

@@ -118,14 +118,16 @@ def test_tiny_temperature_is_served_and_harms_nobody(url):
 def test_a_row_that_cannot_be_sampled_fails_its_request_only(url, monkeypatch):
     """Logits that are nan throughout (a broken row) fail that request with a 500 error object; the
     stream in the same batch goes on."""
-    real = llm_engine.sample
+    real = llm_engine.sample_batch
 
-    def nan_for_seed_77(logits, params, generator):
-        if params.seed == 77:
-            logits = logits.clone().fill_(float("nan"))
-        return real(logits, params, generator)
+    def nan_for_seed_77(logits, seqs):
+        broken = [i for i, seq in enumerate(seqs) if seq.params.seed == 77]
+        if broken:
+            logits = logits.clone()
+            logits[broken] = float("nan")
+        return real(logits, seqs)
 
-    monkeypatch.setattr(llm_engine, "sample", nan_for_seed_77)
+    monkeypatch.setattr(llm_engine, "sample_batch", nan_for_seed_77)
     stream = BackgroundStream(url)
     response = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 0.7, "seed": 77})
     error = assert_error(response, 500, "no finite logit")

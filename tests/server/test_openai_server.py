@@ -322,7 +322,7 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, ["'max_tokens'"]),
     ("/v1/completions", {"prompt": "a", "max_tokens": "many"}, 400, ["'max_tokens'", "integer"]),
     ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, ["stop"]),
-    ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, ["'logprobs' is not supported"]),
+    ("/v1/completions", {"prompt": "a", "use_beam_search": True}, 400, ["'use_beam_search' is not supported"]),
     ("/v1/completions", {"prompt": []}, 400, ["prompt must not be empty"]),
     ("/v1/completions", {"prompt": [10**6]}, 400, ["outside the vocabulary"]),
     ("/v1/completions", {}, 400, ["'prompt' is required"]),

@@ -139,7 +139,10 @@ class KVAllocator:
 
     def _match(self, seq: Sequence) -> list[int]:
         """The blocks of the prompt's longest cached prefix, now used by seq; never the block of the
-        last prompt token (its logits are the first output)."""
+        last prompt token (its logits are the first output). A prompt whose logprobs are asked for
+        computes every position (cached blocks have no logits)."""
+        if seq.params.prompt_logprobs is not None:
+            return []
         if seq.block_keys is None:
             seq.block_keys = self.prefix_cache.keys(seq.token_ids, seq.num_prompt_tokens // self.block_size)
         reusable = (seq.num_prompt_tokens - 1) // self.block_size

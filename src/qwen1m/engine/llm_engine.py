@@ -17,6 +17,7 @@ request, and a later prompt that starts with the same tokens starts with them co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -28,9 +29,10 @@ from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.cache.planner import LOGITS_ROWS
 from qwen1m.detokenizer import IncrementalDetokenizer
+from qwen1m.engine import logprobs as lp
 from qwen1m.engine.kv_allocator import KVAllocator
 from qwen1m.engine.output_processor import check_stop, request_output
-from qwen1m.engine.sampler import sample
+from qwen1m.engine.sampler import sample_batch
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import Qwen1mError, RequestError
@@ -54,6 +56,7 @@ class _Launched:
     logits: torch.Tensor | None
     prefilled: list[Sequence]  # sequences that computed prompt tokens in it (prefill_progress)
     tokens: torch.Tensor | None = None  # [rows] device argmax when every row is greedy
+    logprobs: lp.LogprobRows | None = None  # with tokens: the rows that asked for logprobs (host copies)
     tokens_host: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # recorded after the copy to tokens_host
     inputs_from: dict[int, int] = field(default_factory=dict)  # overlapped: id(seq) -> row of the step before
@@ -106,6 +109,9 @@ class LLMEngine:
         self.overlap = cuda_graphs if overlap is None else overlap
         self._ahead: _Launched | None = None  # a launched step whose outputs the next call returns
         self._failed: list[RequestOutput] = []  # requests ended by their own error, for the next outputs
+        # a token's text alone, for logprobs (cached: the same few thousand tokens come up again)
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(
+            (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer is not None else (lambda t: None))
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(
@@ -122,6 +128,10 @@ class LLMEngine:
         else:
             text, ids = None, list(prompt)
         self.check_prompt(ids, request_id)
+        bad = next((t for t in params.logit_bias or () if t >= self.cfg.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"Request {request_id}: logit_bias token id {bad} is outside the vocabulary "
+                               f"[0, {self.cfg.vocab_size}).")
         room = self.max_model_len - len(ids)
         max_new = room if params.max_tokens is None else min(params.max_tokens, room)
         if max_new < 1:
@@ -138,6 +148,10 @@ class LLMEngine:
                                                     int(torch.randint(0, 2**62, (1,)).item()))
             seq = Sequence(request_id, i, text, list(ids), len(ids), params, len(ids) + max_new,
                            generator=gen, arrival_time=now)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            if params.prompt_logprobs is not None and i == 0:  # the copies share the prompt: one computes
+                seq.prompt_logprobs = [None]  # nothing predicts the first prompt token
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             seqs.append(seq)
@@ -235,7 +249,10 @@ class LLMEngine:
                 samplers.append(seq)
             start += n
         logits = None
-        if self.graph_runner is not None and all(s.num_query == 1 and s.num_cached > 0 for s in slices):
+        scoring = [(item, offset) for item, offset in zip(scheduled, itertools.accumulate(
+            [0] + [item.num_tokens for item in scheduled])) if self._scores_prompt(item)]
+        if self.graph_runner is not None and not scoring and all(s.num_query == 1 and s.num_cached > 0
+                                                                   for s in slices):
             # None when the batch fits no captured bucket
             logits = self.graph_runner.run(ids, slices, device_ids)
         if logits is None:
@@ -243,6 +260,8 @@ class LLMEngine:
             meta = AttentionMetadata(torch.tensor(positions).to(self.device, non_blocking=True), slices)
             input_ids = device_ids if device_ids is not None else torch.tensor(ids).to(self.device, non_blocking=True)
             hidden = self.model(input_ids, meta)
+            for item, offset in scoring:
+                self._score_prompt(item, hidden[offset:offset + item.num_tokens])
             logits = self.model.compute_logits(hidden[sample_rows]) if samplers else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_tokens
@@ -250,6 +269,11 @@ class LLMEngine:
         launched = _Launched(samplers, logits, list(self._prefilled))
         if samplers and all(seq.params.plain_greedy for seq in samplers):
             launched.tokens = logits.argmax(-1)
+            asked = [i for i, seq in enumerate(samplers) if seq.params.logprobs is not None]
+            if asked:  # from the logits now: an overlapped step may overwrite a graph's logits
+                rows = lp.compute(logits, asked, [samplers[i].params.logprobs for i in asked],
+                                  launched.tokens[asked])
+                launched.logprobs = rows.to_host(pinned=launched.tokens.is_cuda)
             if launched.tokens.is_cuda:  # to pinned host memory, without waiting; _finish waits
                 launched.tokens_host = torch.empty(len(samplers), dtype=torch.long, pin_memory=True)
                 launched.tokens_host.copy_(launched.tokens, non_blocking=True)
@@ -312,11 +336,13 @@ class LLMEngine:
             if launched.ready is not None:
                 launched.ready.synchronize()
             tokens = launched.tokens_host.tolist()
+            logprobs = self._logprob_dicts(launched.logprobs, tokens)
         else:
             tokens = self._sample(samplers, launched.logits)
+            logprobs = self._sampled_logprobs(samplers, launched.logits, tokens)
         touched: dict[str, None] = {}
         now = time.monotonic()
-        for seq, token in zip(samplers, tokens):
+        for i, (seq, token) in enumerate(zip(samplers, tokens)):
             if seq.is_finished:  # finished (or aborted) after this step was launched: drop its row
                 continue
             if isinstance(token, Exception):  # this row could not be sampled: its request fails alone
@@ -326,6 +352,10 @@ class LLMEngine:
                 seq.token_ids[-1] = token
             else:
                 seq.token_ids.append(token)
+            if seq.logprobs is not None:
+                entry = logprobs[i]
+                seq.logprobs.append(entry)
+                seq.cumulative_logprob += entry[token].logprob
             if seq.first_token_time is None:
                 seq.first_token_time = now
             try:
@@ -338,23 +368,47 @@ class LLMEngine:
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
-        """One token per row, or the exception that row raised (the others are unaffected); greedy
-        rows in one argmax and one device->host copy for the batch."""
-        tokens: list[int | Exception | None] = [None] * len(seqs)
-        greedy = [i for i, seq in enumerate(seqs) if seq.params.plain_greedy]
-        if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
-                tokens[i] = t
-        for i, seq in enumerate(seqs):
-            if tokens[i] is None:
-                try:
-                    row = logits[i]
-                    for proc in seq.params.logits_processors or ():
-                        row = proc(seq.output_token_ids, row)
-                    tokens[i] = sample(row, seq.params, seq.generator)
-                except Exception as e:
-                    tokens[i] = e
-        return tokens
+        """One token per row, or the exception that row raised (the others are unaffected); plain
+        greedy rows in one argmax and one device->host copy for the batch (``sampler.py``)."""
+        return sample_batch(logits, seqs)
+
+    def _sampled_logprobs(self, seqs: list[Sequence], logits: torch.Tensor,
+                          tokens: list[int | Exception]) -> dict[int, dict]:
+        """Row -> {token id: Logprob} for the rows that asked for logprobs and got a token."""
+        asked = [i for i, seq in enumerate(seqs) if seq.logprobs is not None and isinstance(tokens[i], int)]
+        if not asked:
+            return {}
+        rows = lp.compute(logits, asked, [seqs[i].params.logprobs for i in asked],
+                          torch.tensor([tokens[i] for i in asked], device=logits.device))
+        return self._logprob_dicts(rows, tokens)
+
+    def _logprob_dicts(self, rows: lp.LogprobRows | None, tokens: list) -> dict[int, dict]:
+        if rows is None:
+            return {}
+        return dict(zip(rows.rows, lp.to_dicts(rows, [tokens[i] for i in rows.rows], self._token_text)))
+
+    @staticmethod
+    def _scores_prompt(item: ScheduledSequence) -> bool:
+        """Whether this step computes prompt positions whose logprobs the sequence still lacks."""
+        seq, c = item.seq, item.seq.num_computed_tokens
+        # position p scores prompt token p + 1: positions len(prompt_logprobs) - 1 .. num_prompt_tokens - 2
+        return (seq.prompt_logprobs is not None
+                and max(c, len(seq.prompt_logprobs) - 1) < min(c + item.num_tokens, seq.num_prompt_tokens - 1))
+
+    def _score_prompt(self, item: ScheduledSequence, hidden: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens that this chunk's positions predict (a preempted
+        sequence computes its prompt again: positions already scored are skipped)."""
+        seq, c = item.seq, item.seq.num_computed_tokens
+        for r in range(0, item.num_tokens, LOGITS_ROWS):  # the lm_head in slices, as prompt_logits does
+            first = c + r  # position of this slice's first row; it predicts token first + 1
+            m = min(LOGITS_ROWS, item.num_tokens - r)
+            start = max(first, len(seq.prompt_logprobs) - 1)
+            end = min(first + m, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output
+            if start >= end:
+                continue
+            logits = self.model.compute_logits(hidden[start - c:end - c])
+            seq.prompt_logprobs.extend(lp.prompt_logprobs(logits, seq.token_ids[start + 1:end + 1],
+                                                          seq.params.prompt_logprobs, self._token_text))
 
     def _fail_request(self, request_id: str, error: Exception) -> None:
         """End one request with an error output (its KV freed); the rest of the step goes on."""

@@ -58,11 +58,14 @@ def request_output(request_id: str, seqs: list[Sequence], prompt_ids: list[int])
         request_id=request_id,
         prompt=first.prompt,
         prompt_token_ids=prompt_ids,
-        outputs=[CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason, s.stop_reason)
+        outputs=[CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason, s.stop_reason,
+                                  None if s.logprobs is None else list(s.logprobs),
+                                  None if s.logprobs is None else s.cumulative_logprob)
                  for s in seqs],
         finished=finished,
         metrics=RequestMetrics(first.arrival_time, min(ttft) if ttft else None,
                                max((s.finished_time or 0.0) for s in seqs) if finished else None),
         new_text=new_text,
         num_cached_tokens=first.num_cached_tokens,
+        prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
     )

@@ -44,6 +44,13 @@ class Sequence:
     block_keys: list[bytes] | None = field(default=None, repr=False)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    # sampling extras: the prompt's tokens as a [vocab] bool mask on the device, made once for
+    # repetition_penalty; the logprobs asked for (SamplingParams.logprobs / prompt_logprobs), one
+    # entry per generated / prompt token
+    prompt_mask: torch.Tensor | None = field(default=None, repr=False)
+    logprobs: list | None = field(default=None, repr=False)
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list | None = field(default=None, repr=False)
     num_overtaken: int = 0  # later sequences admitted before it while its prompt did not fit (scheduler)
 
     @property

@@ -1,9 +1,12 @@
 """OpenAI's request and response shapes as pydantic models (the subset qwen1m serves).
 
 Requests accept OpenAI's field names plus vLLM's sampling extensions (``top_k``, ``min_p``,
-``ignore_eos``, ...; the openai client sends them through ``extra_body``). Unknown fields are
-ignored, as OpenAI-compatible servers do, except the ones in ``UNSUPPORTED``: a request that sets
-one of those to a non-default value gets a 400 instead of a silently different answer.
+``repetition_penalty``, ``ignore_eos``, ...; the openai client merges ``extra_body`` into the JSON
+body, so the server sees them as fields like any other). A field the server does not know gets a
+400 that names it (``use_beam_search``, ``length_penalty``, ``guided_json``, a misspelt name ...):
+a silently different answer is worse than an error. ``UNSUPPORTED`` lists fields that are refused
+only when set to something other than "off"; ``IGNORED`` lists OpenAI fields that change nothing
+in the answer (``user``, ``metadata``, ...) and are accepted.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from qwen1m.sampling_params import MAX_N, SEED_MAX, SamplingParams
+from qwen1m.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, SEED_MAX, SamplingParams
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is searched for at every step
 MAX_STOP_TOKEN_IDS = 1024
@@ -24,20 +27,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape parses to o
 
 # field -> the values that mean "off"; anything else asks for a feature this server lacks
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
+    "use_beam_search": (None, False),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),  # the deprecated name of tools
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
 }
+# OpenAI fields that change nothing in the answer: accepted and ignored
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
@@ -114,6 +113,14 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # penalties (OpenAI's two and vLLM's repetition_penalty) and OpenAI's logit_bias, whose keys are
+    # token ids written as strings
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = Field(None, ge=1)  # only n: every generated completion is returned
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extension
 
     @model_validator(mode="before")
     @classmethod
@@ -128,9 +135,31 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _reject_unsupported(self):
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
-                raise ValueError(f"'{name}' is not supported by this server; leave it unset")
+            if name in UNSUPPORTED:
+                if value not in UNSUPPORTED[name]:
+                    raise ValueError(f"'{name}' is not supported by this server; leave it unset")
+            elif name not in IGNORED:
+                raise ValueError(f"'{name if len(name) <= 60 else name[:60] + '...'}' is not a field this server knows "
+                                 "(as a field or in extra_body); leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"'best_of' must equal n ({self.n}) when set: every generated completion is "
+                             "returned, so there is nothing to choose the best of")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (as strings, e.g. \"50256\"), got {quote(key, 60)}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"values must be in [-100, 100], got {bias} for token {key}")
+        return v
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per generated token (None: no logprobs); each route reads its own fields."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -151,12 +180,34 @@ class GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            logprobs=self.num_logprobs,
+            prompt_logprobs=self.num_prompt_logprobs,
         )
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
 
 class CompletionRequest(GenerationRequest):
     # a string, a list of strings, a list of token ids, or a list of token-id lists
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top logprobs per token (OpenAI allows 5)
+    echo: bool = False  # the prompt before the completion (with its logprobs when logprobs is set)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens carry logprobs too
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -204,6 +255,18 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -233,10 +296,33 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: parallel lists, one entry per token."""
+
+    text_offset: list[int] = Field(default_factory=list)  # where each token's text starts in the choice's text
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: the first echoed prompt token
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -257,7 +343,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -283,7 +369,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

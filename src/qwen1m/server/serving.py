@@ -13,6 +13,7 @@ the work waiting for the engine, tokenizing included, is bounded: past the limit
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from qwen1m.outputs import RequestOutput
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.server.engine_loop import EngineLoop, EngineRequest, EngineUnavailable, RequestStream
 from qwen1m.server.limits import QueueGate, ServerLimits, Ticket
+from qwen1m.server.logprobs import chat_logprobs, completion_logprobs
 from qwen1m.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -58,8 +60,10 @@ class _Choices:
     stop string that the engine will cut from the text, and sent text cannot be taken back.
     """
 
-    def __init__(self, request_ids: list[str], n: int, holdback: int):
+    def __init__(self, request_ids: list[str], n: int, holdback: int, echo: list[str] | None = None):
         self.first_choice = {rid: i * n for i, rid in enumerate(request_ids)}
+        self.request_of = [rid for rid in request_ids for _ in range(n)]  # choice -> its engine request
+        self.echo = echo  # per prompt: its text, sent before each of its choices (completions' echo)
         self.holdback = holdback
         self.sent = [0] * (len(request_ids) * n)  # characters of each choice's text already emitted
         self.texts = [""] * len(self.sent)
@@ -67,11 +71,22 @@ class _Choices:
         self.completion_tokens = [0] * len(self.sent)
         self.prompt_tokens: dict[str, int] = {}
         self.cached_tokens: dict[str, int] = {}
+        # logprobs: each choice's token ids and entries so far, how many were sent (streams), where
+        # the next sent token's text starts; each request's prompt ids and prompt logprobs
+        self.token_ids: list[list[int]] = [[] for _ in self.sent]
+        self.logprobs: list[list] = [[] for _ in self.sent]
+        self.logprobs_sent = [0] * len(self.sent)
+        self.text_offsets = [len(echo[i // n]) if echo else 0 for i in range(len(self.sent))]
+        self.prompt_ids: dict[str, list[int]] = {}
+        self.prompt_logprobs: dict[str, list] = {}
+        self.echoed = [False] * len(self.sent)
 
     def update(self, out: RequestOutput) -> list[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason or None) for each choice that changed."""
         self.prompt_tokens[out.request_id] = len(out.prompt_token_ids)
         self.cached_tokens[out.request_id] = out.num_cached_tokens
+        self.prompt_ids[out.request_id] = out.prompt_token_ids
+        self.prompt_logprobs[out.request_id] = out.prompt_logprobs or []
         changes = []
         for o in out.outputs:
             i = self.first_choice[out.request_id] + o.index
@@ -79,12 +94,19 @@ class _Choices:
                 continue
             self.texts[i] = o.text
             self.completion_tokens[i] = len(o.token_ids)
+            self.token_ids[i], self.logprobs[i] = o.token_ids, o.logprobs or []
             end = len(o.text) if o.finish_reason else max(self.sent[i], len(o.text) - self.holdback)
             delta, self.sent[i] = o.text[self.sent[i]:end], end
             self.finish_reasons[i] = o.finish_reason
             if delta or o.finish_reason:
                 changes.append((i, delta, o.finish_reason))
         return changes
+
+    def take_logprobs(self, i: int) -> tuple[list, list[int]]:
+        """The logprob entries of choice i not sent yet, and their token ids (streams)."""
+        start, end = self.logprobs_sent[i], len(self.logprobs[i])
+        self.logprobs_sent[i] = end
+        return self.logprobs[i][start:end], self.token_ids[i][start:end]
 
     def usage(self) -> UsageInfo:
         prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens)
@@ -103,6 +125,10 @@ class OpenAIServing:
         self.gate = QueueGate(limits.max_queued_requests)
         self.tokenizer_pool = TokenizerPool(tokenizer, max_model_len) if tokenizer is not None else None
         self.created = int(time.time())
+        # a token's text alone, for logprobs ("token_id:<id>" without a tokenizer, as vLLM writes it)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(
+            (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer is not None
+            else (lambda t: f"token_id:{t}"))
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created,
@@ -124,7 +150,8 @@ class OpenAIServing:
         try:
             ids = [await self._encode(p) for p in prompts]
             params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default
-            return await self._generate("completion", req, ids, params, request, ticket)
+            echo = [self._prompt_text(p, i) for p, i in zip(prompts, ids)] if req.echo else None
+            return await self._generate("completion", req, ids, params, request, ticket, echo)
         except BaseException:
             ticket.release()
             raise
@@ -153,6 +180,15 @@ class OpenAIServing:
             if not req.stream:
                 ticket.release()
 
+    def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """What ``echo`` puts before a completion: the prompt as sent, or its token ids' text."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise RequestError("'echo' with token-id prompts needs the model's tokenizer.json, which this "
+                               "model lacks; leave echo unset.")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     async def _encode(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
             return prompt
@@ -165,14 +201,15 @@ class OpenAIServing:
         return ids
 
     async def _generate(self, kind: Kind, req: GenerationRequest, prompts: list[list[int]],
-                        params: SamplingParams, request: Request, ticket: Ticket) -> Response:
+                        params: SamplingParams, request: Request, ticket: Ticket,
+                        echo: list[str] | None = None) -> Response:
         response_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         requests = [EngineRequest(f"{response_id}-{i}", ids, params) for i, ids in enumerate(prompts)]
         stream = await self.engine_loop.submit(requests, ticket)
         holdback = max((len(s) for s in params.stop_strings), default=1) - 1
-        choices = _Choices(stream.request_ids, params.n, holdback)
+        choices = _Choices(stream.request_ids, params.n, holdback, echo)
         if req.stream:
-            events = self._events(kind, response_id, stream, choices, req.include_usage)
+            events = self._events(kind, req, response_id, stream, choices)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # Starlette notices a vanished client only for streams: watch for it here too
@@ -185,35 +222,65 @@ class OpenAIServing:
         finally:
             watcher.cancel()
             stream.close()
-        return JSONResponse(self._full_response(kind, response_id, choices).model_dump())
+        return JSONResponse(self._full_response(kind, req, response_id, choices).model_dump())
 
-    def _full_response(self, kind: Kind, response_id: str, choices: _Choices):
+    def _full_response(self, kind: Kind, req: GenerationRequest, response_id: str, choices: _Choices):
         head = dict(id=response_id, created=int(time.time()), model=self.model_name, usage=choices.usage())
         finished = list(enumerate(zip(choices.texts, choices.finish_reasons)))
         if kind == "completion":
-            return CompletionResponse(**head, choices=[CompletionChoice(index=i, text=t, finish_reason=f)
-                                                       for i, (t, f) in finished])
+            out = []
+            for i, (t, f) in finished:
+                entries, ids = choices.logprobs[i], choices.token_ids[i]
+                if choices.echo:
+                    rid = choices.request_of[i]
+                    t = choices.echo[i // req.n] + t
+                    entries, ids = choices.prompt_logprobs[rid] + entries, choices.prompt_ids[rid] + ids
+                logprobs = None
+                if req.num_logprobs is not None:
+                    logprobs = completion_logprobs(entries, ids, 0, self.token_text)
+                out.append(CompletionChoice(index=i, text=t, finish_reason=f, logprobs=logprobs))
+            return CompletionResponse(**head, choices=out)
         return ChatCompletionResponse(**head, choices=[
-            ChatChoice(index=i, message=ChatResponseMessage(content=t), finish_reason=f)
+            ChatChoice(index=i, message=ChatResponseMessage(content=t), finish_reason=f,
+                       logprobs=self._chat_logprobs(req, choices.logprobs[i], choices.token_ids[i]))
             for i, (t, f) in finished])
 
-    async def _events(self, kind: Kind, response_id: str, stream: RequestStream, choices: _Choices,
-                      include_usage: bool) -> AsyncIterator[str]:
+    def _chat_logprobs(self, req: GenerationRequest, entries: list, ids: list[int]):
+        if req.num_logprobs is None:
+            return None
+        return chat_logprobs(entries, ids, req.num_logprobs, self.token_text)
+
+    def _stream_logprobs(self, kind: Kind, req: GenerationRequest, choices: _Choices, index: int):
+        """The logprobs of choice ``index``'s tokens not sent yet (None when none were asked for)."""
+        if req.num_logprobs is None:
+            return None
+        entries, ids = choices.take_logprobs(index)
+        if not entries:
+            return None
+        if kind == "chat":
+            return self._chat_logprobs(req, entries, ids)
+        lp = completion_logprobs(entries, ids, choices.text_offsets[index], self.token_text)
+        choices.text_offsets[index] += sum(map(len, lp.tokens))
+        return lp
+
+    async def _events(self, kind: Kind, req: GenerationRequest, response_id: str, stream: RequestStream,
+                      choices: _Choices) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them, ending with ``data: [DONE]``.
 
         A client that disconnects cancels this generator (Starlette watches for it), and the
         ``finally`` aborts the engine requests, which frees their KV cache.
         """
         head = dict(id=response_id, created=int(time.time()), model=self.model_name)
+        include_usage = req.include_usage
 
-        def chunk(index: int, text: str | None, finish: str | None, role: str | None = None) -> str:
+        def chunk(index: int, text: str | None, finish: str | None, role: str | None = None, logprobs=None) -> str:
             if kind == "completion":
-                choice = CompletionChoice(index=index, text=text or "", finish_reason=finish)
+                choice = CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)
                 body = CompletionResponse(**head, choices=[choice])
             else:
                 delta = DeltaMessage(role=role, content=text)
                 body = ChatCompletionChunk(**head, choices=[ChatStreamChoice(index=index, delta=delta,
-                                                                             finish_reason=finish)])
+                                                                             finish_reason=finish, logprobs=logprobs)])
             # OpenAI sends "usage": null in every chunk only when the client asked for usage
             return _sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
@@ -223,8 +290,15 @@ class OpenAIServing:
                     yield chunk(i, "", None, role="assistant")
             async for out in stream:
                 for index, delta, finish in choices.update(out):
-                    if delta:
-                        yield chunk(index, delta, None)
+                    if choices.echo and not choices.echoed[index]:  # the prompt first, with its logprobs
+                        choices.echoed[index] = True
+                        rid = choices.request_of[index]
+                        echo_lp = None if req.num_logprobs is None else completion_logprobs(
+                            choices.prompt_logprobs[rid], choices.prompt_ids[rid], 0, self.token_text)
+                        yield chunk(index, choices.echo[index // req.n], None, logprobs=echo_lp)
+                    logprobs = self._stream_logprobs(kind, req, choices, index)
+                    if delta or logprobs is not None:
+                        yield chunk(index, delta, None, logprobs=logprobs)
                     if finish:
                         yield chunk(index, None if kind == "chat" else "", finish)
             if include_usage:
