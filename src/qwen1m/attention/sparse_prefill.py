@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # The Triton index builder is used on CUDA until it fails once (e.g. a Triton version that cannot
 # compile it); the PyTorch builder computes the same index, only slower.
 _TRITON_INDEX = {"usable": True}
+_BATCHED = {"usable": True}  # likewise for the batched path (sparse_batched)
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
@@ -150,6 +151,7 @@ def sparse_prefill_attention(
     merge_fn=merge_attn_states,
     attend_fn=None,
     stats: dict | None = None,
+    batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
 
@@ -160,8 +162,26 @@ def sparse_prefill_attention(
     attend_fn: dense attention (``reference.attend``'s contract) for regions denser than
       ``cfg.dense_above_density``; None keeps every region sparse.
     stats: if given, receives the computed and causal query-key pair counts (density telemetry).
+    batched: run ``sparse_batched`` (every piece and region in a few launches, no host sync; the
+      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes.
+      There a dense region runs in the sparse kernel's dense mode instead of ``attend_fn``.
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
+    from qwen1m.attention.sparse_batched import batched_supported, sparse_prefill_batched
+
+    if batched is None:
+        batched = k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(queries["intra"], k, cfg)
+    if batched:
+        try:
+            return sparse_prefill_batched(
+                queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
+                vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
+                dense_regions=attend_fn is not None, stats=stats)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+            if k.device.type != "cuda":
+                raise
+            _BATCHED["usable"] = False
+            log.warning("the batched sparse prefill failed (%s); using the per-region path", e)
     q_intra = queries["intra"]
     num_q, num_heads, _ = q_intra.shape
     total = begin + num_q
@@ -258,5 +278,6 @@ class SparseTelemetry:
         out = {}
         for layer in sorted(self.causal):
             recall = torch.cat(self.recall[layer], dim=1).mean(-1).tolist() if layer in self.recall else []
-            out[layer] = {"density": self.computed[layer] / max(1, self.causal[layer]), "recall": recall}
+            # computed may be a device tensor (the batched path keeps it there): read once, here
+            out[layer] = {"density": float(self.computed[layer]) / max(1, self.causal[layer]), "recall": recall}
         return out
