@@ -168,12 +168,11 @@ def sparse_prefill_batched(
 
     # the problem tables, on the host, then one asynchronous copy
     num_fallback = cfg.empty_region_columns
-    rows = []
-    for piece, _, _, a, b, causal in problems:
-        piece_begin, piece_end = pieces[piece]
-        spread = torch.linspace(0, b - a - 1, num_fallback).long().tolist() if num_fallback else []
-        rows.append([piece, a, b, piece_end, piece_end - piece_begin, b - a, int(causal), *spread])
-    table = host_to_device(torch.tensor(rows, dtype=torch.int64), device)
+    rows = [[piece, a, b, pieces[piece][1], pieces[piece][1] - pieces[piece][0], b - a, int(causal)]
+            for piece, _, _, a, b, causal in problems]
+    # the fallback's even columns as ``_region_index`` makes them (float32 linspace, truncated)
+    spread = torch.stack([torch.linspace(0, b - a - 1, num_fallback) for _, _, _, a, b, _ in problems]).long()
+    table = host_to_device(torch.cat([torch.tensor(rows, dtype=torch.int64), spread], dim=1), device)
     sizes = table[:, 4:7]  # num_q, num_kv, causal
 
     kinds = [kind for kind in _SLOTS if any(p[1] == kind for p in problems)]

@@ -254,9 +254,11 @@ def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, caus
 class SparseTelemetry:
     """Debug report of sparse prefill: computed density per layer, and the attention recall
     exp(lse_sparse - lse_full) of one GQA group of heads (those of kv head 0), measured against dense
-    attention on the same request. Costs a dense pass over those heads: a debugging aid only."""
+    attention on the same request. Costs a dense pass over those heads and a host sync per layer: a
+    debugging aid only. recall=False records the density alone (device counters, read by ``summary``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recall: bool = True) -> None:
+        self.measure_recall = recall
         self.reset()
 
     def reset(self) -> None:
@@ -268,6 +270,8 @@ class SparseTelemetry:
     def record(self, layer, stats, lse, queries, keys, values, dense_fn) -> None:
         self.computed[layer] = self.computed.get(layer, 0) + stats.get("computed", 0)
         self.causal[layer] = self.causal.get(layer, 0) + stats.get("causal", 0)
+        if not self.measure_recall:
+            return
         num_heads, num_kv_heads = lse.shape[0], keys.shape[1]
         group = num_heads // num_kv_heads
         _, dense_lse = dense_fn({k: q[:, :group] for k, q in queries.items()}, keys[:, :1], values[:, :1])
