@@ -142,7 +142,7 @@ def test_sparse_prefill_step_makes_no_host_sync(dca):
         out, _ = sparse_prefill_attention(
             queries, k, v, begin=begin, chunk_len=dca.chunk_len if dca else None, softmax_scale=head_dim ** -0.5,
             vertical_sizes=[1000] * heads, slash_sizes=[2048] * heads, cfg=cfg, merge_fn=get_merge_fn(k.device),
-            attend_fn=get_attend_fn(k.device), stats=stats)
+            attend_fn=get_attend_fn(k.device), stats=stats, batched=True)
         return out, stats
 
     out, stats = step()  # warm-up: compilation, autotuning
@@ -153,5 +153,6 @@ def test_sparse_prefill_step_makes_no_host_sync(dca):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert torch.equal(out, out2) and int(stats["computed"]) == int(stats2["computed"])
-    assert 0 < int(stats2["computed"]) < stats2["causal"]
+    # the estimate's slash sums use atomics (order-dependent last bits): equal up to rare top-k ties
+    assert (out.float() - out2.float()).abs().max() < 0.05
+    assert 0 < int(stats2["computed"]) < stats2["causal"] and 0 < int(stats["computed"]) < stats["causal"]

@@ -169,7 +169,8 @@ def sparse_prefill_attention(
     """
     from qwen1m.attention.sparse_batched import batched_supported, sparse_prefill_batched
 
-    if batched is None:
+    auto = batched is None
+    if auto:
         batched = k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(queries["intra"], k, cfg)
     if batched:
         try:
@@ -178,7 +179,7 @@ def sparse_prefill_attention(
                 vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
                 dense_regions=attend_fn is not None, stats=stats)
         except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
-            if k.device.type != "cuda":
+            if not auto:  # asked for by name (tests, benchmarks): say so
                 raise
             _BATCHED["usable"] = False
             log.warning("the batched sparse prefill failed (%s); using the per-region path", e)
