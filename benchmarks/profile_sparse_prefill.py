@@ -48,6 +48,11 @@ def install_ranges() -> None:
     sp._region_index = _ranged("sparse.index", sp._region_index)
     get_sparse_fn = sp.get_sparse_fn
     sp.get_sparse_fn = lambda device: _ranged("sparse.attend", get_sparse_fn(device))
+    import qwen1m.attention.sparse_batched as sb
+
+    # the batched GPU path (issue #18): its estimate, and the whole step (index + attention + merge inside)
+    sb.estimate_vertical_slash = _ranged("sparse.estimate", sb.estimate_vertical_slash)
+    sb.sparse_prefill_batched = _ranged("sparse.batched_step", sb.sparse_prefill_batched)
     import qwen1m.attention.backend as be
 
     merge_fn = be._merge_fn

@@ -139,5 +139,8 @@ def _top_per_head(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if width == 0:
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
     idx = torch.topk(scores, width, dim=-1).indices
-    keep = torch.arange(width, device=scores.device)[None, :] < torch.tensor(sizes, device=scores.device)[:, None]
-    return torch.where(keep, idx, torch.full_like(idx, -1))
+    # the mask is host data: built there, copied without a sync (a pageable copy would block)
+    keep = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
+    if scores.device.type == "cuda":
+        keep = keep.pin_memory().to(scores.device, non_blocking=True)
+    return torch.where(keep.to(scores.device), idx, -1)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # The Triton index builder is used on CUDA until it fails once (e.g. a Triton version that cannot
 # compile it); the PyTorch builder computes the same index, only slower.
 _TRITON_INDEX = {"usable": True}
+_BATCHED = {"usable": True}  # likewise for the batched path (sparse_batched)
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
@@ -150,6 +151,7 @@ def sparse_prefill_attention(
     merge_fn=merge_attn_states,
     attend_fn=None,
     stats: dict | None = None,
+    batched: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
 
@@ -160,8 +162,27 @@ def sparse_prefill_attention(
     attend_fn: dense attention (``reference.attend``'s contract) for regions denser than
       ``cfg.dense_above_density``; None keeps every region sparse.
     stats: if given, receives the computed and causal query-key pair counts (density telemetry).
+    batched: run ``sparse_batched`` (every piece and region in a few launches, no host sync; the
+      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes.
+      There a dense region runs in the sparse kernel's dense mode instead of ``attend_fn``.
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
+    from qwen1m.attention.sparse_batched import batched_supported, sparse_prefill_batched
+
+    auto = batched is None
+    if auto:
+        batched = k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(queries["intra"], k, cfg)
+    if batched:
+        try:
+            return sparse_prefill_batched(
+                queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
+                vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
+                dense_regions=attend_fn is not None, stats=stats)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+            if not auto:  # asked for by name (tests, benchmarks): say so
+                raise
+            _BATCHED["usable"] = False
+            log.warning("the batched sparse prefill failed (%s); using the per-region path", e)
     q_intra = queries["intra"]
     num_q, num_heads, _ = q_intra.shape
     total = begin + num_q
@@ -234,9 +255,11 @@ def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, caus
 class SparseTelemetry:
     """Debug report of sparse prefill: computed density per layer, and the attention recall
     exp(lse_sparse - lse_full) of one GQA group of heads (those of kv head 0), measured against dense
-    attention on the same request. Costs a dense pass over those heads: a debugging aid only."""
+    attention on the same request. Costs a dense pass over those heads and a host sync per layer: a
+    debugging aid only. recall=False records the density alone (device counters, read by ``summary``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recall: bool = True) -> None:
+        self.measure_recall = recall
         self.reset()
 
     def reset(self) -> None:
@@ -248,6 +271,8 @@ class SparseTelemetry:
     def record(self, layer, stats, lse, queries, keys, values, dense_fn) -> None:
         self.computed[layer] = self.computed.get(layer, 0) + stats.get("computed", 0)
         self.causal[layer] = self.causal.get(layer, 0) + stats.get("causal", 0)
+        if not self.measure_recall:
+            return
         num_heads, num_kv_heads = lse.shape[0], keys.shape[1]
         group = num_heads // num_kv_heads
         _, dense_lse = dense_fn({k: q[:, :group] for k, q in queries.items()}, keys[:, :1], values[:, :1])
@@ -258,5 +283,6 @@ class SparseTelemetry:
         out = {}
         for layer in sorted(self.causal):
             recall = torch.cat(self.recall[layer], dim=1).mean(-1).tolist() if layer in self.recall else []
-            out[layer] = {"density": self.computed[layer] / max(1, self.causal[layer]), "recall": recall}
+            # computed may be a device tensor (the batched path keeps it there): read once, here
+            out[layer] = {"density": float(self.computed[layer]) / max(1, self.causal[layer]), "recall": recall}
         return out

@@ -66,6 +66,29 @@ class VerticalSlashIndex:
         return self.block_count.shape[0]
 
 
+@dataclass(slots=True)
+class BatchedVSIndex:
+    """The indices of several problems (e.g. the DCA regions of the pieces of one prefill step) in one
+    set of tensors, padded to the widest problem; rows past a problem's own blocks have counts 0."""
+
+    block_count: torch.Tensor  # [num_problems, num_heads, num_m_blocks] int32
+    block_offset: torch.Tensor  # [num_problems, num_heads, num_m_blocks, max_blocks] int32
+    column_count: torch.Tensor  # [num_problems, num_heads, num_m_blocks] int32
+    column_index: torch.Tensor  # [num_problems, num_heads, num_m_blocks, max_cols] int32
+    problems: list[tuple[int, int, bool]]  # (num_q, num_kv, causal) per problem, host ints
+    block_m: int
+    block_n: int
+
+    def problem(self, p: int) -> VerticalSlashIndex:
+        """Problem p as a ``VerticalSlashIndex`` (views; its own query blocks only)."""
+        num_q, num_kv, causal = self.problems[p]
+        nb = -(-num_q // self.block_m)
+        return VerticalSlashIndex(self.block_count[p, :, :nb], self.block_offset[p, :, :nb],
+                                  self.column_count[p, :, :nb], self.column_index[p, :, :nb],
+                                  num_q=num_q, num_kv=num_kv, causal=causal, block_m=self.block_m,
+                                  block_n=self.block_n)
+
+
 def _sorted_distinct(x: torch.Tensor, lo: int, hi: int, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: values in [lo, hi], sorted, duplicates and out-of-range values marked invalid."""
     ok = (x >= lo) & (x <= hi)
@@ -259,4 +282,5 @@ def sparse_attend_reference(
     return out.to(q.dtype), lse
 
 
-__all__ = ["VerticalSlashIndex", "build_vertical_slash_index", "sparse_attend_reference", "vertical_slash_mask"]
+__all__ = ["BatchedVSIndex", "VerticalSlashIndex", "build_vertical_slash_index", "sparse_attend_reference",
+           "vertical_slash_mask"]

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.attention.vertical_slash import VerticalSlashIndex
+from qwen1m.attention.vertical_slash import BatchedVSIndex, VerticalSlashIndex
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)  # global constexpr: readable inside the kernel
@@ -38,7 +38,7 @@ _MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16 on the GPU
 def _attend_keys(
     acc, l_i, m_i, q, keys, key_ok, q_lim,
     k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """One online-softmax step over the BLOCK_N keys ``keys`` (any indices; ``key_ok`` = real keys)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -50,9 +50,7 @@ def _attend_keys(
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    visible = key_ok[None, :]
-    if CAUSAL:
-        visible = visible & (keys[None, :] <= q_lim[:, None])
+    visible = key_ok[None, :] & (keys[None, :] <= q_lim[:, None])  # q_lim >= num_kv when not causal
     qk = tl.where(visible, qk * qk_scale, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no visible key yet: p = alpha = 0
@@ -69,82 +67,109 @@ def _attend_keys(
     return acc, l_i, m_ij
 
 
-@triton.jit
+# index widths, query counts (strides of out / lse / q slots) change with every step: not specialised on
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_qs", "stride_os", "stride_ls", "stride_lh", "stride_bcp",
+                               "stride_bch", "stride_bop", "stride_boh", "stride_bom", "stride_ccp", "stride_cch",
+                               "stride_cip", "stride_cih", "stride_cim"])
 def _sparse_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, prob_ptr,
     block_count_ptr, block_offset_ptr, column_count_ptr, column_index_ptr,
-    num_q, num_kv, qk_scale,
-    stride_qm, stride_qh, stride_qd,
+    num_m_blocks, qk_scale,
+    stride_qs, stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
-    stride_om, stride_oh, stride_od,
-    stride_lh, stride_lm,
-    stride_bch, stride_bcm,
-    stride_boh, stride_bom, stride_bob,
-    stride_cch, stride_ccm,
-    stride_cih, stride_cim, stride_cic,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    stride_os, stride_om, stride_oh, stride_od,
+    stride_ls, stride_lh, stride_lm,
+    stride_bcp, stride_bch, stride_bcm,
+    stride_bop, stride_boh, stride_bom, stride_bob,
+    stride_ccp, stride_cch, stride_ccm,
+    stride_cip, stride_cih, stride_cim, stride_cic,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
 ):
-    # grid (query blocks, heads), or (heads, query blocks) with HEADS_FIRST: the heads of one query
-    # block then run side by side, and a kv group's 7 query heads read overlapping K / V from L2
+    # grid (query blocks, heads, problems), or (heads, query blocks, problems) with HEADS_FIRST: the
+    # heads of one query block then run side by side, and a kv group's query heads read overlapping
+    # K / V from L2. A problem (``prob_ptr``, int32 [P, PROB_FIELDS]) is one query range attending one
+    # key range: query copy (slot of q), first query row, first key, num_q, num_kv, causal, dense, and
+    # the output slot (of out / lse) it writes rows q_row0 ... of. Sizes are read at run time: a new
+    # region length compiles nothing. dense = 1: every visible key block of the range, no index.
     AXIS_M: tl.constexpr = 1 if HEADS_FIRST else 0
-    if CAUSAL:  # late query blocks read the most keys (more visible columns): launch them first
-        pid_m = tl.num_programs(AXIS_M) - 1 - tl.program_id(AXIS_M)
-    else:
-        pid_m = tl.program_id(AXIS_M)
-    head = tl.program_id(1 - AXIS_M)
-    kv_head = head // GROUP
+    problem = tl.program_id(2)
+    prob = prob_ptr + problem * 8
+    q_slot = tl.load(prob)
+    q_row0 = tl.load(prob + 1).to(tl.int64)
+    key_begin = tl.load(prob + 2).to(tl.int64)
+    num_q = tl.load(prob + 3)
+    num_kv = tl.load(prob + 4)
+    causal = tl.load(prob + 5) != 0
+    dense = tl.load(prob + 6)  # int: 0 sparse, 1 dense
+    out_slot = tl.load(prob + 7)
+    # late query blocks read the most keys when causal (more visible columns): launch them first
+    pid_m = num_m_blocks - 1 - tl.program_id(AXIS_M)
+    if pid_m * BLOCK_M < num_q:
+        head = tl.program_id(1 - AXIS_M)
+        kv_head = head // GROUP
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < num_q
-    q_lim = offs_m + (num_kv - num_q)  # causal: the last key each row sees
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < num_q
+        # causal: the last key each row sees; otherwise past every key
+        q_lim = tl.where(causal, offs_m + (num_kv - num_q), num_kv)
 
-    offs_m64 = offs_m.to(tl.int64)  # at 1M tokens x 28 heads x 128, token * stride_qm overflows int32
-    q_ptrs = q_ptr + offs_m64[:, None] * stride_qm + head * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_head_ptr = k_ptr + kv_head * stride_kh
-    v_head_ptr = v_ptr + kv_head * stride_vh
+        # at 1M tokens x 28 heads x 128, token * stride_qm overflows int32
+        rows64 = q_row0 + offs_m.to(tl.int64)
+        q_ptrs = (q_ptr + q_slot.to(tl.int64) * stride_qs + rows64[:, None] * stride_qm + head * stride_qh
+                  + offs_d[None, :] * stride_qd)
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        k_head_ptr = k_ptr + key_begin * stride_kn + kv_head * stride_kh
+        v_head_ptr = v_ptr + key_begin * stride_vn + kv_head * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # dense key blocks: BLOCK_N consecutive keys from each offset
-    n_blocks = tl.load(block_count_ptr + head * stride_bch + pid_m * stride_bcm)
-    offset_ptr = block_offset_ptr + head.to(tl.int64) * stride_boh + pid_m.to(tl.int64) * stride_bom
-    for t in range(0, n_blocks):
-        start_n = tl.load(offset_ptr + t * stride_bob)
-        keys = start_n + offs_n
-        acc, l_i, m_i = _attend_keys(
-            acc, l_i, m_i, q, keys, keys < num_kv, q_lim,
-            k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
-        )
+        # dense key blocks: BLOCK_N consecutive keys from each offset (dense problems: all of them)
+        problem64 = problem.to(tl.int64)
+        n_listed = tl.load(block_count_ptr + problem64 * stride_bcp + head * stride_bch + pid_m * stride_bcm)
+        last_key = tl.minimum(num_kv, tl.max(tl.where(row_ok, q_lim, 0)) + 1)  # the block sees [0, last_key)
+        n_blocks = tl.where(dense != 0, tl.cdiv(last_key, BLOCK_N), n_listed)
+        offset_ptr = (block_offset_ptr + problem64 * stride_bop + head.to(tl.int64) * stride_boh
+                      + pid_m.to(tl.int64) * stride_bom)
+        for t in range(0, n_blocks):
+            start_n = tl.load(offset_ptr + t * stride_bob, mask=dense == 0, other=0) + dense * t * BLOCK_N
+            keys = start_n + offs_n
+            acc, l_i, m_i = _attend_keys(
+                acc, l_i, m_i, q, keys, keys < num_kv, q_lim,
+                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+            )
 
-    # single columns, gathered BLOCK_N at a time; padding slots are masked
-    n_cols = tl.load(column_count_ptr + head * stride_cch + pid_m * stride_ccm)
-    column_ptr = column_index_ptr + head.to(tl.int64) * stride_cih + pid_m.to(tl.int64) * stride_cim
-    for start_c in range(0, n_cols, BLOCK_N):
-        slot_ok = (start_c + offs_n) < n_cols
-        keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic, mask=slot_ok, other=0)
-        acc, l_i, m_i = _attend_keys(
-            acc, l_i, m_i, q, keys, slot_ok, q_lim,
-            k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-            CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
-        )
+        # single columns, gathered BLOCK_N at a time; padding slots are masked
+        n_cols = tl.load(column_count_ptr + problem64 * stride_ccp + head * stride_cch + pid_m * stride_ccm)
+        n_cols = tl.where(dense != 0, 0, n_cols)
+        column_ptr = (column_index_ptr + problem64 * stride_cip + head.to(tl.int64) * stride_cih
+                      + pid_m.to(tl.int64) * stride_cim)
+        for start_c in range(0, n_cols, BLOCK_N):
+            slot_ok = (start_c + offs_n) < n_cols
+            keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic, mask=slot_ok, other=0)
+            acc, l_i, m_i = _attend_keys(
+                acc, l_i, m_i, q, keys, slot_ok, q_lim,
+                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+            )
 
-    no_key = l_i == 0.0  # every read key has p = 1 at the running max, so l_i >= 1 otherwise
-    l_safe = tl.where(no_key, 1.0, l_i)
-    out = tl.where(no_key[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+        no_key = l_i == 0.0  # every read key has p = 1 at the running max, so l_i >= 1 otherwise
+        l_safe = tl.where(no_key, 1.0, l_i)
+        out = tl.where(no_key[:, None], 0.0, acc / l_safe[:, None])
+        lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
 
-    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + head * stride_oh + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + head * stride_lh + offs_m64 * stride_lm, lse, mask=row_ok)
+        out_ptrs = (out_ptr + out_slot.to(tl.int64) * stride_os + rows64[:, None] * stride_om + head * stride_oh
+                    + offs_d[None, :] * stride_od)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + out_slot.to(tl.int64) * stride_ls + head * stride_lh + rows64 * stride_lm, lse,
+                 mask=row_ok)
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
@@ -194,6 +219,9 @@ def _check_inputs(q, k, v, index: VerticalSlashIndex, causal: bool) -> None:
                              f"got {size}.")
 
 
+PROB_FIELDS = 8  # q slot, q row0, key begin, num_q, num_kv, causal, dense, out slot
+
+
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,7 +246,7 @@ def vertical_slash_attention(
     """
     _check_inputs(q, k, v, index, causal)
     num_q, num_heads, head_dim = q.shape
-    num_kv, num_kv_heads, _ = k.shape
+    num_kv = k.shape[0]
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
@@ -229,36 +257,83 @@ def vertical_slash_attention(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    from qwen1m.kernels.vs_index import host_to_device
+
     device = q.device
-    block_count, block_offset = index.block_count.to(device), index.block_offset.to(device)
-    column_count, column_index = index.column_count.to(device), index.column_index.to(device)
-    launch = {"heads_first": False, **_launch_config(head_dim, q.dtype, device), **(config or {})}
+    prob = host_to_device(torch.tensor([[0, 0, 0, num_q, num_kv, int(causal), 0, 0]], dtype=torch.int32), device)
+    _launch(q[None], k, v, out[None], lse[None], prob,
+            index.block_count[None].to(device), index.block_offset[None].to(device),
+            index.column_count[None].to(device), index.column_index[None].to(device),
+            num_m_blocks=math.ceil(num_q / index.block_m), block_m=index.block_m, block_n=index.block_n,
+            softmax_scale=softmax_scale, config=config)
+    return out, lse
+
+
+def vertical_slash_attention_batched(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BatchedVSIndex,
+    problems: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    softmax_scale: float,
+    config: dict | None = None,
+) -> None:
+    """Several sparse (or dense) attention problems over one K / V in one launch, written in place.
+
+    q: [num_slots, num_tokens, num_heads, head_dim] (e.g. the DCA query rotations of a prefill step);
+    k, v: [total_keys, num_kv_heads, head_dim]; index: problem p's index in slot p;
+    problems: int32 [P, PROB_FIELDS] on q's device, per problem (q slot, first query row, first key,
+    num_q, num_kv, causal, dense, out slot): rows [row0, row0 + num_q) of q[q slot] attend keys
+    [first key, first key + num_kv) as ``vertical_slash_attention`` does with index.problem(p), or
+    densely (every visible key) when dense = 1; they write the same rows of out[out slot]
+    ([num_out_slots, num_tokens, num_heads, head_dim]) and lse[out slot] ([.., num_heads, num_tokens]).
+    Rows that no problem writes are left as they were. No host synchronisation.
+    """
+    if q.dim() != 4 or q.shape[2] % k.shape[1] or index.block_count.shape[1] != q.shape[2]:
+        raise ValueError(f"vertical_slash_attention_batched: q {tuple(q.shape)}, k {tuple(k.shape)} and the "
+                         f"index's {index.block_count.shape[1]} heads do not match.")
+    num_m_blocks = index.block_count.shape[2]
+    if not index.problems or not num_m_blocks:
+        return
+    _launch(q, k, v, out, lse, problems, index.block_count, index.block_offset, index.column_count,
+            index.column_index, num_m_blocks=num_m_blocks, block_m=index.block_m, block_n=index.block_n,
+            softmax_scale=softmax_scale, config=config)
+
+
+def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, column_index, *,
+            num_m_blocks, block_m, block_n, softmax_scale, config):
+    """One launch over (query blocks, heads, problems); q / out [slots, tokens, heads, dim], lse
+    [slots, heads, tokens], index tensors [problems, heads, m blocks, ...]."""
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    launch = {"heads_first": False, **_launch_config(head_dim, q.dtype, q.device), **(config or {})}
     heads_first = bool(launch.pop("heads_first"))
-    num_blocks = math.ceil(num_q / index.block_m)
-    grid = (num_heads, num_blocks) if heads_first else (num_blocks, num_heads)
+    num_problems = prob.shape[0]
+    grid = (num_heads, num_m_blocks, num_problems) if heads_first else (num_m_blocks, num_heads, num_problems)
     _sparse_attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, prob,
         block_count, block_offset, column_count, column_index,
-        num_q, num_kv, softmax_scale * _LOG2E,
-        stride_qm=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        num_m_blocks, softmax_scale * _LOG2E,
+        stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
         stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
         stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
-        stride_om=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-        stride_lh=lse.stride(0), stride_lm=lse.stride(1),
-        stride_bch=block_count.stride(0), stride_bcm=block_count.stride(1),
-        stride_boh=block_offset.stride(0), stride_bom=block_offset.stride(1), stride_bob=block_offset.stride(2),
-        stride_cch=column_count.stride(0), stride_ccm=column_count.stride(1),
-        stride_cih=column_index.stride(0), stride_cim=column_index.stride(1),
-        stride_cic=column_index.stride(2),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal,
-        BLOCK_M=index.block_m, BLOCK_N=index.block_n,
+        stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
+        stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+        stride_bcp=block_count.stride(0), stride_bch=block_count.stride(1), stride_bcm=block_count.stride(2),
+        stride_bop=block_offset.stride(0), stride_boh=block_offset.stride(1),
+        stride_bom=block_offset.stride(2), stride_bob=block_offset.stride(3),
+        stride_ccp=column_count.stride(0), stride_cch=column_count.stride(1), stride_ccm=column_count.stride(2),
+        stride_cip=column_index.stride(0), stride_cih=column_index.stride(1),
+        stride_cim=column_index.stride(2), stride_cic=column_index.stride(3),
+        GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py)
         UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
         HEADS_FIRST=heads_first, **launch,
     )
-    return out, lse
 
 
-__all__ = ["vertical_slash_attention"]
+__all__ = ["PROB_FIELDS", "vertical_slash_attention", "vertical_slash_attention_batched"]

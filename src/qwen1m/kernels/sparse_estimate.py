@@ -51,7 +51,12 @@ def _scores(q, k_ptr, kv_head, key, key_ok, offs_d, stride_kn, stride_kh, stride
     return s * qk_scale
 
 
-@triton.jit
+# Sizes and positions change with every piece and region: never specialised on (Triton would compile a
+# variant per value == 1 / divisibility by 16 of each; that is what made the first sparse prompt slow).
+_SIZE_ARGS = ["num_l", "q_pos0", "key_begin", "key_end"]
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["split_len", "stride_pp", "stride_ph"])
 def _lse_kernel(
     q_ptr, k_ptr, part_ptr,
     num_l, q_pos0, key_begin, key_end, split_len, qk_scale,
@@ -91,7 +96,7 @@ def _lse_kernel(
     tl.store(part_ptr + split * stride_pp + head * stride_ph + rows * stride_pl, part, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["stride_vh", "stride_sh"])
 def _sums_kernel(
     q_ptr, k_ptr, lse_ptr, vert_ptr, slash_ptr,
     num_l, q_pos0, key_begin, key_end, qk_scale,

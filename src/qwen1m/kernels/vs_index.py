@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.attention.vertical_slash import VerticalSlashIndex, check_index_args
+from qwen1m.attention.vertical_slash import BatchedVSIndex, VerticalSlashIndex, check_index_args
 
 SLASH_TILE, SLOT_TILE, COL_TILE = 256, 256, 256  # elements per vector step (GPU defaults)
 ROWS = 1  # (head, query block) pairs per program on the GPU (not tuned)
@@ -60,36 +60,46 @@ def _max_fn(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+# widths and counts change with every step: never specialised on (one compiled kernel for all steps)
+@triton.jit(do_not_specialize=["ns", "nv", "num_blocks", "num_rows", "search_steps", "stride_dp", "stride_dh",
+                               "stride_cp", "stride_ch", "stride_bcp", "stride_bch", "stride_bop", "stride_boh",
+                               "stride_bom", "stride_ccp", "stride_cch", "stride_cip", "stride_cih", "stride_cim"])
 def _vs_index_kernel(
-    d_ptr, c_ptr,
+    d_ptr, c_ptr, prob_ptr,
     block_count_ptr, block_offset_ptr, column_count_ptr, column_index_ptr,
-    ns, nv, num_q, num_kv, num_blocks, num_rows, d_lo, search_steps,
-    stride_dh, stride_ch,
-    stride_bch, stride_bcm, stride_boh, stride_bom,
-    stride_cch, stride_ccm, stride_cih, stride_cim,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    ns, nv, num_heads, num_blocks, num_rows, search_steps,
+    stride_dp, stride_dh, stride_cp, stride_ch,
+    stride_bcp, stride_bch, stride_bcm, stride_bop, stride_boh, stride_bom,
+    stride_ccp, stride_cch, stride_ccm, stride_cip, stride_cih, stride_cim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     SLASH_TILE: tl.constexpr, SLOT_TILE: tl.constexpr, COL_TILE: tl.constexpr, SCAN_2D: tl.constexpr,
 ):
-    # the program's (head, query block) pairs, one per row, flattened head-major
+    # the program's (problem, head, query block) triples, one per row, flattened problem- then head-major;
+    # num_blocks is the widest problem's block count: rows past a problem's own count are idle.
+    # Per problem (``prob_ptr``, int32 [P, 3]): num_q, num_kv, causal. Sizes are read, never
+    # specialised on, so new region lengths do not compile new kernels.
     flat = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = flat < num_rows
-    flat = tl.where(row_ok, flat, 0)
-    head = (flat // num_blocks).to(tl.int64)
+    flat = tl.where(flat < num_rows, flat, 0)
+    problem = (flat // (num_blocks * num_heads)).to(tl.int64)
+    head = ((flat // num_blocks) % num_heads).to(tl.int64)
     pid_m = flat % num_blocks
+    num_q = tl.load(prob_ptr + problem * 3)
+    num_kv = tl.load(prob_ptr + problem * 3 + 1)
+    causal = tl.load(prob_ptr + problem * 3 + 2) != 0
+    row_ok = (tl.program_id(0) * ROWS + tl.arange(0, ROWS) < num_rows) & (pid_m * BLOCK_M < num_q)
     offset = num_kv - num_q
     start = pid_m * BLOCK_M
     A = (start + offset)[:, None]  # [ROWS, 1]
     B = (tl.minimum(start + BLOCK_M, num_q) + offset)[:, None]
-    if CAUSAL:
-        lim = tl.minimum(tl.maximum(B, 0), num_kv)  # the block's last visible key + 1
-        col_hi = tl.minimum(B, num_kv) - 1  # later columns are invisible to the whole block
-    else:
-        lim = num_kv
-        col_hi = num_kv - 1
+    num_kv_c = num_kv[:, None]
+    # causal: the block's last visible key + 1, and later columns are invisible to the whole block
+    lim = tl.where(causal[:, None], tl.minimum(tl.maximum(B, 0), num_kv_c), num_kv_c)
+    col_hi = tl.where(causal[:, None], tl.minimum(B, num_kv_c), num_kv_c) - 1
+    d_lo = tl.where(causal, 0, 1 - num_q)[:, None]
 
-    d_rows = d_ptr + head[:, None] * stride_dh
-    bo_rows = block_offset_ptr + head[:, None] * stride_boh + pid_m.to(tl.int64)[:, None] * stride_bom
+    d_rows = d_ptr + problem[:, None] * stride_dp + head[:, None] * stride_dh
+    bo_rows = (block_offset_ptr + problem[:, None] * stride_bop + head[:, None] * stride_boh
+               + pid_m.to(tl.int64)[:, None] * stride_bom)
     offs_s = tl.arange(0, SLASH_TILE)
     offs_p = tl.arange(0, SLOT_TILE)
 
@@ -104,11 +114,11 @@ def _vs_index_kernel(
         # helper calls are slow when interpreted); ok: a valid offset with a non-empty interval
         lo = tl.maximum(A - d, 0)
         hi = tl.minimum(B - d, lim)
-        ok = row_ok[:, None] & (k < ns) & (d >= d_lo) & (d < num_kv) & (lo < hi)
+        ok = row_ok[:, None] & (k < ns) & (d >= d_lo) & (d < num_kv_c) & (lo < hi)
         hi_p = tl.minimum(B - d_prev, lim)
-        ok_p = (k >= 1) & (k <= ns) & (d_prev >= d_lo) & (d_prev < num_kv) & (tl.maximum(A - d_prev, 0) < hi_p)
+        ok_p = (k >= 1) & (k <= ns) & (d_prev >= d_lo) & (d_prev < num_kv_c) & (tl.maximum(A - d_prev, 0) < hi_p)
         lo_n = tl.maximum(A - d_next, 0)
-        ok_n = (k + 1 < ns) & (d_next >= d_lo) & (d_next < num_kv) & (lo_n < tl.minimum(B - d_next, lim))
+        ok_n = (k + 1 < ns) & (d_next >= d_lo) & (d_next < num_kv_c) & (lo_n < tl.minimum(B - d_next, lim))
         is_start = ok & ((ok_p == 0) | (lo - hi_p >= BLOCK_N))
         is_end = ok & ((ok_n == 0) | (lo_n - hi >= BLOCK_N))
         start_lo = tl.where(is_start, lo, -1)
@@ -147,11 +157,12 @@ def _vs_index_kernel(
                 tl.store(bo_rows + p, c + p * BLOCK_N, mask=in_range)
                 run = tl.max(c, 1)
             n_out = n_out + n_tile
-    tl.store(block_count_ptr + head * stride_bch + pid_m * stride_bcm, n_out, mask=row_ok)
+    tl.store(block_count_ptr + problem * stride_bcp + head * stride_bch + pid_m * stride_bcm, n_out, mask=row_ok)
     tl.debug_barrier()  # the binary search below reads block offsets that other threads wrote
 
-    c_rows = c_ptr + head[:, None] * stride_ch
-    ci_rows = column_index_ptr + head[:, None] * stride_cih + pid_m.to(tl.int64)[:, None] * stride_cim
+    c_rows = c_ptr + problem[:, None] * stride_cp + head[:, None] * stride_ch
+    ci_rows = (column_index_ptr + problem[:, None] * stride_cip + head[:, None] * stride_cih
+               + pid_m.to(tl.int64)[:, None] * stride_cim)
     offs_c = tl.arange(0, COL_TILE)
     n_cols = tl.zeros([ROWS], dtype=tl.int32)
     for t0 in range(0, nv, COL_TILE):
@@ -173,7 +184,8 @@ def _vs_index_kernel(
         dst = n_cols[:, None] + tl.cumsum(kept, 1) - kept
         tl.store(ci_rows + dst, col, mask=keep)
         n_cols = n_cols + tl.sum(kept, 1)
-    tl.store(column_count_ptr + head * stride_cch + pid_m * stride_ccm, n_cols, mask=row_ok)
+    tl.store(column_count_ptr + problem * stride_ccp + head * stride_cch + pid_m * stride_ccm, n_cols,
+             mask=row_ok)
 
 
 def index_widths(nv: int, ns: int, num_q: int, num_kv: int, *, causal: bool, block_m: int,
@@ -204,6 +216,14 @@ def _check_args(v_idx, s_idx, num_q, num_kv, block_m, block_n):
                          f"{num_kv} is too large.")
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built tensor on ``device`` without a host sync: a pageable copy would block the
+    host (and counts as a sync in ``torch.cuda.set_sync_debug_mode``); a pinned one is asynchronous."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def build_vertical_slash_index_triton(
     v_idx: torch.Tensor,
     s_idx: torch.Tensor,
@@ -223,46 +243,89 @@ def build_vertical_slash_index_triton(
     return _build(v_idx, s_idx, num_q, num_kv, causal=causal, block_m=block_m, block_n=block_n)
 
 
+def build_vertical_slash_index_batched(
+    v_idx: torch.Tensor,
+    s_idx: torch.Tensor,
+    problems: list[tuple[int, int, bool]],
+    *,
+    block_m: int,
+    block_n: int,
+    sizes: torch.Tensor | None = None,
+) -> BatchedVSIndex:
+    """The indices of P problems (e.g. every DCA region of every piece of a prefill step) in one launch.
+
+    v_idx: [P, num_heads, nv], s_idx: [P, num_heads, ns] (each problem's own coordinates, -1 padded);
+    problems: (num_q, num_kv, causal) per problem, host ints; sizes: the same as a device int64 [P, 3]
+    tensor if the caller has one (else copied here, asynchronously). Problem p's index equals
+    ``build_vertical_slash_index_triton(v_idx[p], s_idx[p], *problems[p])`` (counts and valid entries);
+    widths are the maxima of ``index_widths`` over the problems.
+    """
+    return _build_batched(v_idx, s_idx, problems, block_m=block_m, block_n=block_n, sizes=sizes)
+
+
 def _build(v_idx, s_idx, num_q, num_kv, *, causal, block_m, block_n, tiles=(SLASH_TILE, SLOT_TILE, COL_TILE),
            rows: int | None = None, scan_2d: bool | None = None) -> VerticalSlashIndex:
-    """The builder with its launch parameters exposed (tests: small tiles exercise the carries between
-    tiles). Defaults: ROWS query blocks per program and tl.associative_scan on the GPU; interpreted, 16
-    rows and the [SLASH_TILE, SLASH_TILE] masked max for the running max (cheaper there)."""
+    """The one-problem builder with its launch parameters exposed (tests: small tiles exercise the
+    carries between tiles). Defaults: ROWS query blocks per program and tl.associative_scan on the GPU;
+    interpreted, 16 rows and the [SLASH_TILE, SLASH_TILE] masked max for the running max (cheaper there)."""
+    _check_args(v_idx, s_idx, num_q, num_kv, block_m, block_n)
+    batched = _build_batched(v_idx[None], s_idx[None].to(v_idx.device), [(num_q, num_kv, causal)],
+                             block_m=block_m, block_n=block_n, tiles=tiles, rows=rows, scan_2d=scan_2d)
+    return batched.problem(0)
+
+
+def _build_batched(v_idx, s_idx, problems, *, block_m, block_n, sizes=None,
+                   tiles=(SLASH_TILE, SLOT_TILE, COL_TILE), rows=None, scan_2d=None) -> BatchedVSIndex:
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     rows = rows or (_INTERPRET_ROWS if interpret else ROWS)
     scan_2d = interpret if scan_2d is None else scan_2d
-    _check_args(v_idx, s_idx, num_q, num_kv, block_m, block_n)
+    for num_q, num_kv, _ in problems:
+        _check_args(v_idx[0], s_idx[0], num_q, num_kv, block_m, block_n)
     device = v_idx.device
-    num_heads, nv = v_idx.shape
-    ns = s_idx.shape[1]
-    num_blocks = -(-num_q // block_m)
-    d_lo = 0 if causal else 1 - num_q
+    num_problems, num_heads, nv = v_idx.shape
+    ns = s_idx.shape[2]
+    if sizes is None:
+        sizes = host_to_device(torch.tensor([[q, kv, int(c)] for q, kv, c in problems], dtype=torch.int64), device)
+    num_q_t, num_kv_t, causal_t = (sizes[:, i, None, None] for i in range(3))
+    d_lo = torch.where(causal_t != 0, 0, 1 - num_q_t)
     # clamping keeps invalid values invalid and the order intact; int32 from here on
-    d = s_idx.to(device).clamp(d_lo - 1, num_kv).to(torch.int32).sort(dim=-1, descending=True).values
-    cols = v_idx.clamp(-1, num_kv).to(torch.int32).sort(dim=-1).values
-    max_blocks, max_cols = index_widths(nv, ns, num_q, num_kv, causal=causal, block_m=block_m,
-                                        block_n=block_n)
-    block_count = torch.empty(num_heads, num_blocks, dtype=torch.int32, device=device)
-    column_count = torch.empty(num_heads, num_blocks, dtype=torch.int32, device=device)
-    block_offset = torch.empty(num_heads, num_blocks, max_blocks, dtype=torch.int32, device=device)
-    column_index = torch.empty(num_heads, num_blocks, max_cols, dtype=torch.int32, device=device)
-    if num_heads and num_blocks:
+    d = torch.clamp(s_idx, d_lo - 1, num_kv_t).to(torch.int32).sort(dim=-1, descending=True).values
+    cols = torch.minimum(v_idx.clamp(min=-1), num_kv_t).to(torch.int32).sort(dim=-1).values
+    widths = [index_widths(nv, ns, q, kv, causal=c, block_m=block_m, block_n=block_n) for q, kv, c in problems]
+    max_blocks = max((w[0] for w in widths), default=1)
+    max_cols = max((w[1] for w in widths), default=1)
+    num_blocks = max((-(-q // block_m) for q, _, _ in problems), default=0)
+    shape = (num_problems, num_heads, num_blocks)
+    block_count = torch.empty(shape, dtype=torch.int32, device=device)
+    column_count = torch.empty(shape, dtype=torch.int32, device=device)
+    block_offset = torch.empty(*shape, max_blocks, dtype=torch.int32, device=device)
+    column_index = torch.empty(*shape, max_cols, dtype=torch.int32, device=device)
+    num_rows = num_problems * num_heads * num_blocks
+    if num_rows:
         slash_tile, slot_tile, col_tile = tiles
         # no empty (null) pointers at the launch: a dummy column that the kernel never reads (ns / nv = 0)
-        d = d if ns else torch.zeros(num_heads, 1, dtype=torch.int32, device=device)
-        cols = cols if nv else torch.zeros(num_heads, 1, dtype=torch.int32, device=device)
-        _vs_index_kernel[(triton.cdiv(num_heads * num_blocks, rows),)](
-            d, cols, block_count, block_offset, column_count, column_index,
-            ns, nv, num_q, num_kv, num_blocks, num_heads * num_blocks, d_lo, max_blocks.bit_length(),
-            d.stride(0), cols.stride(0),
-            block_count.stride(0), block_count.stride(1), block_offset.stride(0), block_offset.stride(1),
-            column_count.stride(0), column_count.stride(1), column_index.stride(0), column_index.stride(1),
-            CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
+        d = d if ns else torch.zeros(num_problems, num_heads, 1, dtype=torch.int32, device=device)
+        cols = cols if nv else torch.zeros(num_problems, num_heads, 1, dtype=torch.int32, device=device)
+        prob = sizes.to(torch.int32).contiguous()
+        # problems shorter than the widest leave their last rows unwritten: counts 0 there
+        if any(-(-q // block_m) < num_blocks for q, _, _ in problems):
+            block_count.zero_()
+            column_count.zero_()
+        _vs_index_kernel[(triton.cdiv(num_rows, rows),)](
+            d, cols, prob, block_count, block_offset, column_count, column_index,
+            ns, nv, num_heads, num_blocks, num_rows, max_blocks.bit_length(),
+            d.stride(0), d.stride(1), cols.stride(0), cols.stride(1),
+            block_count.stride(0), block_count.stride(1), block_count.stride(2),
+            block_offset.stride(0), block_offset.stride(1), block_offset.stride(2),
+            column_count.stride(0), column_count.stride(1), column_count.stride(2),
+            column_index.stride(0), column_index.stride(1), column_index.stride(2),
+            BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
             SLASH_TILE=slash_tile, SLOT_TILE=slot_tile, COL_TILE=col_tile, SCAN_2D=scan_2d,
             num_warps=_NUM_WARPS,
         )
-    return VerticalSlashIndex(block_count, block_offset, column_count, column_index,
-                              num_q=num_q, num_kv=num_kv, causal=causal, block_m=block_m, block_n=block_n)
+    return BatchedVSIndex(block_count, block_offset, column_count, column_index, problems=list(problems),
+                          block_m=block_m, block_n=block_n)
 
 
-__all__ = ["build_vertical_slash_index_triton", "index_widths"]
+__all__ = ["build_vertical_slash_index_batched", "build_vertical_slash_index_triton", "host_to_device",
+           "index_widths"]

@@ -1,0 +1,223 @@
+"""Sparse prefill of one step in a few launches per layer and no host synchronisation (the GPU path).
+
+``sparse_prefill.sparse_prefill_attention`` states the method per piece and per DCA region: estimate,
+re-base the picks, build an index, attend, merge; with a host decision (``index_density``, a sync)
+between index and attention. Run that way a 512K prefill of the bundled model made 275,000 launches
+and 2,370 stream syncs for 4.6 s of GPU work (7.3 s wall). This module computes the same thing for
+every (piece, region) *problem* of the step at once:
+
+    1. estimate per piece (``estimate_vertical_slash``: a few launches, no sync), picks stacked to
+       v [P pieces, H, nv] and s [P, H, ns], -1 padded;
+    2. re-base for every problem in one set of tensor ops (``_rebase``);
+    3. one index launch for all problems (``build_vertical_slash_index_batched``);
+    4. the dense decision on the device: a problem whose index lists more than
+       ``cfg.dense_above_density`` of its visible pairs gets dense = 1 in the problem table, and the
+       attention kernel then reads every visible key of its range (exact attention) instead of the index;
+    5. one attention launch for all problems (``vertical_slash_attention_batched``), each writing its
+       rows of a per-region output slot (intra 0, succ 1, inter 2), and one LSE merge of the slots.
+
+Problem tables (sizes, piece of each problem, fallback columns) are built on the host from shapes
+and copied once, asynchronously, from pinned memory. Density telemetry stays on the device
+(``stats`` receives 0-dim tensors) until someone reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen1m.attention.dca import dca_pieces
+from qwen1m.attention.sparse_estimate import estimate_vertical_slash
+from qwen1m.sparse_config import SparseConfig
+
+_BIG = 1 << 40  # re-based slash padding: far outside every region
+_SLOTS = ("intra", "succ", "inter")  # output slot of each region kind
+# Elements of one batched block_offset tensor (int32): problems are indexed in groups below this
+# (2^28 x 4 B = 1 GiB; the 7B budgets at 1M list ~12K blocks per query block of the inter region).
+_MAX_INDEX_ELEMENTS = 1 << 28
+
+
+def _problems(begin: int, total: int, chunk_len: int | None):
+    """Host plan: the pieces, and per problem (piece, query kind, selection kind, key range, causal)."""
+    s = chunk_len if chunk_len is not None else total
+    pieces, problems = [], []
+    for i, (piece_begin, piece_end, chunk_begin) in enumerate(dca_pieces(begin, total, s)):
+        pieces.append((piece_begin, piece_end))
+        problems.append((i, "intra", "intra", chunk_begin, piece_end, True))
+        if chunk_len is not None and chunk_begin >= s:
+            problems.append((i, "succ", "succ_critical", chunk_begin - s, chunk_begin, False))
+        if chunk_len is not None and chunk_begin >= 2 * s:
+            problems.append((i, "inter", "inter_critical", 0, chunk_begin - s, False))
+    return pieces, problems
+
+
+def batched_supported(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> bool:
+    """Whether the kernels of this path take these shapes (else ``sparse_prefill``'s per-region path)."""
+    head_dim, block = q.shape[-1], cfg.block_size
+    return (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and block >= 16 and block & (block - 1) == 0
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype)
+
+
+def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    width = max(p.shape[-1] for p in parts)
+    return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts])
+
+
+def _rebase(v_idx, s_idx, table, spread, num_fallback: int):
+    """Step 2 of ``sparse_prefill`` for every problem at once (``_region_index``'s maths).
+
+    v_idx [P, H, nv], s_idx [P, H, ns] (absolute columns, distances, -1 padded); table int64 [N, 7]
+    (piece, key begin, key end, piece end, num_q, num_kv, causal); spread [N, num_fallback] the even
+    columns of a problem's empty-head fallback. Returns cols [N, H, nv (+ num_fallback)], d [N, H, ns].
+    """
+    piece, a, b, piece_end, num_q, num_kv, causal = (table[:, i, None, None] for i in range(7))
+    v = v_idx[table[:, 0]]  # [N, H, nv]
+    s = s_idx[table[:, 0]]
+    cols = torch.where((v >= a) & (v < b), v - a, -1)
+    d = torch.where(s >= 0, s - (piece_end - b), -_BIG)
+    if num_fallback:
+        lo = torch.where(causal != 0, 0, 1 - num_q)
+        has_slash = ((d >= lo) & (d <= num_kv - 1)).any(-1)
+        empty = ~(has_slash | (cols >= 0).any(-1))  # [N, H]
+        fallback = torch.where(empty[..., None], spread[:, None, :], -1)
+        cols = torch.cat([cols, fallback], dim=-1)
+    return cols, d
+
+
+def _dense_flags(index, sizes, num_heads: int, threshold: float) -> torch.Tensor:
+    """[N] int32: 1 where the problem's index lists more than ``threshold`` of its visible pairs
+    (``sparse_prefill.index_density``, computed on the device)."""
+    bm = index.block_m
+    listed = index.block_count.long() * index.block_n + index.column_count.long()  # [N, H, M]
+    num_q, num_kv, causal = sizes[:, 0, None], sizes[:, 1, None], sizes[:, 2, None]
+    m = torch.arange(listed.shape[2], device=listed.device)[None, :]
+    ends = ((m + 1) * bm).minimum(num_q)
+    visible = torch.where(causal != 0, (ends + num_kv - num_q).minimum(num_kv), num_kv)
+    visible = visible * (m * bm < num_q)  # query blocks past the problem's own: nothing
+    got = listed.minimum(visible[:, None, :]).sum((1, 2))
+    full = (visible.sum(1) * num_heads).clamp(min=1)
+    return (got.double() / full.double() > threshold).int()
+
+
+def _computed_pairs(index, sizes, dense, full: torch.Tensor) -> torch.Tensor:
+    """Query-key pairs the kernel computes (block granularity, ``sparse_prefill._count``), summed."""
+    bm = index.block_m
+    listed = index.block_count.long() * index.block_n + index.column_count.long()
+    m = torch.arange(listed.shape[2], device=listed.device)[None, :]
+    rows = (sizes[:, 0, None] - m * bm).clamp(0, bm)  # [N, M]
+    computed = (listed * rows[:, None, :]).sum((1, 2)).minimum(full)
+    return torch.where(dense != 0, full, computed).sum()
+
+
+def _groups(widths: list[int], per_problem: list[int]) -> list[tuple[int, int]]:
+    """Consecutive problem ranges whose padded block_offset stays under _MAX_INDEX_ELEMENTS."""
+    groups, first, widest = [], 0, 0
+    for i, (w, n) in enumerate(zip(widths, per_problem)):
+        widest_new = max(widest, w)
+        if i > first and widest_new * n * (i + 1 - first) > _MAX_INDEX_ELEMENTS:
+            groups.append((first, i))
+            first, widest_new = i, w
+        widest = widest_new
+    groups.append((first, len(widths)))
+    return groups
+
+
+def sparse_prefill_batched(
+    queries: dict[str, torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    begin: int,
+    chunk_len: int | None,
+    softmax_scale: float,
+    vertical_sizes: list[int],
+    slash_sizes: list[int],
+    cfg: SparseConfig,
+    merge_fn,
+    dense_regions: bool,
+    stats: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
+
+    dense_regions: whether regions above ``cfg.dense_above_density`` run dense (the caller had an
+    ``attend_fn``); here they run in the same launch, through the kernel's dense mode.
+    stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
+    """
+    from qwen1m.kernels.sparse_attn import PROB_FIELDS, vertical_slash_attention_batched
+    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched, host_to_device, index_widths
+
+    q_intra = queries["intra"]
+    num_q, num_heads, head_dim = q_intra.shape
+    device = q_intra.device
+    total = begin + num_q
+    pieces, problems = _problems(begin, total, chunk_len)
+
+    # 1. estimate per piece (no sync: fixed-size top-k, -1 padded)
+    v_parts, s_parts = [], []
+    for i, (piece_begin, piece_end) in enumerate(pieces):
+        mine = [p for p in problems if p[0] == i]
+        last = min(cfg.last_q, piece_end - piece_begin)
+        est = slice(piece_end - begin - last, piece_end - begin)
+        v_i, s_i = estimate_vertical_slash(
+            {sel: queries[sel][est] for _, _, sel, *_ in mine}, k,
+            [(sel, a, b) for _, _, sel, a, b, _ in mine if b > a], piece_end,
+            softmax_scale=softmax_scale, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+            sink_tokens=cfg.sink_tokens, local_diagonals=cfg.local_diagonals)
+        v_parts.append(v_i)
+        s_parts.append(s_i)
+    v_idx, s_idx = _pad_stack(v_parts), _pad_stack(s_parts)
+
+    # the problem tables, on the host, then one asynchronous copy
+    num_fallback = cfg.empty_region_columns
+    rows = [[piece, a, b, pieces[piece][1], pieces[piece][1] - pieces[piece][0], b - a, int(causal)]
+            for piece, _, _, a, b, causal in problems]
+    # the fallback's even columns as ``_region_index`` makes them (float32 linspace, truncated)
+    spread = torch.stack([torch.linspace(0, b - a - 1, num_fallback) for _, _, _, a, b, _ in problems]).long()
+    table = host_to_device(torch.cat([torch.tensor(rows, dtype=torch.int64), spread], dim=1), device)
+    sizes = table[:, 4:7]  # num_q, num_kv, causal
+
+    kinds = [kind for kind in _SLOTS if any(p[1] == kind for p in problems)]
+    q_all = torch.stack([queries[kind] for kind in kinds])  # [R, num_q, H, D]: one copy
+    out_all = torch.empty(len(kinds), num_q, num_heads, head_dim, dtype=q_intra.dtype, device=device)
+    lse_all = torch.empty(len(kinds), num_heads, num_q, dtype=torch.float32, device=device)
+    if len(kinds) > 1 and any(sum(p[0] == i for p in problems) < len(kinds) for i in range(len(pieces))):
+        out_all[1:].zero_()  # slots a piece has no region for: weight 0 in the merge
+        lse_all[1:].fill_(float("-inf"))
+    attn_rows = [[kinds.index(kind), pieces[piece][0] - begin, a, pieces[piece][1] - pieces[piece][0], b - a,
+                  int(causal), 0, kinds.index(kind)] for piece, kind, _, a, b, causal in problems]
+    attn_table = host_to_device(torch.tensor(attn_rows, dtype=torch.int32).reshape(-1, PROB_FIELDS), device)
+
+    bm = bn = cfg.block_size
+    nv = v_idx.shape[2] + num_fallback
+    ns = s_idx.shape[2]
+    shapes = [(pieces[p][1] - pieces[p][0], b - a, causal) for p, _, _, a, b, causal in problems]
+    widths = [index_widths(nv, ns, q, kv, causal=c, block_m=bm, block_n=bn)[0] for q, kv, c in shapes]
+    per_problem = [num_heads * -(-q // bm) for q, _, _ in shapes]
+    dense_on = dense_regions and cfg.dense_above_density < 1.0
+    computed = []
+    for first, stop in _groups(widths, per_problem):
+        # 2.-5. re-base, index, dense decision, attention: the group's problems together
+        group = slice(first, stop)
+        cols, d = _rebase(v_idx, s_idx, table[group, :7], table[group, 7:], num_fallback)
+        index = build_vertical_slash_index_batched(cols, d, shapes[group], block_m=bm, block_n=bn,
+                                                   sizes=sizes[group])
+        prob = attn_table[group]
+        dense = torch.zeros(stop - first, dtype=torch.int32, device=device)
+        if dense_on:
+            dense = _dense_flags(index, sizes[group], num_heads, cfg.dense_above_density)
+            prob = prob.clone()
+            prob[:, 6] = dense
+        vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale)
+        if stats is not None:
+            full = torch.tensor([num_heads * _pairs(q, kv, c) for q, kv, c in shapes[group]], dtype=torch.int64)
+            computed.append(_computed_pairs(index, sizes[group], dense, host_to_device(full, device)))
+    if stats is not None:
+        stats["computed"] = stats.get("computed", 0) + torch.stack(computed).sum()
+        stats["causal"] = stats.get("causal", 0) + sum(num_heads * _pairs(*shape) for shape in shapes)
+    if len(kinds) == 1:
+        return out_all[0], lse_all[0]
+    return merge_fn([(out_all[r], lse_all[r]) for r in range(len(kinds))])
+
+
+def _pairs(num_q: int, num_kv: int, causal: bool) -> int:
+    """Visible query-key pairs of one head (bottom-right causal)."""
+    return num_q * (num_q + 1) // 2 + num_q * (num_kv - num_q) if causal else num_q * num_kv

@@ -1,0 +1,158 @@
+"""The batched sparse prefill (every piece and DCA region in one index launch and one attention launch)
+equals the per-region path: exact indices, equal outputs, equal dense decisions and telemetry.
+
+CPU: the Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py), float32, tiny sizes with several
+DCA pieces (a step that starts mid chunk, a short last piece, inter regions). GPU (-m gpu): one sparse
+prefill step runs under ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from qwen1m.attention.dca import dca_attention
+from qwen1m.attention.reference import attend
+from qwen1m.attention.sparse_batched import _problems, _rebase
+from qwen1m.attention.sparse_prefill import _region_index, sparse_prefill_attention
+from qwen1m.config import DCAConfig
+from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.sparse_config import SparseConfig
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                  reason="the Triton kernels: CUDA or TRITON_INTERPRET=1")
+H, KVH, D = 4, 2, 16
+DCA = DCAConfig(48, 8)  # s = 40: a 130-token step from 37 has pieces of 3, 40, 40, 40 and 7 queries
+
+
+def _inputs(total, begin, dca, device="cpu", dtype=torch.float32, seed=0, heads=H, kv_heads=KVH, head_dim=D):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rotary = RotaryEmbedding(head_dim, 10000.0)
+    q = torch.randn(total, heads, head_dim, generator=g, device=device)
+    k = torch.randn(total, kv_heads, head_dim, generator=g, device=device)
+    v = torch.randn(total, kv_heads, head_dim, generator=g, device=device).to(dtype)
+    if dca is None:
+        pos = torch.arange(total, device=device)
+        return {"intra": rotary.rotate(q, pos)[begin:].to(dtype)}, rotary.rotate(k, pos).to(dtype), v
+    pos = dca_positions(torch.arange(total, device=device), dca)
+    k = rotary.rotate(k, pos.key).to(dtype)
+    queries = {name: rotary.rotate(q, getattr(pos, name))[begin:].to(dtype)
+               for name in ("intra", "succ", "inter", "succ_critical", "inter_critical")}
+    return queries, k, v
+
+
+def _cfg(vertical, slash, **kw):
+    return SparseConfig.uniform(1, H, vertical, slash, last_q=8, block_size=16, sink_tokens=2,
+                                local_diagonals=3, **kw)
+
+
+def _run(queries, k, v, begin, dca, cfg, batched, attend_fn=None, stats=None):
+    return sparse_prefill_attention(
+        queries, k, v, begin=begin, chunk_len=dca.chunk_len if dca else None, softmax_scale=1 / math.sqrt(D),
+        vertical_sizes=[3, 5, 0, 7], slash_sizes=[4, 2, 6, 0], cfg=cfg, attend_fn=attend_fn, stats=stats,
+        batched=batched)
+
+
+@needs_triton
+@pytest.mark.parametrize("begin", [0, 37])
+def test_batched_index_equals_per_region_index(begin):
+    """Re-base + one batched index launch == ``_region_index`` (the PyTorch builder) per region, exactly."""
+    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched
+
+    total, cfg = 167, _cfg(4, 4)
+    pieces, problems = _problems(begin, total, DCA.chunk_len)
+    g = torch.Generator().manual_seed(5)
+    v_idx = torch.stack([torch.randint(-1, pe, (H, 6), generator=g) for _, pe in pieces])
+    s_idx = torch.stack([torch.randint(-1, pe, (H, 5), generator=g) for _, pe in pieces])
+    v_idx[0, 1] = -1  # a head without picks: the empty-region fallback columns
+    s_idx[0, 1] = -1
+    rows = [[p, a, b, pieces[p][1], pieces[p][1] - pieces[p][0], b - a, int(c),
+             *torch.linspace(0, b - a - 1, cfg.empty_region_columns).long().tolist()]
+            for p, _, _, a, b, c in problems]
+    table = torch.tensor(rows)
+    cols, d = _rebase(v_idx, s_idx, table[:, :7], table[:, 7:], cfg.empty_region_columns)
+    shapes = [(pieces[p][1] - pieces[p][0], b - a, c) for p, _, _, a, b, c in problems]
+    batched = build_vertical_slash_index_batched(cols, d, shapes, block_m=16, block_n=16)
+    assert len(problems) == 12  # 5 intra, 4 succ, 3 inter
+    for j, (p, _, _, a, b, causal) in enumerate(problems):
+        ref = _region_index(v_idx[p], s_idx[p], a, b, *pieces[p], causal, cfg)
+        got = batched.problem(j)
+        assert torch.equal(got.block_count, ref.block_count) and torch.equal(got.column_count, ref.column_count)
+        for h in range(H):
+            for m in range(ref.block_count.shape[1]):
+                nb, nc = int(ref.block_count[h, m]), int(ref.column_count[h, m])
+                assert torch.equal(got.block_offset[h, m, :nb], ref.block_offset[h, m, :nb])
+                assert torch.equal(got.column_index[h, m, :nc], ref.column_index[h, m, :nc])
+
+
+@needs_triton
+@pytest.mark.parametrize("dca,begin", [(DCA, 0), (DCA, 37), (None, 21)])
+@pytest.mark.parametrize("dense_above", [1.0, 0.5])
+def test_batched_equals_per_region(dca, begin, dense_above):
+    """Small budgets (really sparse): same output, LSE and density telemetry as the per-region path;
+    with dense_above 0.5 some regions go dense (kernel dense mode vs attend_fn)."""
+    total = 167
+    queries, k, v = _inputs(total, begin, dca)
+    cfg = _cfg(4, 4, dense_above_density=dense_above)
+    s_ref, s_got = {}, {}
+    ref, ref_lse = _run(queries, k, v, begin, dca, cfg, batched=False, attend_fn=attend, stats=s_ref)
+    got, got_lse = _run(queries, k, v, begin, dca, cfg, batched=True, attend_fn=attend, stats=s_got)
+    assert torch.allclose(got, ref, atol=2e-5) and torch.allclose(got_lse, ref_lse, atol=2e-5)
+    assert int(s_got["computed"]) == s_ref["computed"] and s_got["causal"] == s_ref["causal"]
+    assert s_ref["computed"] < s_ref["causal"]
+    if dense_above == 1.0:
+        assert s_ref["computed"] < 0.6 * s_ref["causal"]
+
+
+@needs_triton
+@pytest.mark.parametrize("begin", [0, 37])
+def test_batched_full_budgets_equal_dense_dca(begin):
+    total = 167
+    queries, k, v = _inputs(total, begin, DCA, seed=1)
+    cfg = _cfg(total, total, dense_above_density=1.0)
+    out, lse = sparse_prefill_attention(
+        queries, k, v, begin=begin, chunk_len=DCA.chunk_len, softmax_scale=0.25, vertical_sizes=[total] * H,
+        slash_sizes=[total] * H, cfg=cfg, batched=True)
+    ref, ref_lse = dca_attention(queries["intra"], queries["succ"], queries["inter"], k, v, begin=begin, dca=DCA,
+                                 softmax_scale=0.25)
+    assert torch.allclose(out, ref, atol=2e-5) and torch.allclose(lse, ref_lse, atol=2e-5)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dca", [DCAConfig(4096, 128), None])
+def test_sparse_prefill_step_makes_no_host_sync(dca):
+    """One sparse prefill step (a 32K chunk at the end of a 96K prompt: 9 DCA pieces, inter regions,
+    some regions dense) runs with no host synchronisation once compiled."""
+    total, begin, heads, kv_heads, head_dim = 98304, 65536, 28, 4, 128
+    queries, k, v = _inputs(total, begin, dca, device="cuda", dtype=torch.bfloat16, heads=heads, kv_heads=kv_heads,
+                            head_dim=head_dim)
+    cfg = SparseConfig.uniform(1, heads, 1000, 2048)
+    from qwen1m.attention.ops import get_attend_fn, get_merge_fn
+
+    def step():
+        stats = {}
+        out, _ = sparse_prefill_attention(
+            queries, k, v, begin=begin, chunk_len=dca.chunk_len if dca else None, softmax_scale=head_dim ** -0.5,
+            vertical_sizes=[1000] * heads, slash_sizes=[2048] * heads, cfg=cfg, merge_fn=get_merge_fn(k.device),
+            attend_fn=get_attend_fn(k.device), stats=stats, batched=True)
+        return out, stats
+
+    out, stats = step()  # warm-up: compilation, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out2, stats2 = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    # the estimate's slash sums use atomics (order-dependent last bits): equal up to rare top-k ties
+    assert (out.float() - out2.float()).abs().max() < 0.05
+    assert 0 < int(stats2["computed"]) < stats2["causal"] and 0 < int(stats["computed"]) < stats["causal"]
