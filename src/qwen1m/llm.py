@@ -163,6 +163,9 @@ class LLM:
         if tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}.")
         check_divisible(cfg, tensor_parallel_size)
+        if tensor_parallel_size > 1 and (cpu_offload_gb or prefix_cache_dir is not None):
+            raise ConfigError("cpu_offload_gb and prefix_cache_dir do not work with tensor_parallel_size > 1 yet "
+                              "(each rank would need its own host and disk shard); use enable_prefix_caching.")
         spec = BuildSpec(folder, self.config, self.sparse_config, self.dtype,
                          "dummy" if load_format == "dummy" else "safetensors", kv_cache_dtype == "fp8",
                          block_size_option(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
@@ -199,9 +202,6 @@ class LLM:
             raise ConfigError(f"cpu_offload_gb must be >= 0, got {cpu_offload_gb}.")
         if prefix_cache_max_gb is not None and prefix_cache_max_gb <= 0:
             raise ConfigError(f"prefix_cache_max_gb must be positive, got {prefix_cache_max_gb}.")
-        if spec.tensor_parallel_size > 1:
-            raise ConfigError("cpu_offload_gb and prefix_cache_dir do not work with tensor_parallel_size > 1 yet "
-                              "(each rank would need its own host and disk shard); use enable_prefix_caching.")
         from qwen1m.cache.cache_identity import cache_settings
         from qwen1m.cache.kv_tiers import build_tiers
         from qwen1m.engine.kv_allocator import scale_tolerance

@@ -277,8 +277,12 @@ class DiskTier:
     def _write_manifest(self) -> None:
         manifest = self.namespace / "manifest.json"
         tmp = manifest.with_name(f".manifest.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
-        os.replace(tmp, manifest)
+        try:
+            tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+            os.replace(tmp, manifest)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _log_other_settings(self) -> None:
         try:
