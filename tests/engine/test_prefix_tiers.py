@@ -209,7 +209,7 @@ _WRITER = textwrap.dedent("""
 """)  # the queued writes finish at exit
 
 
-@pytest.mark.parametrize("cap_blocks", [0, 40], ids=["uncapped", "capped"])
+@pytest.mark.parametrize("cap_blocks", [0, pytest.param(40, marks=pytest.mark.slow)], ids=["uncapped", "capped"])
 def test_two_processes_share_one_folder(ckpt, want, tmp_path, cap_blocks):
     import json
 
