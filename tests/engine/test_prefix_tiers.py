@@ -244,3 +244,14 @@ def test_the_size_cap_keeps_the_recently_read_files(ckpt, want, tmp_path):
 def test_tiers_with_tensor_parallelism_are_refused(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size > 1"):
         _llm(ckpt, tensor_parallel_size=2, prefix_cache_dir=tmp_path)
+
+
+def test_a_document_larger_than_the_host_tier_streams_through_it(ckpt, want, tmp_path, monkeypatch):
+    import qwen1m.cache.kv_tiers as kv_tiers
+
+    made = _llm(ckpt, prefix_cache_dir=tmp_path)
+    _run(made, FIRST[:1], want)
+    made.engine.kv.tiers.flush()
+    monkeypatch.setattr(kv_tiers, "STAGING_BYTES", 3 * BLOCK_BYTES)  # copies up in batches of 3 blocks
+    small = _llm(ckpt, prefix_cache_dir=tmp_path, cpu_offload_gb=5 * BLOCK_BYTES / 2**30)  # 5 host slots
+    assert _run(small, FOLLOW[:1], want) == [60] and _stats(small).hit_tokens["disk"] == 60

@@ -119,21 +119,28 @@ class KVTiers:
         """Fill GPU ``blocks`` with the blocks of ``keys`` from host memory or disk, as far as the
         leading ones are found; returns the tier each loaded block came from ("host" / "disk")."""
         self._drain()
-        slots, sources = [], []
-        for key in keys[:len(blocks)]:
-            slot, source = self.host.get(key, scale, self.tolerance), "host"
-            if slot is None:
-                slot, source = self._read_disk(key, scale), "disk"
-            if slot is None:
-                break
-            self.host.pin(slot)  # a later disk read must not take this slot
-            slots.append(slot)
-            sources.append(source)
-        try:
-            self._copy_up(blocks[:len(slots)], slots)
-        finally:
-            for slot in slots:
-                self.host.unpin(slot)
+        sources: list[str] = []
+        done = False
+        while not done and len(sources) < min(len(keys), len(blocks)):
+            # a batch at a time: disk reads land in host slots, held until their copy up is enqueued
+            # (a document larger than the host tier streams through it)
+            slots, start = [], len(sources)
+            for key in keys[start:min(len(keys), len(blocks), start + self._batch)]:
+                slot, source = self.host.get(key, scale, self.tolerance), "host"
+                if slot is None:
+                    slot, source = self._read_disk(key, scale), "disk"
+                if slot is None:
+                    done = True
+                    break
+                self.host.pin(slot)  # a later disk read must not take this slot
+                slots.append(slot)
+                sources.append(source)
+            try:
+                self._copy_up(blocks[start:start + len(slots)], slots)
+            finally:
+                for slot in slots:
+                    self.host.unpin(slot)
+            done = done or not slots
         for source in sources:
             self.stats.hit_tokens[source] += self.block_size
             self.stats.read_bytes[source] += self.layout.nbytes
