@@ -18,7 +18,8 @@ A block's life: private (one sequence's, as without prefix caching) -> registere
 tokens are computed (in the table, counted by the sequences that use it) -> idle when none does
 (kept; least recently used first out) -> evicted back to the pool when an allocation needs it.
 Only full prompt blocks are registered; a block whose content another block already registered
-stays private.
+stays private. With host-memory and disk tiers (``kv_tiers.py``) an evicted block stays a tier down,
+under the same key and key-scale rule.
 """
 
 from __future__ import annotations
