@@ -105,9 +105,8 @@ def _make_llm(tokens: int, folder: Path, host_gb: float, fp8: bool) -> LLM:
                kv_cache_dtype="fp8" if fp8 else "auto", cpu_offload_gb=host_gb, prefix_cache_dir=folder)
 
 
-def _release(llm: LLM) -> None:
-    llm.engine.kv.tiers.flush()
-    del llm
+def _free_gpu() -> None:
+    """After the caller has dropped its last reference to an LLM: give its memory back."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -140,7 +139,7 @@ def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool
         row["writes_in_flight_at_decode"] = disk._queue.unfinished_tasks > 0
         row["decode_step_ms_write_in_flight"] = 1e3 * _decode_step_s(llm, vocab)
     llm.engine.kv.tiers.flush()
-    row["disk_write_s"] = time.perf_counter() - t_write
+    row["disk_write_s"] = time.perf_counter() - t_write  # request end -> all on disk (the decode ran meanwhile)
     row["disk_written_gib"] = disk.written_bytes / 2**30
     if full_run:
         row["decode_step_ms_writer_idle"] = 1e3 * _decode_step_s(llm, vocab)
@@ -149,12 +148,16 @@ def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool
         host_before = llm.engine.kv.stats().hit_tokens["host"]
         row["host_followup_s"], row["host_followup_cached"] = _ttft(llm, doc + qs[2])
         row["host_hit_tokens"] = llm.engine.kv.stats().hit_tokens["host"] - host_before
-    _release(llm)
+    llm.engine.kv.tiers.flush()
+    del llm, disk
+    _free_gpu()
     row["page_cache_dropped"] = _drop_page_cache(folder)
     fresh = _make_llm(tokens, folder, host_gb, fp8)  # a restart: nothing in GPU or host memory
     row["disk_followup_s"], row["disk_followup_cached"] = _ttft(fresh, doc + qs[3])
     row["disk_hit_tokens"] = fresh.engine.kv.stats().hit_tokens["disk"]
-    _release(fresh)
+    fresh.engine.kv.tiers.flush()
+    del fresh
+    _free_gpu()
     full = row["full_prefill_ttft_s"]
     for tier in ("gpu", "host", "disk"):
         if f"{tier}_followup_s" in row:
