@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -20,6 +22,7 @@ def _generate(book: Path, question: str, *extra: str) -> tuple[str, str]:
     return r.stdout, r.stderr
 
 
+@pytest.mark.slow  # three processes of the bundled model (~50 s); the CPU benchmark runs the same path
 def test_a_second_question_in_a_new_process_reads_the_book_from_disk(tmp_path):
     book = tmp_path / "book.txt"
     book.write_text(" ".join(f"Room {i} holds the {w} key." for i, w in enumerate(["red", "blue", "green"] * 40)))
