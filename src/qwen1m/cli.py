@@ -31,6 +31,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV blocks of earlier prompts that share this prompt's beginning")
+    p.add_argument("--cpu-offload-gb", type=float, default=None,
+                   help="host-memory tier of this many GB under the prefix cache (turns it on)")
+    p.add_argument("--prefix-cache-dir", default=None,
+                   help="disk tier of the prefix cache in this folder: a document is prefilled once, across "
+                        "processes and restarts (turns prefix caching on)")
+    p.add_argument("--prefix-cache-max-gb", type=float, default=None,
+                   help="size cap of --prefix-cache-dir (least recently read files go first)")
     dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
     dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
     dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
@@ -73,6 +80,9 @@ def _load_llm(args: argparse.Namespace, **overrides):
                    sparse_threshold=args.sparse_threshold, sparse_dense_above=args.sparse_dense_above,
                    tensor_parallel_size=args.tensor_parallel_size,
                    enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching)
+    if args.cpu_offload_gb is not None or args.prefix_cache_dir is not None:
+        options.update(cpu_offload_gb=args.cpu_offload_gb, prefix_cache_dir=args.prefix_cache_dir,
+                       prefix_cache_max_gb=args.prefix_cache_max_gb)
     options.update(overrides)
     return LLM(args.model, **options)
 
@@ -113,6 +123,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
+    if getattr(args, "question", None):  # after the document: questions about one file share its prefix
+        prompt = f"{prompt}\n\n{args.question}"
     params = _sampling_params(args)
     llm = _load_llm(args)
     if args.chat:
@@ -137,6 +149,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[prompt {len(last.prompt_token_ids)} tokens, generated {n_out}, "
               f"time to first token {ttft:.2f} s, {n_out / max(total, 1e-9):.1f} tokens/s overall, "
               f"finish_reason={last.outputs[0].finish_reason}]", file=sys.stderr)
+        if last.num_cached_tokens:
+            print(f"[{last.num_cached_tokens} prompt tokens from the prefix cache]", file=sys.stderr)
     return 0
 
 
@@ -230,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text ('-' for stdin)")
+    gen.add_argument("--question", default=None,
+                     help="text appended after the prompt (file): with --prefix-cache-dir, another question "
+                          "about the same file reuses the file's KV instead of prefilling it again")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--system", default=None, help="system message for --chat")
     gen.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")

@@ -89,6 +89,16 @@ class LLM:
         prompt that begins with the same tokens from them (another question about the same document:
         only the question is prefilled). Reuse is exact in float32; with DCA's YaRN temperature it
         needs prompt lengths within ~1% of each other (``cache/prefix_cache.py``).
+    cpu_offload_gb: a host-memory tier of this many GB under the prefix cache (pinned on CUDA):
+        blocks are copied there as they are computed, so evicting them from the GPU keeps them, and
+        a later prompt loads them instead of computing them (``cache/kv_tiers.py``). Turns prefix
+        caching on.
+    prefix_cache_dir: a disk tier in this folder: a request's full prompt blocks are written there
+        after it ends, by a background thread, and read back by any later LLM (another process, after
+        a restart) made with the same model and KV settings; files carry checksums, a bad one is
+        recomputed. Turns prefix caching on (with a 2 GB host tier as its staging area unless
+        cpu_offload_gb says otherwise). prefix_cache_max_gb caps the folder (least recently read
+        files out first).
     """
 
     def __init__(
@@ -114,6 +124,9 @@ class LLM:
         enforce_eager: bool = False,
         enable_prefix_caching: bool = False,
         seed: int = 0,
+        cpu_offload_gb: float | None = None,
+        prefix_cache_dir: str | Path | None = None,
+        prefix_cache_max_gb: float | None = None,
     ):
         folder = bundled_model_path() if model is None else Path(model)
         cfg = load_model_config(folder)
@@ -150,6 +163,9 @@ class LLM:
         if tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}.")
         check_divisible(cfg, tensor_parallel_size)
+        if tensor_parallel_size > 1 and (cpu_offload_gb or prefix_cache_dir is not None):
+            raise ConfigError("cpu_offload_gb and prefix_cache_dir do not work with tensor_parallel_size > 1 yet "
+                              "(each rank would need its own host and disk shard); use enable_prefix_caching.")
         spec = BuildSpec(folder, self.config, self.sparse_config, self.dtype,
                          "dummy" if load_format == "dummy" else "safetensors", kv_cache_dtype == "fp8",
                          block_size_option(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
@@ -169,10 +185,35 @@ class LLM:
         # decode replays CUDA graphs on one GPU unless asked not to (telemetry and TP steps run eagerly)
         graphs = (self.device.type == "cuda" and not enforce_eager and tensor_parallel_size == 1
                   and not sparse_telemetry)
+        tiers = self._kv_tiers(spec, parts.kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb)
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                cuda_graphs=graphs, prefix_caching=enable_prefix_caching)
+                                cuda_graphs=graphs, prefix_caching=enable_prefix_caching, kv_tiers=tiers)
         self._shared = SharedEngine(self.engine)  # generate, chat and logits are safe from any thread
+
+    @staticmethod
+    def _kv_tiers(spec: BuildSpec, kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb):
+        """The host-memory and disk tiers under the prefix cache, or None."""
+        if not cpu_offload_gb and prefix_cache_dir is None:
+            if prefix_cache_max_gb is not None:
+                raise ConfigError("prefix_cache_max_gb needs prefix_cache_dir.")
+            return None
+        if cpu_offload_gb is not None and cpu_offload_gb < 0:
+            raise ConfigError(f"cpu_offload_gb must be >= 0, got {cpu_offload_gb}.")
+        if prefix_cache_max_gb is not None and prefix_cache_max_gb <= 0:
+            raise ConfigError(f"prefix_cache_max_gb must be positive, got {prefix_cache_max_gb}.")
+        from qwen1m.cache.cache_identity import cache_settings
+        from qwen1m.cache.kv_tiers import build_tiers
+        from qwen1m.engine.kv_allocator import scale_tolerance
+
+        settings = None
+        if prefix_cache_dir is not None:
+            settings = cache_settings(folder=spec.folder, load_format=spec.load_format, dtype=spec.dtype, fp8=spec.fp8,
+                                      block_size=spec.block_size, dca=spec.config.dca, sparse=spec.sparse,
+                                      tp_size=spec.tensor_parallel_size, tp_rank=0)
+        return build_tiers(kv_cache, scale_tolerance(kv_cache), cpu_offload_gb=cpu_offload_gb,
+                           prefix_cache_dir=prefix_cache_dir, prefix_cache_max_gb=prefix_cache_max_gb,
+                           settings=settings)
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""

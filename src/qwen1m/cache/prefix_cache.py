@@ -18,13 +18,15 @@ A block's life: private (one sequence's, as without prefix caching) -> registere
 tokens are computed (in the table, counted by the sequences that use it) -> idle when none does
 (kept; least recently used first out) -> evicted back to the pool when an allocation needs it.
 Only full prompt blocks are registered; a block whose content another block already registered
-stays private.
+stays private. With host-memory and disk tiers (``kv_tiers.py``) an evicted block stays a tier down,
+under the same key and key-scale rule.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -40,6 +42,9 @@ class PrefixCache:
         self._entry: dict[int, tuple[bytes, float]] = {}  # registered block -> (key, key scale)
         self._users: dict[int, int] = {}  # registered block -> sequences using it (> 0)
         self._idle: OrderedDict[int, None] = OrderedDict()  # registered, unused; least recent first
+        # called with [(block, key, key scale)] before evicted blocks return to the pool: the host and
+        # disk tiers (kv_tiers.py) keep them a tier down
+        self.on_evict: Callable[[list[tuple[int, bytes, float]]], None] | None = None
 
     @property
     def num_idle(self) -> int:
@@ -107,17 +112,24 @@ class PrefixCache:
 
     def evict_blocks(self, blocks: list[int]) -> None:
         """Evict these idle blocks (out of the table; the caller frees them)."""
+        evicted = []
         for block in blocks:
             del self._idle[block]
-            key, _ = self._entry.pop(block)
+            key, scale = self._entry.pop(block)
             del self._by_key[key]
+            evicted.append((block, key, scale))
+        if self.on_evict is not None and evicted:
+            self.on_evict(evicted)
 
     def evict(self, n: int) -> list[int]:
         """Up to n idle blocks, least recently released first, out of the table (for the pool)."""
-        out = []
+        out, evicted = [], []
         while self._idle and len(out) < n:
             block, _ = self._idle.popitem(last=False)
-            key, _ = self._entry.pop(block)
+            key, scale = self._entry.pop(block)
             del self._by_key[key]
             out.append(block)
+            evicted.append((block, key, scale))
+        if self.on_evict is not None and evicted:
+            self.on_evict(evicted)
         return out

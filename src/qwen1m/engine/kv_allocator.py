@@ -4,7 +4,10 @@ A sequence gets blocks for its known tokens when it is admitted and one more eac
 last (``grow``); the scheduler preempts when a sequence cannot grow. With prefix caching its prompt's
 longest cached prefix comes first, already computed; the blocks it computes itself enter the cache
 as they fill, and when it ends they stay there idle until an allocation needs the memory
-(``cache/prefix_cache.py``).
+(``cache/prefix_cache.py``). With host-memory and disk tiers under it (``cache/kv_tiers.py``), a
+prompt's blocks after its GPU-cached prefix are looked up there too and loaded into its own blocks;
+registered blocks are copied down as they fill, written to disk when their request ends, and a block
+evicted from the GPU is already a tier down.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from qwen1m.cache.block_pool import BlockPool
+from qwen1m.cache.kv_tiers import KVTiers, TierStats
 from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
 from qwen1m.cache.prefix_cache import LOW_PRECISION_SCALE_TOLERANCE, PrefixCache
 from qwen1m.engine.sequence import Sequence
@@ -21,9 +25,10 @@ from qwen1m.engine.sequence import Sequence
 
 class KVAllocator:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device, key_scale: Callable[[int], float],
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, tiers: KVTiers | None = None):
         """key_scale: prompt length -> the factor prefill writes that prompt's keys with
-        (``AttentionBackend.key_scale``); cached blocks are reused only where it agrees."""
+        (``AttentionBackend.key_scale``); cached blocks are reused only where it agrees. tiers: host
+        memory and disk under the prefix cache (they turn it on)."""
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
@@ -31,9 +36,16 @@ class KVAllocator:
         self.block_pool = BlockPool(kv_cache.num_blocks)
         self.num_reserved = 0  # blocks taken out of the pool for good (the CUDA graphs' pad block)
         self.prefix_cache = None
-        if prefix_caching:
-            exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
-            self.prefix_cache = PrefixCache(self.block_size, 0.0 if exact else LOW_PRECISION_SCALE_TOLERANCE)
+        self.tiers = tiers
+        self._stats = TierStats()  # GPU hits without tiers (with them, the tiers' counters)
+        if prefix_caching or tiers is not None:
+            self.prefix_cache = PrefixCache(self.block_size, scale_tolerance(kv_cache))
+            if tiers is not None:
+                self.prefix_cache.on_evict = tiers.before_gpu_evict
+
+    def stats(self) -> TierStats:
+        """Prompt tokens and bytes each prefix-cache tier served (/metrics)."""
+        return self.tiers.snapshot() if self.tiers is not None else self._stats
 
     def num_available(self) -> int:
         """Free blocks, counting idle prefix-cache blocks (an allocation evicts them when it needs them)."""
@@ -82,7 +94,14 @@ class KVAllocator:
             if shared:
                 self.block_pool.free(self.prefix_cache.release(shared))
             return False
-        self._assign(seq, shared, own)
+        loaded = 0
+        if self.tiers is not None:  # the blocks after the GPU's prefix, from host memory or disk
+            scale = self.key_scale(seq.num_prompt_tokens)
+            keys = seq.block_keys[len(shared):(seq.num_prompt_tokens - 1) // self.block_size]
+            loaded = len(self.tiers.load(keys, own, scale))
+            for block, key in zip(own[:loaded], keys):
+                self.prefix_cache.register(block, key, scale)  # False: held by another block, stays private
+        self._assign(seq, shared, own, loaded)
         return True
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -119,6 +138,7 @@ class KVAllocator:
             self.block_pool.free(own[:len(shared)])  # private and unwritten: nothing computed yet
             self._assign(seq, shared, own[len(shared):])
 
+
     def register(self, seq: Sequence) -> None:
         """Enter the prompt blocks the sequence has computed so far into the prefix cache (called
         once their writes are enqueued: any later step that reads them follows on the stream)."""
@@ -127,12 +147,16 @@ class KVAllocator:
         done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
         if done > seq.num_registered_blocks:
             scale = self.key_scale(seq.num_prompt_tokens)
-            for i in range(seq.num_registered_blocks, done):
-                self.prefix_cache.register(seq.cache.blocks[i], seq.block_keys[i], scale)
+            new = [i for i in range(seq.num_registered_blocks, done)
+                   if self.prefix_cache.register(seq.cache.blocks[i], seq.block_keys[i], scale)]
             seq.num_registered_blocks = done
+            if self.tiers is not None and new:  # write-through: a tier down at once (its copy overlaps)
+                self.tiers.offload([seq.cache.blocks[i] for i in new], [seq.block_keys[i] for i in new], scale)
 
     def release(self, seq: Sequence) -> None:
         blocks = seq.cache.blocks
+        if self.tiers is not None and seq.block_keys is not None:  # its full prompt blocks, to disk
+            self.tiers.persist(seq.block_keys[:seq.num_registered_blocks])
         if self.prefix_cache is not None:
             blocks = self.prefix_cache.release(blocks)
         self.block_pool.free(blocks)
@@ -146,9 +170,18 @@ class KVAllocator:
         if seq.block_keys is None:
             seq.block_keys = self.prefix_cache.keys(seq.token_ids, seq.num_prompt_tokens // self.block_size)
         reusable = (seq.num_prompt_tokens - 1) // self.block_size
-        return self.prefix_cache.match(seq.block_keys[:reusable], self.key_scale(seq.num_prompt_tokens))
+        shared = self.prefix_cache.match(seq.block_keys[:reusable], self.key_scale(seq.num_prompt_tokens))
+        self.stats().hit_tokens["gpu"] += len(shared) * self.block_size
+        return shared
 
-    def _assign(self, seq: Sequence, shared: list[int], own: list[int]) -> None:
+    def _assign(self, seq: Sequence, shared: list[int], own: list[int], loaded: int = 0) -> None:
+        """loaded: how many of ``own``'s leading blocks came from a lower tier (computed already)."""
         seq.cache = SequenceBlocks(self.kv_cache, shared + own, self.device)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(shared) * self.block_size
-        seq.num_registered_blocks = len(shared)
+        seq.num_computed_tokens = seq.num_cached_tokens = (len(shared) + loaded) * self.block_size
+        seq.num_registered_blocks = len(shared) + loaded
+
+
+def scale_tolerance(kv_cache: PagedKVCache) -> float:
+    """How far the key scales (YaRN m) of a cached block and a new prompt may differ (prefix_cache.py)."""
+    exact = kv_cache.dtype == torch.float32 and not kv_cache.fp8
+    return 0.0 if exact else LOW_PRECISION_SCALE_TOLERANCE

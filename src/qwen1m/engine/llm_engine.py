@@ -75,7 +75,10 @@ class LLMEngine:
         cuda_graphs: bool = False,
         overlap: bool | None = None,
         prefix_caching: bool = False,
+        kv_tiers=None,
     ):
+        """kv_tiers: a ``cache.kv_tiers.KVTiers`` (host memory, disk) under the prefix cache; it turns
+        prefix caching on."""
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = model.config
@@ -83,7 +86,8 @@ class LLMEngine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = model.lm_head.weight.device
         self.kv_cache = kv_cache
-        self.kv = KVAllocator(kv_cache, self.device, model.backend.key_scale, prefix_caching)
+        prefix_caching = prefix_caching or kv_tiers is not None
+        self.kv = KVAllocator(kv_cache, self.device, model.backend.key_scale, prefix_caching, kv_tiers)
         self.block_pool, self.prefix_cache = self.kv.block_pool, self.kv.prefix_cache  # for inspection
         self.scheduler = Scheduler(max_num_batched_tokens, max_num_seqs, self.kv.allocate, self.kv.release,
                                    self.kv.match_again if prefix_caching else None, grow=self.kv.grow,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
 import queue
 import threading
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qwen1m.cache.kv_tiers import TierStats
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import Qwen1mError
 from qwen1m.outputs import RequestOutput
@@ -159,6 +161,7 @@ class EngineLoop:
         self._failure: str | None = None  # why the loop died, for requests that arrive afterwards
         self.streams: set[RequestStream] = set()  # open streams (event-loop thread): shutdown ends them
         self._preemptions = 0  # the scheduler's count already added to the metrics
+        self._tier_stats = TierStats()  # the prefix-cache tiers' counters already added to the metrics
 
     # ---- asyncio side -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -322,6 +325,9 @@ class EngineLoop:
         preemptions = self.engine.scheduler.num_preemptions
         self.metrics.preemptions.inc(preemptions - self._preemptions)
         self._preemptions = preemptions
+        stats = self.engine.kv.stats()
+        self.metrics.add_tier_stats(stats, self._tier_stats)
+        self._tier_stats = copy.deepcopy(stats)
         self.metrics.running.set(self.engine.num_running())
         self.metrics.waiting.set(self.engine.num_waiting())
         self.metrics.kv_cache_usage.set(self.engine.kv_cache_usage())

@@ -126,6 +126,21 @@ class ServerMetrics:
         self.generation_tokens = Counter("generation_tokens", "Generated tokens.", [], lock)
         self.prefix_cache_hit_tokens = Counter("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix "
                                                "cache instead of computed (--enable-prefix-caching).", [], lock)
+        tiers = [{"tier": t} for t in ("gpu", "host", "disk")]
+        self.prefix_cache_tier_hit_tokens = Counter(
+            "prefix_cache_tier_hit_tokens", "Prompt tokens taken from the prefix cache, by tier (gpu, host "
+            "memory: --cpu-offload-gb, disk: --prefix-cache-dir).", ["tier"], lock, initial=tiers)
+        self.prefix_cache_tier_read_bytes = Counter(
+            "prefix_cache_tier_read_bytes", "KV bytes loaded into the GPU from the host and disk tiers.",
+            ["tier"], lock, initial=tiers[1:])
+        self.prefix_cache_tier_written_bytes = Counter(
+            "prefix_cache_tier_written_bytes", "KV bytes copied into the host tier and written to the disk tier.",
+            ["tier"], lock, initial=tiers[1:])
+        self.prefix_cache_corrupt_files = Counter(
+            "prefix_cache_corrupt_files", "Disk-tier files that failed their checks (deleted, recomputed).", [], lock)
+        self.prefix_cache_dropped_blocks = Counter(
+            "prefix_cache_dropped_blocks", "KV blocks that could not go a tier down (no free host slot, a full "
+            "write queue, a failed write).", [], lock)
         self.preemptions = Counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later) "
                                    "because an older one needed a block.", [], lock)
         self.time_to_first_token = Histogram(
@@ -141,9 +156,21 @@ class ServerMetrics:
         self.kv_cache_usage = Gauge("kv_cache_usage_perc", "Fraction of the KV cache held by running "
                                     "sequences (0 to 1).", [], lock)
 
+    def add_tier_stats(self, now, before) -> None:
+        """Add the prefix-cache tiers' counters (a ``cache.kv_tiers.TierStats``) grown since ``before``."""
+        for tier, n in now.hit_tokens.items():
+            self.prefix_cache_tier_hit_tokens.inc(n - before.hit_tokens[tier], tier=tier)
+        for tier in ("host", "disk"):
+            self.prefix_cache_tier_read_bytes.inc(now.read_bytes[tier] - before.read_bytes[tier], tier=tier)
+            self.prefix_cache_tier_written_bytes.inc(now.written_bytes[tier] - before.written_bytes[tier], tier=tier)
+        self.prefix_cache_corrupt_files.inc(now.corrupt_files - before.corrupt_files)
+        self.prefix_cache_dropped_blocks.inc(now.dropped_blocks - before.dropped_blocks)
+
     def render(self) -> str:
         metrics = (self.requests, self.http_requests, self.prompt_tokens, self.generation_tokens,
-                   self.prefix_cache_hit_tokens, self.preemptions, self.time_to_first_token,
+                   self.prefix_cache_hit_tokens, self.prefix_cache_tier_hit_tokens, self.prefix_cache_tier_read_bytes,
+                   self.prefix_cache_tier_written_bytes, self.prefix_cache_corrupt_files,
+                   self.prefix_cache_dropped_blocks, self.preemptions, self.time_to_first_token,
                    self.inter_token_latency, self.running, self.waiting, self.kv_cache_usage)
         with self._lock:
             lines = [line for m in metrics for line in m.render()]
