@@ -15,6 +15,7 @@ from qwen1m.config import DCAConfig, load_model_config
 from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
+from qwen1m.generation_config import load_generation_defaults
 from qwen1m.model.loader import resolve_dtype
 from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
@@ -155,6 +156,7 @@ class LLM:
         torch.manual_seed(seed)
         self.config = replace(cfg, dca=dca_cfg)
         self.model_path = folder
+        self.generation_defaults = load_generation_defaults(folder)  # the folder's generation_config.json
         self.sparse_config = sparse_option(sparse_attention_config, folder, cfg, dca_cfg, sparse_threshold,
                                            sparse_dense_above)
         self.tokenizer = self._load_tokenizer(folder, load_format)
@@ -290,7 +292,8 @@ class LLM:
         stream that is closed, or dropped before its end, aborts its unfinished requests.
         """
         prompts = as_prompt_list(prompts)
-        params = as_params_list(sampling_params, len(prompts))
+        params = as_params_list(self.get_default_sampling_params() if sampling_params is None else sampling_params,
+                                len(prompts))
         encoded = encode_prompts(prompts, self.tokenizer,
                                  lambda ids, label: self.engine.check_prompt(ids, label=label))
         outputs = self._shared.submit(encoded, params, progress)
@@ -308,7 +311,7 @@ class LLM:
         progress: Callable[[PrefillProgress], None] | None = None,
     ) -> Iterator[RequestOutput]:
         """One prompt, streamed: ``generate([prompt], params, stream=True)``."""
-        return self.generate([prompt], sampling_params or SamplingParams(), stream=True, progress=progress)
+        return self.generate([prompt], sampling_params, stream=True, progress=progress)
 
     def chat(
         self,
@@ -325,6 +328,11 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools)
                    for c in conversations]
         return self.generate(prompts, sampling_params)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling the model's ``generation_config.json`` asks for (vLLM's defaults where it is
+        silent): what ``generate`` and ``chat`` use when given no SamplingParams."""
+        return SamplingParams(**self.generation_defaults)
 
     def sparse_report(self) -> dict:
         """Per layer: the density of sparse prefill so far and the recall of the sampled heads."""
