@@ -20,8 +20,9 @@ files (mtime, which a read refreshes) down to 90% of the cap.
 Failure: a folder that cannot be written at start (read-only), or a write that fails later (a full
 disk), logs one warning and turns the tier off; the engine carries on with the tiers above.
 
-Threads: ``read``, ``submit`` and ``take_done`` run on the engine's thread; the writer thread only
-writes files, evicts, and reports each finished item through a deque the engine thread drains.
+Threads: ``read`` runs on the engine's reader threads (several blocks at once), ``submit`` and
+``take_done`` on the engine's thread; the writer thread only writes files, evicts, and reports each
+finished item through a deque the engine thread drains.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class DiskTier:
         self.payload_bytes = elem * _numel(shape) + (4 * _numel(scale_shape) if scale_shape else 0)
         self.namespace = self.root / identity(settings)
         self.enabled = True
-        self.corrupt_files = 0  # engine thread
+        self.corrupt_files = 0  # the engine's reader threads
+        self._count_lock = threading.Lock()
         self.dropped_writes = 0  # either thread (a dropped job, a failed write)
         self.written_bytes = 0  # writer thread
         self.evicted_files = 0  # writer thread
@@ -117,7 +119,8 @@ class DiskTier:
         if problem == "scale":
             return "miss", 0.0
         if problem is not None:
-            self.corrupt_files += 1
+            with self._count_lock:  # reads run on several threads (kv_tiers.READ_THREADS)
+                self.corrupt_files += 1
             logger.warning("prefix cache: %s is corrupt (%s); deleting it and computing the block", path, problem)
             try:
                 path.unlink()
