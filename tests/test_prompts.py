@@ -11,7 +11,7 @@ from checkpoints import save_tiny_checkpoint
 from tokenizer_utils import make_tokenizer_folder
 
 from qwen1m import LLM, SamplingParams
-from qwen1m.errors import RequestError
+from qwen1m.errors import ConfigError, RequestError
 
 CHATML = (Path(__file__).parent / "fixtures" / "chatml_template.jinja").read_text()
 PARAMS = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -38,7 +38,6 @@ def llm(tmp_path_factory):
     ([[1, 2], []], "prompt 1: the prompt is empty."),
     (["hello", ""], "prompt 1: the prompt is empty."),
     ([[1, 2], [-1]], "prompt 1: token id -1 is outside the vocabulary"),
-    ([], "prompts is an empty list; give at least one prompt."),
     ({"prompt": "hi"}, "prompts must be a string, a list of strings, a list of token ids or a list of token-id "
                        "lists, got a dict."),
     (None, "prompts must be a string, a list of strings, a list of token ids or a list of token-id lists, "
@@ -64,3 +63,22 @@ def test_text_prompts_keep_their_text_and_are_encoded_once(llm, monkeypatch):
     out = llm.generate(["hello world"], PARAMS)[0]
     assert calls == ["hello world"]  # checked and queued from one encoding (a 1M-token prompt costs seconds)
     assert out.prompt == "hello world" and out.prompt_token_ids == encode("hello world")
+
+
+def test_no_prompts_generate_nothing(llm):
+    # vLLM's behaviour: an empty batch is not an error (a caller filtering its prompts may end with none)
+    assert llm.generate([]) == []
+    assert llm.generate([], PARAMS) == []
+    assert list(llm.generate([], PARAMS, stream=True)) == []
+    assert llm.chat([]) == []
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_get_tokenizer_returns_the_tokenizer_or_names_the_folder(llm, tiny_checkpoint):
+    assert llm.get_tokenizer() is llm.tokenizer
+    assert llm.get_tokenizer().encode("hello") == llm.tokenizer.encode("hello")
+    bare = LLM(tiny_checkpoint, dtype="float32", device="cpu", max_model_len=64)  # weights only, no tokenizer
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{tiny_checkpoint} has no tokenizer (tokenizer.json, "
+                                                          "or vocab.json and merges.txt), so prompts must be "
+                                                          "token ids.") + "$"):
+        bare.get_tokenizer()

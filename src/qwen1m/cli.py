@@ -7,6 +7,7 @@ message on stderr and exit status 2; nothing prints a traceback at the user.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -17,15 +18,19 @@ from qwen1m.errors import Qwen1mError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder, or a Hugging Face Hub ID such as Qwen/Qwen2.5-7B-Instruct-1M (from the "
+                        "hub cache, else downloaded: config, tokenizer and safetensors files only; default: the "
+                        "bundled model)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     p.add_argument("--max-num-batched-tokens", type=int, default=32768, help="tokens per engine step")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights (config.json only; for speed runs)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8 halves KV memory")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to plan for")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (overrides the plan)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N processes/GPUs")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
@@ -87,24 +92,51 @@ def _load_llm(args: argparse.Namespace, **overrides):
     return LLM(args.model, **options)
 
 
+# flag -> SamplingParams field of the sampling flags that default to the model's generation_config.json
+_MODEL_DEFAULT_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty"}
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    g = p.add_argument_group(
+        "sampling (unset flags take the model's generation_config.json, else SamplingParams' defaults: the same "
+        "rule as LLM.generate and the server)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0 or -1: all)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below this share of the likeliest")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stop-token-id", type=int, action="append", default=None, help="stop token id (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
-def _sampling_params(args: argparse.Namespace):
+def _explicit_sampling(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields the command line sets; the sampling flags left unset are absent."""
+    fields = {field: getattr(args, flag) for flag, field in _MODEL_DEFAULT_FLAGS.items()
+              if getattr(args, flag) is not None}
+    return dict(fields, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+
+
+def _check_stop_token_ids(ids: list[int] | None, vocab_size: int | None) -> None:
+    """--stop-token-id must name a token of the model: negative ids before loading, the vocabulary after."""
+    for t in ids or []:
+        if t < 0:
+            raise Qwen1mError(f"--stop-token-id {t} is negative; token ids are 0 or more.")
+        if vocab_size is not None and t >= vocab_size:
+            raise Qwen1mError(f"--stop-token-id {t} is outside the model's vocabulary: token ids are in "
+                              f"[0, {vocab_size}).")
+
+
+def _sampling_params(args: argparse.Namespace, generation_defaults: dict | None = None):
+    """The flags given, over the model's generation_config.json (``llm.generation_defaults``)."""
     from qwen1m import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                          stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+    _check_stop_token_ids(args.stop_token_id, None)
+    return SamplingParams(**{**(generation_defaults or {}), **_explicit_sampling(args)})
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -125,8 +157,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if getattr(args, "question", None):  # after the document: questions about one file share its prefix
         prompt = f"{prompt}\n\n{args.question}"
-    params = _sampling_params(args)
+    _sampling_params(args)  # a bad flag is refused before the model loads
     llm = _load_llm(args)
+    _check_stop_token_ids(args.stop_token_id, llm.config.vocab_size)
+    params = _sampling_params(args, llm.generation_defaults)
     if args.chat:
         if llm.tokenizer is None:
             raise Qwen1mError(f"--chat needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
@@ -217,8 +251,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer(step_tokens: int):
-    """A one-line progress bar on stderr for prompts that take more than one engine step."""
+class ProgressWriter:
+    """One progress line on ``stream``: redrawn in place with ``\\r`` on a terminal (at most 5x/s);
+    elsewhere (a log file, a pipe, CI) written as whole lines, at most one per ``line_interval_s``,
+    so a log holds readable lines instead of thousands of carriage returns."""
+
+    def __init__(self, stream=None, line_interval_s: float = 10.0, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.interval = 0.2 if self.tty else line_interval_s
+        self.clock = clock
+        self.last: float | None = None
+
+    def write(self, text: str, finished: bool = False) -> None:
+        now = self.clock()
+        if not finished and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        if self.tty:
+            self.stream.write(f"\r{text}   " + ("\n" if finished else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _progress_printer(step_tokens: int, stream=None):
+    """A prefill progress bar on stderr for prompts that take more than one engine step."""
+    writer = ProgressWriter(stream)
 
     def show(p) -> None:
         if p.total <= step_tokens:
@@ -226,18 +286,56 @@ def _progress_printer(step_tokens: int):
         width = 30
         filled = int(width * p.done / p.total)
         eta = f"ETA {p.eta_s:,.0f} s" if p.eta_s is not None and not p.finished else "done"
-        sys.stderr.write(f"\rprefill [{'#' * filled}{'.' * (width - filled)}] {p.done:,}/{p.total:,} tokens "
-                         f"{p.tokens_per_s:,.0f} tok/s {eta}   ")
-        if p.finished:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        writer.write(f"prefill [{'#' * filled}{'.' * (width - filled)}] {p.done:,}/{p.total:,} tokens "
+                     f"{p.tokens_per_s:,.0f} tok/s {eta}", p.finished)
 
     return show
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is none
+    to show (None: decided later, e.g. by the model; False: a switch that is off)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shows_default(action):
+            action = copy.copy(action)  # the parser's own action keeps its help
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        named = "default" in text and str(action.default) in text  # e.g. "(default 8)" written by hand
+        if _shows_default(action) and not named and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    # identity, not ==: a default of 0 is worth showing, and 0 == False
+    hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+    return (bool(action.option_strings) and not hidden
+            and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The CLI's parsers, subcommands' included (argparse builds those with ``type(parent)``): each
+    help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen1m", description="Qwen models on contexts up to 1M tokens.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    from qwen1m import __version__
+
+    parser = ArgumentParser(prog="qwen1m", description="Qwen models on contexts up to 1M tokens.")
+    parser.add_argument("--version", action="version", version=f"qwen1m {__version__}")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="log messages of this level and above")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
     gen = sub.add_parser("generate", help="generate text from a prompt, streaming tokens to stdout")
@@ -258,13 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--data", default="synthetic", help="a UTF-8 text file, or 'synthetic' (default)")
     cal.add_argument("--length", type=int, required=True, help="tokens per calibration sequence")
     cal.add_argument("--samples", type=int, default=1, help="calibration sequences (default 1)")
-    cal.add_argument("--target-recall", type=float, default=0.9)
+    cal.add_argument("--target-recall", type=float, default=0.9, help="attention recall each head must reach")
     cal.add_argument("--base", default=None, help="starting sparse_attention_config.json (default uniform)")
     cal.add_argument("--base-vertical", type=int, default=1000, help="uniform base vertical size (spec 3.5)")
     cal.add_argument("--base-slash", type=int, default=6096, help="uniform base slash size (spec 3.5)")
     cal.add_argument("--step", type=int, default=2048, help="budget increment on both sizes (spec 3.5)")
     cal.add_argument("--max-steps", type=int, default=6, help="largest increment tried = step * max-steps")
-    cal.add_argument("--out", default="sparse_attention_config.json")
+    cal.add_argument("--out", default="sparse_attention_config.json", help="the refined config's path")
     cal.add_argument("--heatmap", default=None, help="PNG of recall per layer x head (needs matplotlib)")
     _add_model_args(cal)
     cal.set_defaults(func=cmd_calibrate)
@@ -293,7 +391,7 @@ def _add_optional_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+    logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -33,6 +33,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from qwen1m.train.data import passkey_prompt
     from qwen1m.train.scoring import passkey_correct
 
+    if not 0 <= args.depth <= 100:
+        raise Qwen1mError(f"--depth {args.depth:g} must be between 0 and 100 percent.")
+    depth = args.depth / 100
     llm = _load_llm(args)
     if llm.tokenizer is None:
         raise Qwen1mError(f"the demo needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
@@ -44,10 +47,10 @@ def run_demo(args: argparse.Namespace) -> int:
             "pass a smaller --length or --length-factor."
         )
     if args.families == "train":
-        prompt, answer = passkey_prompt(llm.tokenizer, length, args.depth, args.seed)
+        prompt, answer = passkey_prompt(llm.tokenizer, length, depth, args.seed)
         what = "the training template (spec 6.1 filler and wording)"
     else:  # the same prompt llm.chat([{"role": "user", "content": message}]) sends, streamed here
-        message, answer = passkey_document(llm.tokenizer.encode, args.family, length, args.depth, args.seed)
+        message, answer = passkey_document(llm.tokenizer.encode, args.family, length, depth, args.seed)
         prompt = llm.tokenizer.encode(
             llm.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True))
         what = f"held-out '{args.family}' text, asked in plain words: {message.splitlines()[-1]!r}"
@@ -55,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"model: {llm.model_path}")
     print(
         f"document: {len(prompt):,} tokens = {len(prompt) / train_len:.1f}x the training length {train_len:,}; "
-        f"pass key at depth {args.depth:.0%}; attention: {mode}"
+        f"pass key at depth {depth:.0%}; attention: {mode}"
     )
     print(f"text: {what}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
@@ -92,13 +95,14 @@ def add_demo_command(sub) -> None:
     p.add_argument(
         "--length", type=int, default=None, help="document length in tokens (overrides the factor)"
     )
-    p.add_argument("--depth", type=float, default=0.5, help="where the pass key sits, 0 (start) to 1 (end)")
+    p.add_argument("--depth", type=float, default=50.0,
+                   help="where the pass key sits, in percent: 0 (start) to 100 (end), as eval's --depths")
     p.add_argument("--families", choices=("heldout", "train"), default="heldout",
                    help="text the model never trained on, asked in plain words (default), or the training template")
     p.add_argument("--family", choices=HELDOUT_FAMILIES, default="reports",
                    help="which held-out text (default reports)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the document and pass key")
+    p.add_argument("--max-tokens", type=int, default=16, help="most tokens of the answer")
     p.add_argument("--strict", action="store_true", help="exit 1 when the answer is wrong")
     _add_model_args(p)
     p.set_defaults(func=run_demo)

@@ -16,6 +16,7 @@ from qwen1m.engine.builder import BuildSpec, build_rank
 from qwen1m.engine.llm_engine import LLMEngine
 from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.generation_config import load_generation_defaults
+from qwen1m.hub import resolve_model
 from qwen1m.model.loader import resolve_dtype
 from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
@@ -52,8 +53,10 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 class LLM:
     """Load a Qwen2/Qwen3 checkpoint folder and generate.
 
-    model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...);
-        None loads the bundled model.
+    model: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json, ...), or a
+        Hub ID such as "Qwen/Qwen2.5-7B-Instruct-1M" (from the hub cache, else downloaded if
+        HF_HUB_OFFLINE is not set: configs, tokenizer and safetensors only; ``qwen1m.hub``);
+        None loads the bundled model. Its generation_config.json gives the default sampling.
     dtype: "auto" (checkpoint dtype on GPU, float32 on CPU), "float32", "bfloat16", "float16".
     load_format: "auto"/"safetensors", or "dummy" for random weights (benchmarks; config.json only).
     dca: "auto" uses the checkpoint's ``dual_chunk_attention_config``; a ``DCAConfig`` turns DCA on
@@ -129,7 +132,7 @@ class LLM:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_max_gb: float | None = None,
     ):
-        folder = bundled_model_path() if model is None else Path(model)
+        folder = bundled_model_path() if model is None else resolve_model(model)
         cfg = load_model_config(folder)
         if dca == "auto":
             dca_cfg = cfg.dca
@@ -284,7 +287,7 @@ class LLM:
     ) -> list[RequestOutput] | Iterator[RequestOutput]:
         """Generate for every prompt (strings or token id lists).
 
-        Returns the finished outputs in prompt order; with ``stream=True`` an iterator of
+        Returns the finished outputs in prompt order ([] for no prompts); with ``stream=True`` an iterator of
         RequestOutputs instead, one after every step that changed a request (``new_text`` holds the
         delta). ``progress`` is called after each step with the state of this call's prefilling
         requests. Every prompt is checked before any is queued (a ``RequestError`` names the first bad
@@ -292,6 +295,8 @@ class LLM:
         stream that is closed, or dropped before its end, aborts its unfinished requests.
         """
         prompts = as_prompt_list(prompts)
+        if not prompts:  # as vLLM: nothing asked, nothing generated
+            return iter([]) if stream else []
         params = as_params_list(self.get_default_sampling_params() if sampling_params is None else sampling_params,
                                 len(prompts))
         encoded = encode_prompts(prompts, self.tokenizer,
@@ -328,6 +333,13 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tools=tools)
                    for c in conversations]
         return self.generate(prompts, sampling_params)
+
+    def get_tokenizer(self):
+        """The model's tokenizer (vLLM's name); a ConfigError when the folder has none."""
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.model_path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt), "
+                              "so prompts must be token ids.")
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling the model's ``generation_config.json`` asks for (vLLM's defaults where it is

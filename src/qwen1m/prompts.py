@@ -21,14 +21,13 @@ def _is_token(t: object) -> bool:
 
 
 def as_prompt_list(prompts: object) -> list[str | list[int]]:
-    """One prompt or a list of them, as a list; each item a str or a list of ints (numpy ints become int)."""
+    """One prompt or a list of them, as a list; each item a str or a list of ints (numpy ints become int).
+    An empty list stays empty (``generate([])`` returns [], as in vLLM)."""
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, list):
         raise RequestError(f"prompts must be {_EXPECTED}, got a {type(prompts).__name__}.")
-    if not prompts:
-        raise RequestError("prompts is an empty list; give at least one prompt.")
-    if isinstance(prompts[0], Integral):  # one prompt of token ids (a bool first item lands here too)
+    if prompts and isinstance(prompts[0], Integral):  # one prompt of token ids (a bool first item lands here too)
         prompts = [prompts]
     checked: list[str | list[int]] = []
     for i, p in enumerate(prompts):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -28,6 +29,8 @@ def built(monkeypatch):
 def test_passkey_end_to_end_then_resume(tmp_path, capsys, built):
     argv = ["eval", "passkey", "--lengths", "1024,2048", "--depths", "0,100", "--samples", "2",
             "--modes", "rope,dca", "--out", str(tmp_path), "--families", "train"]
+    if importlib.util.find_spec("matplotlib") is None:
+        argv.append("--no-heatmaps")  # else refused before the run (test_passkey_without_matplotlib_...)
     assert main(argv) == 0
     data = json.loads((tmp_path / "passkey.json").read_text())
     samples = data["samples"]
@@ -94,3 +97,30 @@ def test_errors_name_the_numbers(tmp_path, capsys, built, argv, message):
     assert main(argv + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert built == []
+
+
+def test_passkey_without_matplotlib_stops_before_the_run(tmp_path, capsys, built, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["eval", "passkey", "--lengths", "1k", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: eval passkey draws heatmaps with matplotlib, which is not installed: "
+                                       "pip install 'qwen1m[eval]', or pass --no-heatmaps.\n")
+    assert built == [] and not list(tmp_path.iterdir())  # no model built, nothing written
+    # --no-heatmaps passes the check: the run goes on to its next check (here a length that is too long)
+    assert main(["eval", "passkey", "--lengths", "256k", "--no-heatmaps", "--out", str(tmp_path)]) == 2
+    assert "beyond the model's max_model_len" in capsys.readouterr().err
+
+
+def test_progress_is_written_as_lines_off_a_terminal():
+    import io
+    from types import SimpleNamespace
+
+    stream = io.StringIO()  # not a terminal, like a log file or CI
+    show = eval_cli._progress_bar(stream)
+    for done in range(1, 11):
+        show(SimpleNamespace(mode="dca", done_samples=done, total_samples=10, tokens=done * 100, total_tokens=1000,
+                             eta_s=1.0))
+    lines = stream.getvalue().split("\n")
+    assert "\r" not in stream.getvalue() and lines[-1] == ""
+    assert lines[0].startswith("dca") and "1/10 samples" in lines[0]  # the first update at once
+    assert "10/10 samples, 100% of prompt tokens, done" in lines[-2]  # and the last, whatever the rate
+    assert len(lines) - 1 < 10  # the updates between are rate-limited

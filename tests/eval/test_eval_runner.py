@@ -95,3 +95,12 @@ def test_heatmaps_skip_without_matplotlib(ec, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert passkey_heatmaps(store.records, tmp_path) == []
     assert "matplotlib is not installed" in caplog.text and not list(tmp_path.glob("*.png"))
+
+
+def test_write_report_without_heatmaps_writes_only_the_tables(ec, tmp_path):
+    from qwen1m.eval.report import write_report
+
+    store, _ = _run(ec, tmp_path / "passkey.json", ["rope"])
+    paths = write_report(store.records, "passkey", {"suite": "passkey", "model": "m", "seed": 0}, tmp_path,
+                         heatmaps=False)
+    assert paths == [tmp_path / "passkey.md"] and not list(tmp_path.glob("*.png"))

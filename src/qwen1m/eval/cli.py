@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from qwen1m.cli import _add_model_args, _dca_option, _load_llm
+from qwen1m.cli import ProgressWriter, _add_model_args, _dca_option, _load_llm
 from qwen1m.errors import Qwen1mError
 
 # Qwen2.5-7B/14B-Instruct-1M ship chunk_size 262144 with sparse budgets (1000 vertical, 6096 slash) for
@@ -46,6 +45,8 @@ def add_eval_command(sub) -> None:
     pk.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k", help="prompt lengths, e.g. 4k,8k,1m (k = 1024)")
     pk.add_argument("--depths", default="0:100:10", help="needle depths in percent: start:stop:step or a list")
     pk.add_argument("--samples", type=int, default=5, help="samples per length and depth")
+    pk.add_argument("--no-heatmaps", action="store_true",
+                    help="write no heatmap PNGs (they need matplotlib: pip install 'qwen1m[eval]')")
     ru = suites.add_parser("ruler", help="RULER's synthetic tasks (niah_*, vt, cwe, fwe; qa_1/qa_2 from local files)")
     ru.add_argument("--tasks", default="all", help="comma list of tasks, or 'all' (default)")
     ru.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k", help="prompt lengths, e.g. 4k,8k,128k")
@@ -128,26 +129,31 @@ def _describe_sparse(option: dict | None) -> dict | str | None:
             "threshold": option.get("sparse_threshold") or sc.threshold}
 
 
-def _progress_bar(stream=sys.stderr):
-    """samples done, share of prompt tokens done, ETA from the token rate so far; redrawn at most 5x/s."""
-    last = [0.0]
+def _progress_bar(stream=None):
+    """samples done, share of prompt tokens done, ETA from the token rate so far (``ProgressWriter``:
+    redrawn on a terminal, whole lines elsewhere)."""
+    writer = ProgressWriter(stream)
 
     def show(p) -> None:
-        now = time.monotonic()
         finished = p.done_samples >= p.total_samples
-        if now - last[0] < 0.2 and not finished:
-            return
-        last[0] = now
         frac = p.tokens / max(1, p.total_tokens)
         width = 30
         eta = "done" if finished else ("ETA ?" if p.eta_s is None else f"ETA {p.eta_s:,.0f} s")
-        stream.write(f"\r{p.mode:<10} [{'#' * int(width * frac)}{'.' * (width - int(width * frac))}] "
-                     f"{p.done_samples}/{p.total_samples} samples, {frac:.0%} of prompt tokens, {eta}   ")
-        if finished:
-            stream.write("\n")
-        stream.flush()
+        writer.write(f"{p.mode:<10} [{'#' * int(width * frac)}{'.' * (width - int(width * frac))}] "
+                     f"{p.done_samples}/{p.total_samples} samples, {frac:.0%} of prompt tokens, {eta}", finished)
 
     return show
+
+
+def _check_heatmaps(args: argparse.Namespace) -> None:
+    """Passkey heatmaps need matplotlib: say so before a long run rather than after it."""
+    if args.suite != "passkey" or args.no_heatmaps:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise Qwen1mError("eval passkey draws heatmaps with matplotlib, which is not installed: "
+                          "pip install 'qwen1m[eval]', or pass --no-heatmaps.") from None
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
@@ -157,6 +163,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from qwen1m.eval.qa import load_hotpotqa, load_squad
     from qwen1m.eval.report import summary_rows, write_report
     from qwen1m.eval.runner import ResultStore, passkey_jobs, record_key, ruler_jobs, run_suite
+    from qwen1m.hub import resolve_model
     from qwen1m.llm import bundled_model_path
     from qwen1m.tokenizer import Tokenizer
 
@@ -165,8 +172,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.samples < 1 or args.batch_size < 1:
         raise Qwen1mError("--samples and --batch-size must be positive.")
     modes = _modes(args.modes)
+    _check_heatmaps(args)
     lengths = parse_lengths(args.lengths)
     tasks = _tasks(args)
+    if args.model:  # a Hub ID becomes its snapshot folder once, for every mode's LLM
+        args.model = str(resolve_model(args.model))
     folder = Path(args.model) if args.model else bundled_model_path()
     cfg = load_model_config(folder)
     limit = args.max_model_len or cfg.max_position_embeddings
@@ -207,7 +217,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
               progress=_progress_bar())
     wanted = {j.key(m) for j in jobs for m in modes}  # the JSON may also hold other lengths or depths
     done = [r for r in store.records if record_key(r) in wanted]
-    paths = write_report(done, args.suite, meta, out)
+    paths = write_report(done, args.suite, meta, out, heatmaps=not getattr(args, "no_heatmaps", True))
     for mode, row in summary_rows(done).items():
         cells = "  ".join(f"{length_label(n)} {s:5.1f}" for n, s in row.items())
         print(f"{mode:<10} {cells}")

@@ -132,9 +132,12 @@ def passkey_heatmaps(records: list[dict[str, Any]], out_dir: str | Path) -> list
     return paths
 
 
-def write_report(records: list[dict[str, Any]], suite: str, meta: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """``{suite}.md`` (and the passkey heatmaps) in ``out_dir``; returns the paths written."""
+def write_report(records: list[dict[str, Any]], suite: str, meta: dict[str, Any], out_dir: str | Path,
+                 heatmaps: bool = True) -> list[Path]:
+    """``{suite}.md`` (and, unless ``heatmaps`` is False, the passkey heatmaps) in ``out_dir``; returns the
+    paths written."""
     out = Path(out_dir)
     md = out / f"{suite}.md"
     md.write_text(markdown(records, suite, meta) + "\n", encoding="utf-8")
-    return [md] + (passkey_heatmaps(records, out) if any(r["task"] == "passkey" for r in records) else [])
+    wants_maps = heatmaps and any(r["task"] == "passkey" for r in records)
+    return [md] + (passkey_heatmaps(records, out) if wants_maps else [])

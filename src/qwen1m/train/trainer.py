@@ -200,12 +200,16 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, device: str = "
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    state = load_state(out / "state.pt") if resume else None
+    if _finished(state, recipe, out):  # checked before the data is built: a rerun returns at once
+        log.info("the run in %s is complete (stage %d of %d, step %d); nothing to do", out, len(recipe.stages),
+                 len(recipe.stages), state["step"])
+        return out / "final"
     torch.manual_seed(recipe.seed)
     t_start = time.perf_counter()
     run = _Run(recipe, out, dev)
     log.info("data ready in %.1f s: %d paragraphs, vocab %d", time.perf_counter() - t_start,
              len(run.ctx.paragraphs), run.vocab)
-    state = load_state(out / "state.pt") if resume else None
     si0, step0 = 0, 0
     if state is not None:
         run.entries, run.stages_done = state["entries"], state["stages_done"]
@@ -262,6 +266,12 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, device: str = "
     shutil.copytree(out / recipe.stages[-1].name, final)
     _write_log(run, recipe, out, dev, time.perf_counter() - t_start)
     return final
+
+
+def _finished(state: dict[str, Any] | None, recipe: Recipe, out: Path) -> bool:
+    """The state says the recipe's last stage is done and the final folder is in place."""
+    return (state is not None and state["stage_done"] and state["stage"] == len(recipe.stages) - 1
+            and (out / "final" / "config.json").is_file())
 
 
 def _write_log(run: _Run, recipe: Recipe, out: Path, dev: torch.device, seconds: float) -> None:
