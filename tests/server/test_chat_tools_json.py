@@ -89,7 +89,7 @@ def script(served):
 
 
 @pytest.fixture
-def client(served):
+def client(served, script):  # script: every test starts unscripted
     with openai.OpenAI(base_url=served[0] + "/v1", api_key="none", max_retries=0, timeout=60) as c:
         yield c
 
@@ -110,15 +110,19 @@ def test_a_tool_call_comes_back_as_tool_calls(client, script):
 
 def test_two_calls_streamed_as_openai_deltas(client, script):
     script.text = "Checking both.\n" + CALL + "\n" + CALL2
-    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL], stream=True))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL], stream=True,
+                                                 logprobs=True, stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
+    # every token's logprob still goes out, though the call's tokens come back as one delta
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(streamed) == chunks[-1].usage.completion_tokens
     content = "".join(d.content or "" for d in deltas)
     calls = [t for d in deltas for t in d.tool_calls or []]
     assert content.strip() == "Checking both." and "<tool" not in content
     assert [t.index for t in calls] == [0, 1] and len({t.id for t in calls}) == 2
     assert [json.loads(t.function.arguments)["city"] for t in calls] == ["Paris", "Rome"]
     assert all(t.function.name == "get_weather" and t.type == "function" for t in calls)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     # the stream holds the same as the whole answer
     whole = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL])
     assert [(t.function.name, t.function.arguments) for t in whole.choices[0].message.tool_calls] == \

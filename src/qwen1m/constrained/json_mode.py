@@ -70,12 +70,15 @@ class JSONObjectProcessor:
 
     def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         state = self.state(output_token_ids)
-        if state[0] == g.DONE:
-            keep = self.eos.to(logits.device)
-        else:
+        left = self.max_tokens - len(output_token_ids) - 1  # tokens after this one
+        if state[0] != g.DONE:
+            blocked, max_cost = self.table.blocked_mask(state, logits.shape[-1])
+            if max_cost <= left:  # the budget rules nothing out: the state's cached mask, one operation
+                return logits.masked_fill(blocked.to(logits.device), float("-inf"))
             ids, costs = self.table.allowed(state)
-            left = self.max_tokens - len(output_token_ids) - 1  # tokens after this one
             keep = ids[costs <= left].to(logits.device)
+        else:
+            keep = self.eos.to(logits.device)
         keep = keep[keep < logits.shape[-1]]
         masked = torch.full_like(logits, float("-inf"))
         masked[keep] = logits[keep]

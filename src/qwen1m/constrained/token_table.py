@@ -28,7 +28,7 @@ import torch
 from qwen1m.constrained import json_grammar as g
 from qwen1m.errors import ConfigError
 
-CACHED_STATES = 256  # allowed sets kept per tokenizer; a string state's set is ~1 MB at 152K tokens
+CACHED_STATES = 256  # allowed sets (and masks) kept per tokenizer; a string state's set is ~1 MB at 152K tokens
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -80,6 +80,7 @@ class TokenTable:
             raise ConfigError(f"JSON mode needs a token for each of the characters {missing.decode()!r} alone, "
                               "which this tokenizer lacks (byte-level BPE tokenizers such as Qwen's have them).")
         self._cache: OrderedDict = OrderedDict()
+        self._masks: OrderedDict = OrderedDict()  # (state, vocab) -> blocked_mask's answer
         self._lock = threading.Lock()
 
     def allowed(self, state: g.State) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +102,25 @@ class TokenTable:
             if len(self._cache) > CACHED_STATES:
                 self._cache.popitem(last=False)
         return all_ids, all_costs
+
+    def blocked_mask(self, state: g.State, vocab: int) -> tuple[torch.Tensor, int]:
+        """(bool mask [vocab], True for the tokens NOT allowed; the largest closing cost among the
+        allowed): a step whose budget covers that cost masks the logits in one operation (cached)."""
+        key = (state, vocab)
+        with self._lock:
+            hit = self._masks.get(key)
+            if hit is not None:
+                self._masks.move_to_end(key)
+                return hit
+        ids, costs = self.allowed(state)
+        mask = torch.ones(vocab, dtype=torch.bool)
+        mask[ids[ids < vocab]] = False
+        entry = (mask, int(costs.max()) if len(costs) else 0)
+        with self._lock:
+            self._masks[key] = entry
+            if len(self._masks) > CACHED_STATES:
+                self._masks.popitem(last=False)
+        return entry
 
     def _walk(self, lo: int, hi: int, depth: int, state: g.State, ids: list[int], costs: list[int],
               vectors: list) -> None:
