@@ -157,7 +157,8 @@ def test_lone_surrogates_are_a_400(url, route, raw, where):
 @pytest.mark.parametrize("kwargs,words", [
     ({"messages": []}, ["'messages' is set by the server"]),
     ({"add_generation_prompt": False}, ["'add_generation_prompt' is set by the server"]),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["'tools' is not supported"]),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["'tools' is set by the server"]),  # use 'tools'
+    ({"functions": [{"name": "f"}]}, ["'functions' is not supported"]),
 ])
 def test_template_kwargs_cannot_replace_the_servers_variables(url, kwargs, words):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "chat_template_kwargs": kwargs}
@@ -165,11 +166,15 @@ def test_template_kwargs_cannot_replace_the_servers_variables(url, kwargs, words
     assert_serving(url)
 
 
-@pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                         ("functions", [{"name": "f"}]), ("tool_choice", "auto")])
-def test_tools_stay_refused_however_they_arrive(url, field, value):
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
-    assert_error(post(url, "/v1/chat/completions", body), 400, f"'{field}' is not supported")
+@pytest.mark.parametrize("route,field,value", [
+    # chat takes tools (test_chat_tools_json.py); the deprecated names and completions do not
+    ("/v1/chat/completions", "functions", [{"name": "f"}]), ("/v1/chat/completions", "function_call", "auto"),
+    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/completions", "tool_choice", "auto")])
+def test_tools_stay_refused_where_they_are_not_built(url, route, field, value):
+    body = {"max_tokens": 2, field: value, **({"messages": [{"role": "user", "content": "hi"}]}
+                                              if route == "/v1/chat/completions" else {"prompt": "hi"})}
+    assert_error(post(url, route, body), 400, f"'{field}' is not supported")
 
 
 # ---- defect 6: errors echoed the whole input ---------------------------------------------------------

@@ -136,13 +136,7 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"Request {request_id}: logit_bias token id {bad} is outside the vocabulary "
                                f"[0, {self.cfg.vocab_size}).")
-        room = self.max_model_len - len(ids)
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        if max_new < 1:
-            raise RequestError(
-                f"Request {request_id}: the prompt has {len(ids)} tokens, which leaves no room to generate "
-                f"within max_model_len={self.max_model_len}."
-            )
+        max_new = self.check_max_tokens(params.max_tokens, len(ids), request_id)
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -164,19 +158,32 @@ class LLMEngine:
         self._prompt_ids[request_id] = seqs[0].token_ids[:len(ids)]
         return request_id
 
+    def check_max_tokens(self, max_tokens: int | None, num_prompt_tokens: int, request_id: str = "") -> int:
+        """The new tokens a request may generate: ``max_tokens``, or all the room left when None.
+
+        A max_tokens that does not fit is an error, not silently trimmed: the caller asked for a
+        length it cannot get, and a trimmed answer would look like the model chose to stop there.
+        """
+        room = self.max_model_len - num_prompt_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise RequestError(_sentence(
+                _who(request_id), f"max_tokens={max_tokens} and the prompt's {num_prompt_tokens} tokens exceed "
+                f"max_model_len={self.max_model_len} (at most {room} new tokens fit)."))
+        return room if max_tokens is None else max_tokens
+
     def check_prompt(self, ids: list[int], request_id: str = "", label: str | None = None) -> None:
-        """label: how the error names the prompt (default "Request <request_id>")."""
-        who = label or f"Request {request_id}"
+        """label: how the error names the prompt (default "Request <request_id>: ", or nothing when
+        there is no request id, as for ``prompt_logits``)."""
+        who = f"{label}: " if label else _who(request_id)
         if not ids:
-            raise RequestError(f"{who}: the prompt is empty.")
+            raise RequestError(_sentence(who, "the prompt is empty."))
         if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"{who}: the prompt has {len(ids)} tokens but max_model_len is "
-                f"{self.max_model_len}; shorten the prompt or raise max_model_len."
-            )
+            raise RequestError(_sentence(
+                who, f"the prompt has {len(ids)} tokens but max_model_len is "
+                f"{self.max_model_len}; shorten the prompt or raise max_model_len."))
         bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"{who}: token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size}).")
+            raise RequestError(_sentence(who, f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})."))
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -483,3 +490,14 @@ class LLMEngine:
             return torch.cat(chunks)
         finally:
             self.kv.free(cache)
+
+
+def _who(request_id: str) -> str:
+    """An error's prefix naming the request ("Request 7: "), or nothing when it has no id: a bare
+    "Request : ..." names nothing."""
+    return f"Request {request_id}: " if request_id else ""
+
+
+def _sentence(prefix: str, text: str) -> str:
+    """``prefix + text``, capitalised when there is no prefix to start the sentence."""
+    return prefix + text if prefix else text[:1].upper() + text[1:]

@@ -33,7 +33,7 @@ from qwen1m.errors import Qwen1mError
 from qwen1m.llm import LLM
 from qwen1m.server.engine_loop import EngineLoop, EngineUnavailable
 from qwen1m.server.guards import LOOPBACK_HOSTS, BodyLimit, HostCheck
-from qwen1m.server.limits import ServerLimits, default_max_request_bytes
+from qwen1m.server.limits import DEFAULT_MAX_TOKENS, ServerLimits, default_max_request_bytes
 from qwen1m.server.metrics import ServerMetrics
 from qwen1m.server.protocol import QUOTE_CHARS, ChatCompletionRequest, CompletionRequest, OpenAIError, quote
 from qwen1m.server.serving import OpenAIServing, error_body
@@ -43,17 +43,22 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 
 def build_app(llm: LLM, *, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
               allowed_hosts: list[str] | None = None, metrics_public: bool = False,
-              cors_origins: list[str] | None = None, on_death: Callable[[str], None] | None = None) -> FastAPI:
+              cors_origins: list[str] | None = None, on_death: Callable[[str], None] | None = None,
+              default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """The app serving ``llm``; its engine loop starts and stops with the app's lifespan.
 
     allowed_hosts: Host names answered besides the loopback ones; None: any when there is an API key.
     on_death: called with the reason if the engine loop dies (the CLI then exits non-zero).
+    default_max_tokens: a chat request's max_tokens when it gives none and the model's
+    generation_config.json has no max_new_tokens (serving.py says why it is bounded).
     """
     limits = limits or ServerLimits(default_max_request_bytes(llm.engine.max_model_len))
     metrics = ServerMetrics()
     engine_loop = EngineLoop(llm.engine, metrics, on_death)
     serving = OpenAIServing(engine_loop, llm.tokenizer, model_name=model_name,
-                            max_model_len=llm.engine.max_model_len, limits=limits)
+                            max_model_len=llm.engine.max_model_len, limits=limits,
+                            generation_defaults=llm.generation_defaults, default_max_tokens=default_max_tokens,
+                            eos_token_ids=tuple(sorted(llm.engine.eos_ids)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,13 +7,16 @@ command; FastAPI and uvicorn are imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 from qwen1m.errors import Qwen1mError
 from qwen1m.server.limits import (
     BODY_BYTES_PER_TOKEN,
+    DEFAULT_MAX_TOKENS,
     MAX_CONNECTIONS,
     MAX_PROMPTS_PER_REQUEST,
     MAX_QUEUED_REQUESTS,
@@ -42,6 +45,10 @@ def add_serve_command(sub) -> None:
                         "end with an error event and [DONE]")
     p.add_argument("--max-num-seqs", type=int, default=64,
                    help="sequences the engine runs at once (one per completion: n=4 counts 4); more wait")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="max_tokens of a chat request that gives none, when the model's generation_config.json "
+                        f"sets no max_new_tokens (default {DEFAULT_MAX_TOKENS}; always cut to the room the prompt "
+                        "leaves in max_model_len)")
     lim = p.add_argument_group("limits (docs/server.md)")
     lim.add_argument("--max-request-bytes", type=int, default=None,
                      help="larger request bodies get 413 before they are read "
@@ -69,6 +76,27 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("QWEN1M_API_KEY") or None
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise a one-sentence Qwen1mError when ``host:port`` cannot be bound, before minutes of
+    loading weights that uvicorn would only then fail to serve. The socket binds as uvicorn's does
+    (SO_REUSEADDR: a port left in TIME_WAIT is free) and is closed at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise Qwen1mError(f"--host {host!r} is not an address this machine can bind ({e.strerror}).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise Qwen1mError(f"port {port} on {host} is already in use; stop the process that holds it or "
+                                  "choose another with --port.") from None
+            raise Qwen1mError(f"cannot bind port {port} on {host} ({e.strerror}); choose another --host or "
+                              "--port.") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -86,9 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key:
         logger.warning("--api-key is visible to every user of this machine (ps, /proc); "
                        "set QWEN1M_API_KEY in the environment instead")
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-connections", args.max_connections)):
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-connections", args.max_connections),
+                        ("--default-max-tokens", args.default_max_tokens)):
         if value < 1:
             raise Qwen1mError(f"{flag} must be at least 1, got {value}.")
+    check_port_free(args.host, args.port)
     llm = _load_llm(args, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or ("qwen1m" if args.model is None else Path(args.model).resolve().name)
     limits = ServerLimits(args.max_request_bytes or default_max_request_bytes(llm.engine.max_model_len),
@@ -98,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(config)
     config.app = build_app(llm, model_name=name, api_key=api_key, limits=limits, allowed_hosts=args.allowed_hosts,
                            metrics_public=args.metrics_public, cors_origins=args.cors_allow_origin,
-                           on_death=server.engine_died)
+                           on_death=server.engine_died, default_max_tokens=args.default_max_tokens)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_hosts:
         logger.warning("no API key: only requests addressed to a loopback name are answered; set "
                        "QWEN1M_API_KEY, or name this host with --allowed-hosts")

@@ -21,6 +21,11 @@ MAX_QUEUED_REQUESTS = 256  # TGI's --max-concurrent-requests is 128; vLLM has no
 MAX_PROMPTS_PER_REQUEST = 64  # prompts in one /v1/completions request (vLLM and TGI: no bound)
 MAX_CONNECTIONS = 1024  # uvicorn's limit_concurrency: open connections, idle keep-alive ones included
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees when any request starts
+# chat's max_tokens when a request gives none and the model's generation_config.json sets no
+# max_new_tokens (--default-max-tokens). Without a bound, a chat request on a 1M-token model may hold a
+# sequence and its KV cache for a million decode steps (hours) when the model never emits EOS; 8192
+# covers long answers and most reasoning traces, and a client that wants more says so
+DEFAULT_MAX_TOKENS = 8192
 
 
 def default_max_request_bytes(max_model_len: int) -> int:

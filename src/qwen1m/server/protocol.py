@@ -7,10 +7,16 @@ body, so the server sees them as fields like any other). A field the server does
 a silently different answer is worse than an error. ``UNSUPPORTED`` lists fields that are refused
 only when set to something other than "off"; ``IGNORED`` lists OpenAI fields that change nothing
 in the answer (``user``, ``metadata``, ...) and are accepted.
+
+A field left out takes the model's value from its ``generation_config.json`` when it has one
+(``sampling_params(defaults)``), else OpenAI's default. Chat requests take ``tools`` (OpenAI function
+tools, rendered by the chat template) with ``tool_choice`` "auto" or "none"; every route takes
+``response_format`` {"type": "json_object"} (constrained decoding, ``qwen1m.constrained``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -25,15 +31,16 @@ QUOTE_CHARS = 200  # an error message quotes at most this much of a value the cl
 RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape parses to one; UTF-8 has none
 
-# field -> the values that mean "off"; anything else asks for a feature this server lacks
+MAX_TOOLS = 128  # OpenAI's bound; each tool's schema is rendered into every prompt
+# field -> the values that mean "off"; anything else asks for a feature this server lacks (tools and
+# tool_choice are fields of chat requests: these entries refuse them on /v1/completions)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "use_beam_search": (None, False),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "functions": (None, []),  # the deprecated name of tools
+    "functions": (None, []),  # the deprecated name of tools: send tools
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
 }
 # OpenAI fields that change nothing in the answer: accepted and ignored
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -91,6 +98,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")  # json_schema's body: refused with its type below
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v):
+        if v == "json_schema":
+            raise ValueError("type 'json_schema' is not supported (only 'json_object' and 'text' are)")
+        if v not in ("text", "json_object"):
+            raise ValueError(f"type {quote(v, 60)} is unknown; expected 'json_object' or 'text'")
+        return v
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -121,6 +143,11 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = Field(None, ge=1)  # only n: every generated completion is returned
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extension
+    response_format: ResponseFormat | None = None  # {"type": "json_object"}: the output is one JSON object
+
+    @property
+    def json_mode(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
 
     @model_validator(mode="before")
     @classmethod
@@ -165,14 +192,22 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """Engine parameters; ``max_tokens`` is the value to use when the request gives none."""
+    def sampling_params(self, max_tokens: int | None, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Engine parameters. ``max_tokens``: the value to use (the server resolves its default);
+        ``defaults``: the model's generation_config.json values (``load_generation_defaults``), used
+        for the fields the request leaves out before OpenAI's own defaults."""
+        defaults = defaults or {}
+
+        def pick(name: str, openai_default: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, openai_default)
+
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
             seed=self.seed,
             max_tokens=max_tokens,
             stop=self.stop,
@@ -182,7 +217,7 @@ class GenerationRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             logprobs=self.num_logprobs,
             prompt_logprobs=self.num_prompt_logprobs,
@@ -235,11 +270,58 @@ class ContentPart(BaseModel):
         return self
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")  # OpenAI's rule (and '.')
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, given to the template as it is
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """One of ``tools``: OpenAI's function tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCallMessage(BaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; chat templates want the object
+
+    @field_validator("arguments")
+    @classmethod
+    def _object(cls, v):
+        if isinstance(v, str):  # parsed as vLLM does: the Qwen2.5 template writes it with tojson
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"must be a JSON object (as a string), but it is not valid JSON ({e.msg})") from None
+            if not isinstance(v, dict):
+                raise ValueError("must be a JSON object (as a string)")
+        return v
+
+
+class ToolCallMessage(BaseModel):
+    """A call in an assistant message of the history (what an earlier response returned)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallMessage
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, reasoning_content, ... go to the template
+    model_config = ConfigDict(extra="allow")  # reasoning_content, name, ... go to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, and 'developer' read as 'system'."""
@@ -257,10 +339,28 @@ class ChatCompletionRequest(GenerationRequest):
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "none"] | None = None  # None: "auto" when there are tools
 
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def tools_enabled(self) -> bool:
+        """Whether the template gets the tools and the output is parsed for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools_enabled else None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _auto_or_none(cls, v):
+        if v is None or v in ("auto", "none"):
+            return v
+        what = "a named function" if isinstance(v, dict) else quote(v, 60)
+        raise ValueError(f"{what} is not supported yet; use 'auto' (the default with tools) or 'none'")
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -272,11 +372,11 @@ class ChatCompletionRequest(GenerationRequest):
     @classmethod
     def _no_reserved_variables(cls, v):
         for key in v or {}:
-            if key in UNSUPPORTED:  # tools stay refused however they arrive
-                raise ValueError(f"'{key}' is not supported by this server, in chat_template_kwargs or elsewhere")
-            if key in RESERVED_TEMPLATE_VARIABLES:
+            if key in RESERVED_TEMPLATE_VARIABLES:  # tools go in 'tools', where they are checked
                 raise ValueError(f"'{key}' is set by the server ({', '.join(RESERVED_TEMPLATE_VARIABLES)} are); "
                                  "leave it out of chat_template_kwargs")
+            if key in UNSUPPORTED:  # functions stay refused however they arrive
+                raise ValueError(f"'{key}' is not supported by this server, in chat_template_kwargs or elsewhere")
         return v
 
     @property
@@ -337,7 +437,16 @@ class CompletionResponse(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: only tool calls
+    tool_calls: list[dict[str, Any]] | None = None  # tool_parser.ToolCall.openai()
+
+    @model_serializer
+    def _calls_when_any(self) -> dict[str, Any]:
+        # OpenAI writes "content": null next to calls, and no "tool_calls" key without them
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = self.tool_calls
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -359,11 +468,13 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # each with its "index" among the choice's calls
 
     @model_serializer
-    def _drop_none(self) -> dict[str, str]:
+    def _drop_none(self) -> dict[str, Any]:
         # OpenAI sends {"role": "assistant", "content": ""} first, then {"content": ...}, then {}
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatStreamChoice(BaseModel):

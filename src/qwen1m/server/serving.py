@@ -8,6 +8,14 @@ completion ``j`` of prompt ``i``, as in OpenAI.
 
 A request holds a place in the queue (``limits.QueueGate``) from its arrival to its first output, so
 the work waiting for the engine, tokenizing included, is bounded: past the limit the answer is 429.
+
+max_tokens left out: the model's ``max_new_tokens`` (generation_config.json), else OpenAI's 16 for
+completions and ``default_max_tokens`` (--default-max-tokens) for chat, each cut to the room the
+prompt leaves in max_model_len. A max_tokens the client sets and that does not fit is a 400 (the
+engine's RequestError), never silently trimmed.
+
+Chat requests with tools have each choice's text parsed for ``<tool_call>`` blocks (``tool_parser``):
+whole answers get ``message.tool_calls``, streams a delta per call as it closes.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from typing import Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from qwen1m.constrained import json_object_processor
 from qwen1m.errors import Qwen1mError, RequestError
 from qwen1m.outputs import RequestOutput
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.server.engine_loop import EngineLoop, EngineRequest, EngineUnavailable, RequestStream
-from qwen1m.server.limits import QueueGate, ServerLimits, Ticket
+from qwen1m.server.limits import DEFAULT_MAX_TOKENS, QueueGate, ServerLimits, Ticket
 from qwen1m.server.logprobs import chat_logprobs, completion_logprobs
 from qwen1m.server.protocol import (
     ChatChoice,
@@ -48,9 +57,11 @@ from qwen1m.server.protocol import (
     quote,
 )
 from qwen1m.server.tokenize import TokenizerPool
+from qwen1m.server.tool_parser import ToolCall, ToolCallStreamParser, parse_tool_calls
 
 Kind = Literal["completion", "chat"]
 MAX_ERROR_CHARS = 1000  # an error message's length: each quotes ~200 characters of input at most
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 class _Choices:
@@ -116,12 +127,18 @@ class _Choices:
 
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, *, model_name: str, max_model_len: int,
-                 limits: ServerLimits):
+                 limits: ServerLimits, generation_defaults: dict | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, eos_token_ids: tuple[int, ...] = ()):
+        """generation_defaults: the model's generation_config.json values (``LLM.generation_defaults``);
+        eos_token_ids: the engine's, which JSON mode allows once the object is complete."""
         self.engine_loop = engine_loop
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.limits = limits
+        self.generation_defaults = dict(generation_defaults or {})
+        self.default_max_tokens = default_max_tokens
+        self.eos_token_ids = tuple(eos_token_ids)
         self.gate = QueueGate(limits.max_queued_requests)
         self.tokenizer_pool = TokenizerPool(tokenizer, max_model_len) if tokenizer is not None else None
         self.created = int(time.time())
@@ -149,7 +166,7 @@ class OpenAIServing:
         ticket = self.gate.enter()
         try:
             ids = [await self._encode(p) for p in prompts]
-            params = req.sampling_params(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default
+            params = await self._params(req, req.max_tokens, ids, COMPLETIONS_MAX_TOKENS)
             echo = [self._prompt_text(p, i) for p, i in zip(prompts, ids)] if req.echo else None
             return await self._generate("completion", req, ids, params, request, ticket, echo)
         except BaseException:
@@ -169,16 +186,33 @@ class OpenAIServing:
             messages = [m.template_dict() for m in req.messages]
             text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
                                            add_generation_prompt=req.add_generation_prompt,
-                                           **(req.chat_template_kwargs or {}))
-            # chat has no default cap: up to max_model_len, as OpenAI and vLLM do
-            params = req.sampling_params(req.max_new_tokens)
-            return await self._generate("chat", req, [await self._encode(text)], params, request, ticket)
+                                           tools=req.template_tools(), **(req.chat_template_kwargs or {}))
+            ids = [await self._encode(text)]
+            params = await self._params(req, req.max_new_tokens, ids, self.default_max_tokens)
+            return await self._generate("chat", req, ids, params, request, ticket)
         except BaseException:
             ticket.release()
             raise
         finally:
             if not req.stream:
                 ticket.release()
+
+    async def _params(self, req: GenerationRequest, max_tokens: int | None, prompts: list[list[int]],
+                      route_default: int) -> SamplingParams:
+        """The request's SamplingParams: fields left out from the model's defaults, max_tokens as the
+        module docstring says, and JSON mode's logits processor."""
+        if max_tokens is None:
+            room = self.max_model_len - max(map(len, prompts))
+            max_tokens = max(1, min(self.generation_defaults.get("max_tokens", route_default), room))
+        params = req.sampling_params(max_tokens, self.generation_defaults)
+        if req.json_mode:
+            if self.tokenizer is None:
+                raise RequestError("'response_format' json_object needs the model's tokenizer.json, which this "
+                                   "model lacks; leave response_format unset.")
+            # the first request builds the tokenizer's token table (a second for 152K tokens): a thread
+            params.logits_processors = [await asyncio.to_thread(
+                json_object_processor, self.tokenizer, max_tokens, eos_token_ids=self.eos_token_ids)]
+        return params
 
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """What ``echo`` puts before a completion: the prompt as sent, or its token ids' text."""
@@ -240,10 +274,13 @@ class OpenAIServing:
                     logprobs = completion_logprobs(entries, ids, 0, self.token_text)
                 out.append(CompletionChoice(index=i, text=t, finish_reason=f, logprobs=logprobs))
             return CompletionResponse(**head, choices=out)
-        return ChatCompletionResponse(**head, choices=[
-            ChatChoice(index=i, message=ChatResponseMessage(content=t), finish_reason=f,
-                       logprobs=self._chat_logprobs(req, choices.logprobs[i], choices.token_ids[i]))
-            for i, (t, f) in finished])
+        out = []
+        for i, (t, f) in finished:
+            content, calls = parse_tool_calls(t) if req.tools_enabled else (t, [])
+            message = ChatResponseMessage(content=content, tool_calls=[c.openai() for c in calls] or None)
+            out.append(ChatChoice(index=i, message=message, finish_reason="tool_calls" if calls else f,
+                                  logprobs=self._chat_logprobs(req, choices.logprobs[i], choices.token_ids[i])))
+        return ChatCompletionResponse(**head, choices=out)
 
     def _chat_logprobs(self, req: GenerationRequest, entries: list, ids: list[int]):
         if req.num_logprobs is None:
@@ -273,12 +310,16 @@ class OpenAIServing:
         head = dict(id=response_id, created=int(time.time()), model=self.model_name)
         include_usage = req.include_usage
 
-        def chunk(index: int, text: str | None, finish: str | None, role: str | None = None, logprobs=None) -> str:
+        # tools: each chat choice's deltas go through a parser that turns <tool_call> blocks into calls
+        parsers = [ToolCallStreamParser() for _ in choices.sent] if kind == "chat" and req.tools_enabled else None
+
+        def chunk(index: int, text: str | None, finish: str | None, role: str | None = None, logprobs=None,
+                  tool_calls: list | None = None) -> str:
             if kind == "completion":
                 choice = CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)
                 body = CompletionResponse(**head, choices=[choice])
             else:
-                delta = DeltaMessage(role=role, content=text)
+                delta = DeltaMessage(role=role, content=text, tool_calls=tool_calls)
                 body = ChatCompletionChunk(**head, choices=[ChatStreamChoice(index=index, delta=delta,
                                                                              finish_reason=finish, logprobs=logprobs)])
             # OpenAI sends "usage": null in every chunk only when the client asked for usage
@@ -297,6 +338,19 @@ class OpenAIServing:
                             choices.prompt_logprobs[rid], choices.prompt_ids[rid], 0, self.token_text)
                         yield chunk(index, choices.echo[index // req.n], None, logprobs=echo_lp)
                     logprobs = self._stream_logprobs(kind, req, choices, index)
+                    if parsers is not None:
+                        events = _tool_events(parsers[index], delta, finish is not None)
+                        call_index = parsers[index].num_calls - sum(isinstance(e, ToolCall) for e in events)
+                        for event in events:
+                            if isinstance(event, ToolCall):
+                                yield chunk(index, None, None, tool_calls=[event.openai(call_index)])
+                                call_index += 1
+                            else:
+                                yield chunk(index, event, None, logprobs=logprobs)
+                                logprobs = None
+                        delta = ""  # sent as the parser's events
+                        if finish and parsers[index].num_calls:
+                            finish = "tool_calls"
                     if delta or logprobs is not None:
                         yield chunk(index, delta, None, logprobs=logprobs)
                     if finish:
@@ -310,6 +364,11 @@ class OpenAIServing:
         finally:
             stream.close()
         yield "data: [DONE]\n\n"
+
+
+def _tool_events(parser: ToolCallStreamParser, delta: str, finished: bool) -> list[str | ToolCall]:
+    """A choice's new text as the parser's events (what it held, too, once the choice finished)."""
+    return parser.feed(delta) + (parser.finish() if finished else [])
 
 
 def error_body(e: Exception) -> OpenAIError:
