@@ -230,3 +230,20 @@ def test_progress_redraws_on_a_terminal_and_writes_bounded_lines_elsewhere():
             w.write(f"at {second}", finished=second == 24)
     assert log.getvalue() == "at 0\nat 10\nat 20\nat 24\n"  # first, one per 10 s, and the last
     assert tty.getvalue().startswith("\rat 0   \rat 1   ") and tty.getvalue().endswith("\rat 24   \n")
+
+
+def test_generate_default_max_tokens_is_cut_to_the_room_left(capsys):
+    """The bundled model in an 80-token context: the unset --max-tokens (256) becomes the room the prompt
+    leaves, while an explicit --max-tokens 256 that does not fit is an error naming it."""
+    from qwen1m import LLM
+    from qwen1m.cli import main
+
+    prompt = "The grass is green. The sky is blue. " * 4
+    n = len(LLM(max_model_len=80).get_tokenizer().encode(prompt))
+    assert 20 < n < 70
+    assert main(["generate", "--prompt", prompt, "--max-model-len", "80", "--ignore-eos", "-v", "--device",
+                 "cpu"]) == 0
+    assert f"generated {80 - n}," in capsys.readouterr().err
+    assert main(["generate", "--prompt", prompt, "--max-model-len", "80", "--max-tokens", "256", "--device",
+                 "cpu"]) != 0
+    assert "max_tokens=256" in capsys.readouterr().err

@@ -97,8 +97,14 @@ _MODEL_DEFAULT_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k":
                         "repetition_penalty": "repetition_penalty"}
 
 
+CLI_MAX_TOKENS = 256  # generate's answer length when neither the flag nor generation_config.json says
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"most tokens to generate (default: the model's max_new_tokens, else {CLI_MAX_TOKENS}; "
+                        "either is cut to the room the prompt leaves in --max-model-len, while a value given here "
+                        "that does not fit is an error)")
     g = p.add_argument_group(
         "sampling (unset flags take the model's generation_config.json, else SamplingParams' defaults: the same "
         "rule as LLM.generate and the server)")
@@ -117,8 +123,9 @@ def _explicit_sampling(args: argparse.Namespace) -> dict:
     """The SamplingParams fields the command line sets; the sampling flags left unset are absent."""
     fields = {field: getattr(args, flag) for flag, field in _MODEL_DEFAULT_FLAGS.items()
               if getattr(args, flag) is not None}
-    return dict(fields, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
-                stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
+    if args.max_tokens is not None:
+        fields["max_tokens"] = args.max_tokens
+    return dict(fields, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos)
 
 
 def _check_stop_token_ids(ids: list[int] | None, vocab_size: int | None) -> None:
@@ -136,7 +143,7 @@ def _sampling_params(args: argparse.Namespace, generation_defaults: dict | None 
     from qwen1m import SamplingParams
 
     _check_stop_token_ids(args.stop_token_id, None)
-    return SamplingParams(**{**(generation_defaults or {}), **_explicit_sampling(args)})
+    return SamplingParams(**{"max_tokens": CLI_MAX_TOKENS, **(generation_defaults or {}), **_explicit_sampling(args)})
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -167,6 +174,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = llm.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
                                                    add_generation_prompt=True)
+    if llm.tokenizer is not None:  # tokenised once: the default answer length needs the prompt's
+        prompt = llm.tokenizer.encode(prompt)
+    if args.max_tokens is None:  # a default must fit: cut it to the room the prompt leaves
+        room = llm.engine.max_model_len - len(prompt) if isinstance(prompt, list) else CLI_MAX_TOKENS
+        params.max_tokens = max(1, min(params.max_tokens, room))
     if args.verbose:
         print(f"[{llm.memory_plan}]", file=sys.stderr)
     start = time.monotonic()
