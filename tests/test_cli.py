@@ -143,9 +143,12 @@ def test_given_flags_win_over_the_model_defaults():
     model = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 1000}
     params = _sampling_params(args, model)
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 3, 1.2)
-    assert params.max_tokens == 256  # --max-tokens keeps the CLI's default
+    assert params.max_tokens == 1000  # unset --max-tokens: the model's max_new_tokens, as on the server
     plain = _sampling_params(build_parser().parse_args(["generate", "--prompt", "x"]), {})
     assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p) == (1.0, 1.0, 0, 0.0)  # SamplingParams'
+    assert plain.max_tokens == 256  # neither says: the CLI's default
+    given = _sampling_params(build_parser().parse_args(["generate", "--prompt", "x", "--max-tokens", "9"]), model)
+    assert given.max_tokens == 9
 
 
 @pytest.mark.parametrize("token, message", [
