@@ -18,8 +18,10 @@ summed over the ranks: a block missing or corrupt on any rank is missing on all 
 attends over a block another rank failed to load, and the driver forgets it was on disk so that its
 recomputed copy is written again.
 
-A worker's replay cannot reuse a host slot its own writer still reads: the driver reuses a slot only
-once its own write of it is done, and a worker's writer may lag; the worker then waits for its writer.
+A worker's writer may lag behind the driver's: the driver reuses a slot, or reads a file, once its
+own write of it is done. So a worker waits for its writer before it copies into a slot its writer
+still reads, and before it reads files while writes are queued (else a file not yet written there
+would be a miss, and the block recomputed on every rank).
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ class TierReplica:
 
     def _read(self, keys: list[bytes], slots: list[int], scale: float) -> None:
         self._reuse(slots)
+        if self.tiers.disk.writing():  # the driver reads a block once its own write of it is done; ours may lag
+            self.tiers.disk.flush()
         results = self.tiers.read_files(keys, slots, scale)
         dist.all_reduce(_flags(results, self.device))  # the driver sums every rank's flags
 
