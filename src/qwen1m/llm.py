@@ -96,13 +96,16 @@ class LLM:
     cpu_offload_gb: a host-memory tier of this many GB under the prefix cache (pinned on CUDA):
         blocks are copied there as they are computed, so evicting them from the GPU keeps them, and
         a later prompt loads them instead of computing them (``cache/kv_tiers.py``). Turns prefix
-        caching on.
+        caching on. Under tensor parallelism the size is per rank: each rank keeps its own KV heads'
+        copies (``parallel/tier_sync.py``).
     prefix_cache_dir: a disk tier in this folder: a request's full prompt blocks are written there
         after it ends, by a background thread, and read back by any later LLM (another process, after
         a restart) made with the same model and KV settings; files carry checksums, a bad one is
         recomputed. Turns prefix caching on (with a 2 GB host tier as its staging area unless
         cpu_offload_gb says otherwise). prefix_cache_max_gb caps the folder (least recently read
-        files out first).
+        files out first). Under tensor parallelism each rank writes its own shard's files (one
+        subfolder per rank, read back by an LLM of the same tensor_parallel_size); a block missing or
+        bad on any rank is recomputed on all of them; the cap counts every rank's files.
     """
 
     def __init__(
@@ -168,9 +171,6 @@ class LLM:
         if tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}.")
         check_divisible(cfg, tensor_parallel_size)
-        if tensor_parallel_size > 1 and (cpu_offload_gb or prefix_cache_dir is not None):
-            raise ConfigError("cpu_offload_gb and prefix_cache_dir do not work with tensor_parallel_size > 1 yet "
-                              "(each rank would need its own host and disk shard); use enable_prefix_caching.")
         spec = BuildSpec(folder, self.config, self.sparse_config, self.dtype,
                          "dummy" if load_format == "dummy" else "safetensors", kv_cache_dtype == "fp8",
                          block_size_option(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
@@ -190,15 +190,17 @@ class LLM:
         # decode replays CUDA graphs on one GPU unless asked not to (telemetry and TP steps run eagerly)
         graphs = (self.device.type == "cuda" and not enforce_eager and tensor_parallel_size == 1
                   and not sparse_telemetry)
-        tiers = self._kv_tiers(spec, parts.kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb)
+        tiers = self._kv_tiers(spec, parts.kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb,
+                               broadcaster=parts.model.before_forward)
         self.engine = LLMEngine(self.model, self.tokenizer, kv_cache=parts.kv_cache, max_model_len=parts.max_model_len,
                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                 cuda_graphs=graphs, prefix_caching=enable_prefix_caching, kv_tiers=tiers)
         self._shared = SharedEngine(self.engine)  # generate, chat and logits are safe from any thread
 
     @staticmethod
-    def _kv_tiers(spec: BuildSpec, kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb):
-        """The host-memory and disk tiers under the prefix cache, or None."""
+    def _kv_tiers(spec: BuildSpec, kv_cache, cpu_offload_gb, prefix_cache_dir, prefix_cache_max_gb, broadcaster):
+        """The host-memory and disk tiers under the prefix cache, or None. Under tensor parallelism
+        (``broadcaster``: the driver's step broadcaster) every worker gets a replica of them."""
         if not cpu_offload_gb and prefix_cache_dir is None:
             if prefix_cache_max_gb is not None:
                 raise ConfigError("prefix_cache_max_gb needs prefix_cache_dir.")
@@ -216,9 +218,15 @@ class LLM:
             settings = cache_settings(folder=spec.folder, load_format=spec.load_format, dtype=spec.dtype, fp8=spec.fp8,
                                       block_size=spec.block_size, dca=spec.config.dca, sparse=spec.sparse,
                                       tp_size=spec.tensor_parallel_size, tp_rank=0)
-        return build_tiers(kv_cache, scale_tolerance(kv_cache), cpu_offload_gb=cpu_offload_gb,
-                           prefix_cache_dir=prefix_cache_dir, prefix_cache_max_gb=prefix_cache_max_gb,
-                           settings=settings)
+        tolerance = scale_tolerance(kv_cache)
+        options = dict(cpu_offload_gb=cpu_offload_gb, prefix_cache_dir=prefix_cache_dir,
+                       prefix_cache_max_gb=prefix_cache_max_gb, settings=settings)
+        tiers = build_tiers(kv_cache, tolerance, **options)
+        if spec.tensor_parallel_size > 1:
+            from qwen1m.parallel.tier_sync import share_tiers
+
+            share_tiers(tiers, broadcaster, dict(options, scale_tolerance=tolerance))
+        return tiers
 
     def _start_tensor_parallel(self, spec: BuildSpec):
         """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""

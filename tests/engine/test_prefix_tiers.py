@@ -21,7 +21,6 @@ from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM, DCAConfig, SamplingParams
 from qwen1m.cache.prefix_cache import PrefixCache
-from qwen1m.errors import ConfigError
 
 DCA = {"chunk_size": 16, "local_size": 4, "original_max_position_embeddings": 16}  # blocks of 4 tokens
 BLOCK_BYTES = 2 * 2 * 2 * 4 * 16 * 4  # layers x (k, v) x kv heads x block x head_dim x float32
@@ -241,9 +240,105 @@ def test_the_size_cap_keeps_the_recently_read_files(ckpt, want, tmp_path):
     assert _run(fresh, FOLLOW[:1], want)[0] < 60  # the oldest went first
 
 
-def test_tiers_with_tensor_parallelism_are_refused(ckpt, tmp_path):
-    with pytest.raises(ConfigError, match="tensor_parallel_size > 1"):
-        _llm(ckpt, tensor_parallel_size=2, prefix_cache_dir=tmp_path)
+# ---- tensor parallelism (TP=2 over gloo): each rank keeps its own shard's host slots and files ----
+RANK_BLOCK_BYTES = BLOCK_BYTES // 2  # one KV head of two per rank
+
+
+def _tp2(ckpt, **kw) -> LLM:
+    return _llm(ckpt, tensor_parallel_size=2, **kw)
+
+
+def _small_gpu_tp2() -> dict:
+    """28 GPU blocks per rank, as ``_small_gpu`` (kv_cache_memory is per rank)."""
+    return {"kv_cache_memory": 112 * PER_TOKEN // 2, "max_model_len": 110}
+
+
+@pytest.fixture(scope="module")
+def want_tp2(ckpt):
+    """TP=2 without any cache (TP=2 need not match TP=1 bit for bit)."""
+    plain = _tp2(ckpt)
+    try:
+        return {tuple(p): plain.generate([p], GREEDY)[0].outputs[0].token_ids for p in FIRST + FOLLOW}
+    finally:
+        plain.shutdown()
+
+
+def _rank_folders(root: Path) -> dict[int, Path]:
+    """rank -> its identity folder, from the manifests."""
+    import json
+
+    return {json.loads(m.read_text())["tensor_parallel_rank"]: m.parent for m in root.glob("*/manifest.json")}
+
+
+def _rank_file(llm: LLM, rank: int, key: bytes) -> Path:
+    from qwen1m.cache.cache_identity import identity
+
+    settings = {**llm.engine.kv.tiers.disk.settings, "tensor_parallel_rank": rank}
+    return llm.engine.kv.tiers.disk.root / identity(settings) / key.hex()[:2] / f"{key.hex()}.kv"
+
+
+def test_tp2_gpu_evictions_go_to_host_memory(ckpt, want_tp2):
+    llm = _tp2(ckpt, cpu_offload_gb=1e-3, **_small_gpu_tp2())
+    try:
+        assert llm.engine.kv.tiers.peers is not None
+        assert _run(llm, FIRST, want_tp2) == [0, 0, 0]
+        assert _run(llm, FOLLOW, want_tp2) == [60, 60, 60]  # the first two documents from host memory
+        stats = _stats(llm)
+        assert stats.hit_tokens["host"] >= 120 and stats.hit_tokens["disk"] == 0
+        assert stats.read_bytes["host"] == stats.hit_tokens["host"] // 4 * RANK_BLOCK_BYTES  # rank 0's shard
+    finally:
+        llm.shutdown()
+
+
+def test_tp2_host_evictions_go_to_disk_and_a_restart_reads_them(ckpt, want_tp2, tmp_path):
+    host_blocks = 20  # per rank, fewer than two documents' 16 blocks each
+    llm = _tp2(ckpt, cpu_offload_gb=host_blocks * RANK_BLOCK_BYTES / 2**30, prefix_cache_dir=tmp_path,
+               **_small_gpu_tp2())
+    try:
+        assert llm.engine.kv.tiers.host.pool.num_blocks == host_blocks
+        assert _run(llm, FIRST, want_tp2) == [0, 0, 0]
+        llm.engine.kv.tiers.flush()
+        assert _run(llm, FOLLOW, want_tp2) == [60, 60, 60]
+        assert _stats(llm).hit_tokens["disk"] >= 60
+        key = PrefixCache(4).keys(FIRST[0], 1)[0]
+        shards = [_rank_file(llm, rank, key) for rank in (0, 1)]
+    finally:
+        llm.shutdown()  # the workers write what is queued before they leave
+    folders = _rank_folders(tmp_path)
+    assert sorted(folders) == [0, 1] and all(len(_files(f.parent)) >= 3 * 15 for f in folders.values())
+    assert shards[0].read_bytes() != shards[1].read_bytes()  # each rank wrote its own KV head
+    again = _tp2(ckpt, prefix_cache_dir=tmp_path)  # a restart: every document from both ranks' files
+    try:
+        assert _run(again, FIRST + FOLLOW, want_tp2) == [60] * 6
+        assert _stats(again).hit_tokens["disk"] == 3 * 60 and _stats(again).corrupt_files == 0
+    finally:
+        again.shutdown()
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "missing"])
+def test_tp2_a_damaged_file_of_rank_1_only_is_recomputed_on_every_rank(ckpt, want_tp2, tmp_path, damage):
+    made = _tp2(ckpt, prefix_cache_dir=tmp_path)
+    try:
+        _run(made, FIRST[:1], want_tp2)
+        made.engine.kv.tiers.flush()
+        key = PrefixCache(4).keys(FOLLOW[0], 7)[6]
+        ours, theirs = _rank_file(made, 0, key), _rank_file(made, 1, key)
+    finally:
+        made.shutdown()
+    raw0, raw1 = ours.read_bytes(), theirs.read_bytes()
+    if damage == "bit_flip":
+        theirs.write_bytes(raw1[:-5] + bytes([raw1[-5] ^ 0x10]) + raw1[-4:])
+    else:
+        theirs.unlink()
+    llm = _tp2(ckpt, prefix_cache_dir=tmp_path)
+    try:
+        assert _run(llm, FOLLOW[:1], want_tp2) == [24]  # rank 0's sound file is not used either
+        assert _stats(llm).corrupt_files == (1 if damage == "bit_flip" else 0)
+        llm.engine.kv.tiers.flush()  # the recomputed block is written again, on both ranks
+        assert theirs.read_bytes() == raw1 and ours.read_bytes() == raw0
+        assert _stats(llm).hit_tokens["disk"] == 24
+    finally:
+        llm.shutdown()
 
 
 def test_a_document_larger_than_the_host_tier_streams_through_it(ckpt, want, tmp_path, monkeypatch):

@@ -130,3 +130,45 @@ def test_ranks_sharing_a_gpu_plan_half_of_it_each(tmp_path, one_gpu):
         assert 2 * plan.kv_bytes >= total * utilization / 4  # and the plan did use the memory it was given
     finally:
         two.shutdown()
+
+
+def test_tp2_on_one_gpu_prefix_cache_tiers(tmp_path, one_gpu):
+    """Host and disk tiers with CUDA ranks: each worker's replica copies its shard on its own side
+    stream into its own pinned slots (GPU -> host -> disk evictions, then a restart from disk)."""
+    folder = save_tiny_checkpoint(tmp_path / "m", seed=95, extra_config={"dual_chunk_attention_config": DCA},
+                                  **SIZES)
+    docs = _prompts(95, (240, 240, 240))  # 15 blocks of 16 tokens each
+    first = [d + q for d, q in zip(docs, _prompts(96, (16, 16, 16)))]
+    follow = [d + q for d, q in zip(docs, _prompts(97, (16, 16, 16)))]  # the same length: the same YaRN m
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    # 24 blocks per rank (float32, one KV head of 64 dims, 2 layers: 1 KiB a token): one sequence at a time
+    opts = dict(dtype="float32", block_size=16, max_model_len=300, max_num_batched_tokens=64,
+                kv_cache_memory=384 << 10, tensor_parallel_size=2)
+    block = 16 << 10
+
+    def run(llm: LLM, prompts) -> tuple[list[list[int]], list[int]]:
+        outs = [llm.generate([p], params)[0] for p in prompts]
+        return [o.outputs[0].token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+    plain = LLM(folder, device="cuda", **opts)
+    try:
+        want = run(plain, first + follow)[0]
+    finally:
+        plain.shutdown()
+    llm = LLM(folder, device="cuda", cpu_offload_gb=20 * block / 2**30, prefix_cache_dir=tmp_path / "kv", **opts)
+    try:
+        assert llm.engine.kv.tiers.host.data.is_pinned()
+        assert run(llm, first) == (want[:3], [0, 0, 0])
+        # the writers are done: no host slot is held by a pending write (which would cut a lookup short)
+        llm.engine.kv.tiers.flush()
+        assert run(llm, follow) == (want[3:], [240] * 3)
+        assert llm.engine.kv.stats().hit_tokens["disk"] >= 240  # 20 host slots: some documents went to disk
+    finally:
+        llm.shutdown()
+    again = LLM(folder, device="cuda", prefix_cache_dir=tmp_path / "kv", **opts)
+    try:
+        tokens, cached = run(again, first + follow)
+        assert tokens == want and cached == [240] * 6
+        assert again.engine.kv.stats().hit_tokens["disk"] == 3 * 240
+    finally:
+        again.shutdown()

@@ -186,6 +186,10 @@ class DiskTier:
             out.append(self._done.popleft())
         return out
 
+    def writing(self) -> bool:
+        """Whether writes are queued or in progress."""
+        return self._queue.unfinished_tasks > 0
+
     def flush(self) -> None:
         """Wait until every queued write is on disk (or failed)."""
         if getattr(self, "_thread", None) is not None:

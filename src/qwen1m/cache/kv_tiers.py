@@ -21,6 +21,10 @@ GPU cache's rule, m within ``scale_tolerance`` (``prefix_cache.py``).
 
 Threads: everything here runs on the engine's thread except the disk writer (``disk_tier.py``) and
 the reads of a batch's disk blocks, which a small pool runs in parallel while the engine waits.
+
+Tensor parallelism: this object decides on the driver (rank 0); ``peers`` (``parallel/tier_sync.py``)
+replays every byte move it makes (copies down and up, disk reads, writes) on the other ranks, each
+on its own KV shard, host buffer and disk namespace. None on one process.
 """
 
 from __future__ import annotations
@@ -88,13 +92,14 @@ class KVTiers:
         self._writing: set[bytes] = set()  # keys queued for the writer
         self._demoted: list[WriteItem] = []  # host entries evicted before they reached the disk
         self._readers: ThreadPoolExecutor | None = None  # disk reads, made on first use
+        self.peers = None  # parallel.tier_sync.TierPeers under tensor parallelism: the other ranks
         if disk is not None:  # queued writes finish before the interpreter exits
             self._finalizer = weakref.finalize(self, disk.close)
 
     # ---- the allocator's calls --------------------------------------------------------------------
     def offload(self, blocks: list[int], keys: list[bytes], scale: float) -> None:
         """Copy freshly registered GPU blocks to host slots (write-through), unless already there."""
-        self._drain()
+        self.drain()
         todo = [(b, k) for b, k in zip(blocks, keys) if self.host.get(k, scale, self.tolerance) is None]
         if todo:
             slots = self.host.take(len(todo), self._demote)
@@ -102,27 +107,33 @@ class KVTiers:
             todo = todo[:len(slots)]
             for (_, key), slot in zip(todo, slots):
                 self.host.put(key, slot, scale)
-            self._copy_down([b for b, _ in todo], slots)
+            self.copy_down([b for b, _ in todo], slots)
             self.stats.written_bytes["host"] += len(slots) * self.layout.nbytes
         self._submit_demoted()
 
     def before_gpu_evict(self, evicted: list[tuple[int, bytes, float]]) -> None:
         """GPU blocks (block, key, key scale) leave the prefix cache: each goes a tier down if the
         host lacks it, and the main stream waits for the copies before it overwrites them."""
-        self._drain()
+        self.drain()
         by_scale: dict[float, list[tuple[int, bytes]]] = {}
         for block, key, scale in evicted:
             if self.host.get(key, scale, self.tolerance, touch=False) is None:
                 by_scale.setdefault(scale, []).append((block, key))
         for scale, items in by_scale.items():
             self.offload([b for b, _ in items], [k for _, k in items], scale)
+        if self.peers is not None:
+            self.peers.log("fence")
+        self.fence()
+
+    def fence(self) -> None:
+        """The main stream waits for the copies down so far (before it overwrites their blocks)."""
         if self._last_copy is not None:
             torch.cuda.current_stream(self.device).wait_event(self._last_copy)
 
     def load(self, keys: list[bytes], blocks: list[int], scale: float) -> list[str]:
         """Fill GPU ``blocks`` with the blocks of ``keys`` from host memory or disk, as far as the
         leading ones are found; returns the tier each loaded block came from ("host" / "disk")."""
-        self._drain()
+        self.drain()
         sources: list[str] = []
         done = False
         while not done and len(sources) < min(len(keys), len(blocks)):
@@ -134,7 +145,7 @@ class KVTiers:
             sources += ["disk" if d else "host" for d in from_disk]
             done = len(slots) < len(batch)
             try:
-                self._copy_up(blocks[start:start + len(slots)], slots)
+                self.copy_up(blocks[start:start + len(slots)], slots)
             finally:
                 for slot in slots:
                     self.host.unpin(slot)
@@ -147,7 +158,7 @@ class KVTiers:
 
     def persist(self, keys: list[bytes]) -> None:
         """A request ended: queue its blocks that are in host memory but not on disk for the writer."""
-        self._drain()
+        self.drain()
         if self.disk is None or not self.disk.enabled:
             return
         items = []
@@ -157,24 +168,28 @@ class KVTiers:
                 continue
             slot, scale = entry
             self.host.pin(slot)  # the writer reads the slot: it stays until written
+            if self.peers is not None:
+                self.peers.log("persist", key, scale, slot)
             items.append(WriteItem(key, scale, self.host.data[slot],
                                    self.host.scales[slot] if self.host.scales is not None else None,
                                    slot, self.host.busy.get(slot)))
             self._writing.add(key)
-        self._submit(items)
+        self.submit(items)
 
     def flush(self) -> None:
         """Wait for every queued disk write (tests, benchmarks, before a restart)."""
         self._submit_demoted()
         if self.disk is not None:
             self.disk.flush()
-        self._drain()
+        self.drain()
+        if self.peers is not None:  # and the other ranks' writers
+            self.peers.flush()
 
     def snapshot(self) -> TierStats:
-        """The counters, the disk writer's included."""
+        """The counters, the disk writer's included (bytes: this rank's shard; corrupt files: every rank's)."""
         if self.disk is not None:
             self.stats.written_bytes["disk"] = self.disk.written_bytes
-            self.stats.corrupt_files = self.disk.corrupt_files
+            self.stats.corrupt_files = self.disk.corrupt_files + (self.peers.corrupt_files if self.peers else 0)
         return self.stats
 
     # ---- internals --------------------------------------------------------------------------------
@@ -186,15 +201,21 @@ class KVTiers:
         """A host entry is evicted: if the disk lacks it, the writer gets a copy of its bytes."""
         if self.disk is None or not self.disk.enabled or key in self._writing or self._known(key, scale):
             return
-        scales = self.host.scales[slot].clone() if self.host.scales is not None else None
-        self._demoted.append(WriteItem(key, scale, self.host.data[slot].clone(), scales, None))
+        if self.peers is not None:
+            self.peers.log("demote", key, slot, scale)
+        self._demoted.append(self.private_copy(key, slot, scale))
         self._writing.add(key)
+
+    def private_copy(self, key: bytes, slot: int, scale: float) -> WriteItem:
+        """A write of a slot's bytes that no longer needs the slot (it is about to be reused)."""
+        scales = self.host.scales[slot].clone() if self.host.scales is not None else None
+        return WriteItem(key, scale, self.host.data[slot].clone(), scales, None)
 
     def _submit_demoted(self) -> None:
         items, self._demoted = self._demoted, []
-        self._submit(items)
+        self.submit(items)
 
-    def _submit(self, items: list[WriteItem]) -> None:
+    def submit(self, items: list[WriteItem]) -> None:
         if items and not self.disk.submit(items):  # queue full or tier off: dropped, not waited for
             self.stats.dropped_blocks += len(items)
             for item in items:
@@ -202,7 +223,7 @@ class KVTiers:
                 if item.slot is not None:
                     self.host.unpin(item.slot)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Take the writer's finished items: unpin their slots, note what is on disk now."""
         if self.disk is None:
             return
@@ -249,20 +270,17 @@ class KVTiers:
         present = present[:len(slots)]
         if not present:
             return out
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qwen1m-kv-reader")
-        scales = self.host.scales
-
-        def read(job: tuple[bytes, int]) -> tuple[str, float]:
-            key, slot = job
-            return self.disk.read(key, scale, self.tolerance, self.host.data[slot],
-                                  scales[slot] if scales is not None else None)
-
+        if self.peers is not None:  # the other ranks read their files of these keys meanwhile
+            self.peers.log("read", present, slots, scale)
+            self.peers.send()
+        results = self.read_files(present, slots, scale)
+        if self.peers is not None:  # a block counts only where every rank read its shard sound
+            results = self.peers.agree(results)
         sound = True
-        for i, (key, slot, (status, found)) in enumerate(
-                zip(present, slots, self._readers.map(read, zip(present, slots)))):
+        for i, (key, slot, (status, found)) in enumerate(zip(present, slots, results)):
             if status != "hit":
                 self.host.release(slot)
+                self._on_disk.pop(key, None)  # deleted (corrupt) or missing on some rank: write it again
                 sound = False
                 continue
             self.host.put(key, slot, found)  # a sound block past a bad one still joins the host tier
@@ -272,11 +290,26 @@ class KVTiers:
                 out[i] = slot
         return out
 
-    def _copy_down(self, blocks: list[int], slots: list[int]) -> None:
+    def read_files(self, keys: list[bytes], slots: list[int], scale: float) -> list[tuple[str, float]]:
+        """Read each key's file into its host slot, in parallel: DiskTier.read's (status, key scale)."""
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qwen1m-kv-reader")
+        scales = self.host.scales
+
+        def read(job: tuple[bytes, int]) -> tuple[str, float]:
+            key, slot = job
+            return self.disk.read(key, scale, self.tolerance, self.host.data[slot],
+                                  scales[slot] if scales is not None else None)
+
+        return list(self._readers.map(read, zip(keys, slots)))
+
+    def copy_down(self, blocks: list[int], slots: list[int]) -> None:
         """GPU blocks -> host slots. CUDA: on the side stream, after the work enqueued so far; the
         slots' event says when their bytes have landed."""
         if not slots:
             return
+        if self.peers is not None:
+            self.peers.log("down", blocks, slots)
         host = self.host
         if not self.cuda:
             n, idx = len(blocks), torch.tensor(blocks)
@@ -310,10 +343,12 @@ class KVTiers:
             host.busy[slot] = event
         self._last_copy = event
 
-    def _copy_up(self, blocks: list[int], slots: list[int]) -> None:
+    def copy_up(self, blocks: list[int], slots: list[int]) -> None:
         """Host slots -> GPU blocks, on the current stream (the step that reads them follows it)."""
         if not slots:
             return
+        if self.peers is not None:
+            self.peers.log("up", blocks, slots)
         host = self.host
         if not self.cuda:
             idx = torch.tensor(slots)

@@ -9,6 +9,8 @@ holds the same KV blocks (``build_rank`` agrees on their number), for its own KV
 ``python -m qwen1m.parallel.worker`` processes that qwen1m starts (``worker.py``), or ranks started by
 ``torchrun`` (see ``LLM``). Ranks join over gloo on the CPU, NCCL on GPUs, or gloo when ranks share a
 GPU (``placement.py``). NVLink multicast stays off (NCCL_NVLS_ENABLE=0): the lent machines forbid it.
+With host-memory or disk tiers under the prefix cache, a step also carries the driver's tier ops since
+the step before, which every worker replays on its own shard first (``tier_sync.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import SequenceBlocks
 from qwen1m.errors import Qwen1mError
+from qwen1m.parallel.tier_sync import TierMsg, TierReplica
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class StepMsg:
     input_ids: list[int]
     positions: list[int]
     slices: list[SliceMsg]
+    tier_ops: list = field(default_factory=list)  # tier_sync ops the driver ran since the step before
 
 
 def free_port() -> int:
@@ -92,7 +96,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _broadcast(obj: StepMsg | None) -> StepMsg | None:
+def _broadcast(obj: StepMsg | TierMsg | None) -> StepMsg | TierMsg | None:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -103,6 +107,7 @@ class StepBroadcaster:
 
     def __init__(self, workers: list) -> None:
         self.workers = workers  # worker.WorkerProcess of ranks 1..N-1 (empty under torchrun)
+        self.tiers = None  # tier_sync.TierPeers when the prefix cache has host or disk tiers
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.workers, start=1):
@@ -116,18 +121,46 @@ class StepBroadcaster:
         self.check_alive()
         msg = StepMsg(input_ids.tolist(), meta.positions.tolist(),
                       [SliceMsg(s.query_start, s.num_query, s.num_cached, s.scale_len, s.prompt_len,
-                                list(s.cache.blocks)) for s in meta.seqs])
+                                list(s.cache.blocks)) for s in meta.seqs],
+                      self.tiers.take() if self.tiers is not None else [])
+        _broadcast(msg)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A sum over the ranks; a vanished worker is named, not a bare gloo/NCCL error."""
+        try:
+            dist.all_reduce(x)
+        except RuntimeError as e:  # gloo/NCCL report a vanished peer as a RuntimeError
+            self.check_alive()
+            raise Qwen1mError(f"a tensor-parallel all-reduce failed: {e}") from None
+        return x
+
+    def send(self, msg: TierMsg) -> None:
+        """Tier ops between steps."""
+        self.check_alive()
         _broadcast(msg)
 
     def stop(self) -> None:
+        if self.tiers is not None and self.tiers.ops:  # e.g. the last request's writes: replayed before leaving
+            _broadcast(TierMsg(self.tiers.take()))
         _broadcast(None)
 
 
 def worker_loop(model, kv_cache, device: torch.device) -> None:
-    """Ranks 1..N-1: replay every step the driver broadcasts until it sends None."""
+    """Ranks 1..N-1: replay every step (and tier op) the driver broadcasts until it sends None."""
     model.all_reduce = all_reduce
+    tiers = TierReplica(kv_cache, device)
+    try:
+        _serve(model, kv_cache, device, tiers)
+    finally:  # this rank's queued disk writes land before it leaves
+        tiers.close()
+
+
+def _serve(model, kv_cache, device: torch.device, tiers: TierReplica) -> None:
     with torch.inference_mode():
         while (msg := _broadcast(None)) is not None:
+            tiers.replay(msg.tier_ops)
+            if isinstance(msg, TierMsg):
+                continue
             slices = [SequenceSlice(s.query_start, s.num_query, s.num_cached, s.scale_len,
                                     SequenceBlocks(kv_cache, s.blocks, device), s.prompt_len) for s in msg.slices]
             meta = AttentionMetadata(torch.tensor(msg.positions, device=device), slices)
@@ -176,7 +209,7 @@ class TPDriver:
         self.parts = result["parts"]
         self.broadcaster = StepBroadcaster(self.workers)
         self.parts.model.before_forward = self.broadcaster
-        self.parts.model.all_reduce = self._all_reduce
+        self.parts.model.all_reduce = self.broadcaster.all_reduce
 
     def _poll(self, ready: set[int]) -> None:
         for proc in self.workers:
@@ -192,14 +225,6 @@ class TPDriver:
                 self.close()
                 raise Qwen1mError(f"tensor-parallel worker rank {proc.rank} exited while starting "
                                   f"(exit code {proc.exitcode}).")
-
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            dist.all_reduce(x)
-        except RuntimeError as e:  # gloo/NCCL report a vanished peer as a RuntimeError
-            self.broadcaster.check_alive()
-            raise Qwen1mError(f"a tensor-parallel all-reduce failed: {e}") from None
-        return x
 
     def close(self) -> None:
         """Stop the workers (they leave their loop on a None step) and tear the group down; idempotent."""
