@@ -6,10 +6,11 @@
         greedy rows with those ................................. argmax of the finite logits
         sampled rows: / temperature -> top-k -> softmax -> top-p -> min-p -> multinomial
 
-Everything but the draw is one batched tensor operation per filter over the rows that use it (a row
-whose filter is off is left out of it, so its numbers are those of the row alone). The draw is
-per row, on the CPU with the sequence's own ``torch.Generator``, so a seed gives the same tokens on
-any device and whatever else shares the batch. Logprobs are not computed here: ``logprobs.py``
+Every step is one batched tensor operation per filter over the rows that use it (a row whose filter
+is off is left out of it, so its numbers are those of the row alone). The draw takes one uniform
+number per row from the sequence's own CPU ``torch.Generator`` (so a seed gives the same tokens
+whatever else shares the batch), then inverts every row's cumulative distribution at once on the
+device. Logprobs are not computed here: ``logprobs.py``
 reads them from the raw logits.
 
 Penalties (vLLM's ``apply_penalties``): repetition divides the positive and multiplies the negative
@@ -154,16 +155,24 @@ def _draw(x: torch.Tensor, params, generators: list[torch.Generator | None]) -> 
         scale = torch.tensor([params[j].min_p for j in min_p], device=device)[:, None]
         floor = scale * part.max(-1, keepdim=True).values
         probs[min_p] = part.masked_fill(part < floor, 0.0)
-    probs = probs.cpu()  # one copy; the draw runs on the CPU generators
-    out: list[int | Exception] = []
-    for j, generator in enumerate(generators):
-        row = probs[j]
-        total = row.sum()
-        if not torch.isfinite(total) or total <= 0 or not torch.isfinite(row).all():
-            out.append(_guarded(_argmax_finite, x[j]))
-        else:
-            out.append(int(torch.multinomial(row / total, 1, generator=generator).item()))
-    return out
+    # the draw, batched: each row's one uniform number comes from its own CPU generator (so a seed gives
+    # the same tokens whatever else shares the batch), then an inverse-CDF lookup for all rows on the
+    # device. A per-row torch.multinomial over 152K CPU probabilities cost ~4 ms a row (H100 run of
+    # 2026-12-07: 32 sampled rows 134 ms per step against 6.3 ms greedy).
+    u = torch.tensor([_uniform(g) for g in generators], dtype=torch.float32)
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    bad = ~torch.isfinite(probs).all(-1) | ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
+    # the first token whose cumulative mass passes u * total: a token of positive probability, since
+    # u < 1 keeps the target below the last cumulative value
+    idx = torch.searchsorted(cdf, u.to(device)[:, None] * total, right=True).clamp_(max=vocab - 1)
+    tokens, bad = torch.stack([idx[:, 0], bad.long()]).tolist()  # one copy to the host
+    return [_guarded(_argmax_finite, x[j]) if b else t for j, (t, b) in enumerate(zip(tokens, bad))]
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """One number in [0, 1) from the sequence's generator (torch's default one for unseeded rows)."""
+    return float(torch.rand((), generator=generator))
 
 
 def _guarded(fn, *args) -> int | Exception:
