@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from live_server import text_checkpoint
 
 from qwen1m import LLM, SamplingParams
@@ -69,40 +67,3 @@ def test_small_max_tokens_is_refused():
     tok = Tokenizer.from_folder(BUNDLED)
     with pytest.raises(RequestError, match=f"max_tokens of at least {MIN_MAX_TOKENS}.*got 1"):
         json_object_processor(tok, 1)
-
-
-def _step_costs(tokenizer, steps: int, seed: int) -> tuple[float, float, float]:
-    """(first build s, mean ms per step, max ms per step) over a random walk of sampled tokens."""
-    start = time.perf_counter()
-    proc = json_object_processor(tokenizer, steps)
-    build = time.perf_counter() - start
-    gen = torch.Generator().manual_seed(seed)
-    out, times = [], []
-    while len(out) < steps:
-        logits = torch.randn(tokenizer.vocab_size, generator=gen) * 3
-        start = time.perf_counter()
-        masked = proc(out, logits)
-        times.append(time.perf_counter() - start)
-        token = int(torch.multinomial(torch.softmax(masked, -1), 1, generator=gen))
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(token)
-    assert isinstance(json.loads(tokenizer.decode(out)), dict)
-    return build, 1000 * sum(times) / len(times), 1000 * max(times)
-
-
-# the 152K row needs a tokenizer this repository does not ship: run on purpose (-m slow) where one is
-@pytest.mark.parametrize("folder", [BUNDLED, pytest.param(LARGE_TOKENIZER, marks=pytest.mark.slow)],
-                         ids=["bundled", "152k"])
-def test_per_step_cost_is_measured(folder):
-    if folder is None:
-        pytest.skip("set QWEN1M_TOKENIZER_152K to a folder with a Qwen tokenizer.json to measure it at 152K")
-    tok = Tokenizer.from_folder(folder)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared, busy CPU, intra-op threads contending would be what is measured
-    try:
-        build, mean_ms, max_ms = _step_costs(tok, 300, seed=0)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"\nJSON mode, {tok.vocab_size} tokens: table {build:.2f} s once; per step {mean_ms:.2f} ms mean, "
-          f"{max_ms:.2f} ms max (cold states included; 1 torch thread)")
