@@ -123,3 +123,43 @@ def test_overlapped_graph_decode_equals_plain(tmp_path):
     eager = LLM(folder, enforce_eager=True, **kw)
     eager.engine.overlap = True
     assert summary(eager.generate(prompts, params)) == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampled_rows_overlap_without_a_host_sync(tmp_path, monkeypatch):
+    """Sampled rows (seeded, top-k/top-p/min-p, logit_bias) beside greedy ones are chosen on the device
+    with no host sync, so their steps are launched early: the plain engine's tokens, seed for seed."""
+    from qwen1m.engine import llm_engine
+
+    folder, prompts = _model_and_prompts(tmp_path, DCA, 86, (5, 30, 70, 150))
+    kw = dict(dtype="float32", device="cuda", max_num_seqs=8, max_model_len=512, kv_cache_memory=256 << 20)
+    llm = LLM(folder, **kw)
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.9, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=17, temperature=1.1, top_k=12, top_p=0.9, seed=2, ignore_eos=True,
+                             logit_bias={3: 2.0}),
+              SamplingParams(max_tokens=24, temperature=0.8, min_p=0.05, seed=3, ignore_eos=True)]
+    summary = lambda outs: [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]  # noqa: E731
+    llm.engine.overlap = False
+    want = summary(llm.generate(prompts, params))
+    real = llm_engine.sample_on_device
+
+    def no_sync(logits, seqs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(logits, seqs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(llm_engine, "sample_on_device", no_sync)
+    inner, aheads = llm.engine._launch_ahead, [0]
+
+    def counting(step):
+        ahead = inner(step)
+        aheads[0] += ahead is not None
+        return ahead
+
+    llm.engine._launch_ahead = counting
+    llm.engine.overlap = True
+    assert summary(llm.generate(prompts, params)) == want
+    assert aheads[0] >= 10, "sampled steps were not launched early"

@@ -105,11 +105,30 @@ def test_aborts_and_arrivals_between_steps(checkpoint):
     assert len(done) == 4 and all(len(v) == 10 for k, v in done.items() if v != "aborted")
 
 
-def test_sampling_rows_disable_overlap_and_stay_seeded(checkpoint):
-    """A step with a non-greedy row samples on the host from its logits: no early launch, same tokens."""
-    ps = prompts(3, seed=9)
+def test_sampled_rows_overlap_and_stay_seeded(checkpoint):
+    """Sampled rows (temperature, top-k, top-p, min-p, logit_bias) are chosen on the device, so their
+    steps are launched early too, with the tokens of the plain engine for the same seeds."""
+    ps = prompts(4, seed=9)
     params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=1.2, top_k=8, top_p=0.9, seed=4, ignore_eos=True,
+                             logit_bias={5: 3.0}),
+              SamplingParams(max_tokens=6, temperature=0.7, min_p=0.1, seed=5, ignore_eos=True)]
+    want = summary(make_llm(checkpoint, overlap=False).generate(ps, params))
+    assert len({tuple(t) for t, _, _ in want}) == 4
+    llm = make_llm(checkpoint, overlap=True)
+    aheads = count_aheads(llm)
+    assert summary(llm.generate(ps, params)) == want
+    assert aheads[0] >= 4, "the overlapped path was not taken"
+
+
+@pytest.mark.parametrize("extra", [dict(repetition_penalty=1.3), dict(logits_processors=[lambda ids, row: row])])
+def test_penalties_and_logits_processors_disable_overlap_and_stay_seeded(checkpoint, extra):
+    """Penalties count the output tokens and a logits processor reads them on the host: such a step
+    samples there, after its tokens arrive, and is never launched early."""
+    ps = prompts(3, seed=9)
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True, **extra),
               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
     want = summary(make_llm(checkpoint, overlap=False).generate(ps, params))
     llm = make_llm(checkpoint, overlap=True)

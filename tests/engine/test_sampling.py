@@ -232,13 +232,31 @@ def test_sampling_params_take_vllm_names_and_name_bad_fields(llm):
 def test_the_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
     """4,000 rows of one distribution (a token with probability 0 in the middle and at the end) through
     the batched inverse-CDF draw: frequencies within 0.03 of the probabilities, the zero tokens never."""
-    from qwen1m.engine.sampler import _draw
+    from qwen1m.engine.sampler import _choose
 
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
     rows = 4000
     x = torch.log(probs).expand(rows, -1).clone()
     gen = torch.Generator().manual_seed(0)
-    drawn = _draw(x, [SamplingParams(temperature=1.0)] * rows, [gen] * rows)
-    counts = torch.bincount(torch.tensor(drawn), minlength=5).float() / rows
+    drawn, report = _choose(x, [SamplingParams(temperature=1.0)] * rows, [gen] * rows)
+    assert torch.equal(drawn, report)
+    counts = torch.bincount(drawn, minlength=5).float() / rows
     assert counts[1] == 0 and counts[4] == 0
     assert (counts - probs).abs().max() < 0.03
+
+
+def test_the_device_choice_equals_the_host_sampler_and_reports_broken_rows():
+    """``sample_on_device`` (no host sync; what lets the engine launch the next step early) gives the
+    tokens ``sample_batch`` gives for the same seeds, and -1 for a row with no finite logit."""
+    gen = torch.Generator().manual_seed(3)
+    rows = ROWS + [dict(temperature=0.6, logit_bias={4: 5.0, 9: -3.0}), dict(temperature=0, logit_bias={7: 50.0})]
+    for trial in range(10):
+        logits = torch.randn(len(rows), VOCAB, generator=gen) * 3
+        logits[1] = float("nan") if trial % 3 == 0 else logits[1]
+        params = [SamplingParams(seed=trial, **kw) for kw in rows]
+        host = sampler.sample_batch(logits, [seq_of(p, [1], [], seed=10 * trial + i) for i, p in enumerate(params)])
+        tokens, report = sampler.sample_on_device(
+            logits, [seq_of(p, [1], [], seed=10 * trial + i) for i, p in enumerate(params)])
+        assert report.tolist() == [t if isinstance(t, int) else -1 for t in host]
+        assert (trial % 3 == 0) == isinstance(host[1], sampler.SamplingError)
+        assert tokens.min() >= 0 and host[-1] == 7  # the next step's input is always a valid id

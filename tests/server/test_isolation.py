@@ -118,16 +118,18 @@ def test_tiny_temperature_is_served_and_harms_nobody(url):
 def test_a_row_that_cannot_be_sampled_fails_its_request_only(url, monkeypatch):
     """Logits that are nan throughout (a broken row) fail that request with a 500 error object; the
     stream in the same batch goes on."""
-    real = llm_engine.sample_batch
+    def nan_for_seed_77(real):
+        def choose(logits, seqs):
+            broken = [i for i, seq in enumerate(seqs) if seq.params.seed == 77]
+            if broken:
+                logits = logits.clone()
+                logits[broken] = float("nan")
+            return real(logits, seqs)
+        return choose
 
-    def nan_for_seed_77(logits, seqs):
-        broken = [i for i, seq in enumerate(seqs) if seq.params.seed == 77]
-        if broken:
-            logits = logits.clone()
-            logits[broken] = float("nan")
-        return real(logits, seqs)
-
-    monkeypatch.setattr(llm_engine, "sample_batch", nan_for_seed_77)
+    # rows without penalties or processors are chosen on the device (the -1 report), others on the host
+    for name in ("sample_batch", "sample_on_device"):
+        monkeypatch.setattr(llm_engine, name, nan_for_seed_77(getattr(llm_engine, name)))
     stream = BackgroundStream(url)
     response = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 0.7, "seed": 77})
     error = assert_error(response, 500, "no finite logit")

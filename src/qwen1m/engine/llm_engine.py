@@ -7,7 +7,8 @@ Prefill memory: one step sees at most ``max_num_batched_tokens`` tokens, so MLP 
 bounded by that budget (the report's 32K chunks), and logits are computed only for rows that sample.
 
 Decode speed: with CUDA graphs the engine overlaps steps (``step``): the next decode is launched from
-the device argmax before the host has looked at this step's tokens.
+the device tokens (greedy, or sampled without penalties or logits processors) before the host
+has looked at this step's tokens.
 
 KV blocks: ``KVAllocator`` (``kv_allocator.py``) gives each sequence blocks as it grows, and the
 scheduler preempts the newest sequence when one cannot grow (``scheduler.py``); with
@@ -32,7 +33,7 @@ from qwen1m.detokenizer import IncrementalDetokenizer
 from qwen1m.engine import logprobs as lp
 from qwen1m.engine.kv_allocator import KVAllocator
 from qwen1m.engine.output_processor import check_stop, request_output
-from qwen1m.engine.sampler import sample_batch
+from qwen1m.engine.sampler import no_finite_logit, on_device, sample_batch, sample_on_device
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import Qwen1mError, RequestError
@@ -55,7 +56,7 @@ class _Launched:
     samplers: list[Sequence]
     logits: torch.Tensor | None
     prefilled: list[Sequence]  # sequences that computed prompt tokens in it (prefill_progress)
-    tokens: torch.Tensor | None = None  # [rows] device argmax when every row is greedy
+    tokens: torch.Tensor | None = None  # [rows] device tokens when every row is chosen there
     logprobs: lp.LogprobRows | None = None  # with tokens: the rows that asked for logprobs (host copies)
     tokens_host: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None  # recorded after the copy to tokens_host
@@ -212,7 +213,7 @@ class LLMEngine:
 
         Overlapped decode (``self.overlap``, on with CUDA graphs): once a step is launched, the next
         one is launched too before this one's tokens reach the host, its input tokens taken on the
-        device from this step's argmax (``_launch_ahead``); the host then waits, does the stop checks
+        device from this step's tokens (``_launch_ahead``); the host then waits, does the stop checks
         and returns while the GPU computes the next step, so the host's per-step work (~1 ms at 32K
         on the H200, profile_decode --host) no longer leaves the GPU idle. The next call finds that
         step launched. Rows of sequences that finished meanwhile are dropped.
@@ -237,8 +238,8 @@ class LLMEngine:
         return self._finish(launched, self._ahead.inputs_from if self._ahead is not None else {})
 
     def _launch(self, scheduled: list[ScheduledSequence], device_ids: torch.Tensor | None = None) -> _Launched:
-        """Enqueue a step's forward (and, when every sampling row is greedy, its argmax and the copy
-        of the tokens to the host). device_ids: the input token of every row, on the device (an
+        """Enqueue a step's forward (and, when every sampling row's token is chosen on the device, that
+        choice and the copy of the tokens to the host). device_ids: the input token of every row, on the device (an
         overlapped step: every row decodes one token whose id the host does not know yet)."""
         ids, positions, slices, sample_rows, samplers = [], [], [], [], []
         start = 0
@@ -278,8 +279,11 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
             self.kv.register(item.seq)
         launched = _Launched(samplers, logits, list(self._prefilled))
-        if samplers and all(seq.params.plain_greedy for seq in samplers):
-            launched.tokens = logits.argmax(-1)
+        if samplers and all(on_device(seq.params) for seq in samplers):
+            if all(seq.params.plain_greedy for seq in samplers):
+                launched.tokens = report = logits.argmax(-1)
+            else:  # sampled rows chosen on the device too, so the next decode can be launched ahead
+                launched.tokens, report = sample_on_device(logits, samplers)
             asked = [i for i, seq in enumerate(samplers) if seq.params.logprobs is not None]
             if asked:  # from the logits now: an overlapped step may overwrite a graph's logits
                 rows = lp.compute(logits, asked, [samplers[i].params.logprobs for i in asked],
@@ -287,17 +291,18 @@ class LLMEngine:
                 launched.logprobs = rows.to_host(pinned=launched.tokens.is_cuda)
             if launched.tokens.is_cuda:  # to pinned host memory, without waiting; _finish waits
                 launched.tokens_host = torch.empty(len(samplers), dtype=torch.long, pin_memory=True)
-                launched.tokens_host.copy_(launched.tokens, non_blocking=True)
+                launched.tokens_host.copy_(report, non_blocking=True)
                 launched.ready = torch.cuda.Event()
                 launched.ready.record()
             else:
-                launched.tokens_host = launched.tokens
+                launched.tokens_host = report
             launched.logits = None  # not read again: an overlapped step may overwrite a graph's logits
         return launched
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
         """Launch the step after ``launched`` before its tokens are known, when that step is certain
-        to be a decode of its sequences: every sampling row greedy (argmax on the device), every
+        to be a decode of its sequences: every sampling row's token chosen on the device (greedy, or
+        sampled without penalties or logits processors: ``sampler.on_device``), every
         running sequence sampling in it, nothing waiting to be admitted. Each sequence gets a
         placeholder token (replaced by ``_finish``); one whose token ends it by length gets none and
         sits the step out. A sequence that turns out to stop (EOS, stop token or string) had its
@@ -347,7 +352,9 @@ class LLMEngine:
             if launched.ready is not None:
                 launched.ready.synchronize()
             tokens = launched.tokens_host.tolist()
-            logprobs = self._logprob_dicts(launched.logprobs, tokens)
+            # (a row reported -1 had no finite logit: it fails below, its logprob entry is never read)
+            logprobs = self._logprob_dicts(launched.logprobs, [max(t, 0) for t in tokens])
+            tokens = [t if t >= 0 else no_finite_logit() for t in tokens]
         else:
             tokens = self._sample(samplers, launched.logits)
             logprobs = self._sampled_logprobs(samplers, launched.logits, tokens)

@@ -6,12 +6,14 @@
         greedy rows with those ................................. argmax of the finite logits
         sampled rows: / temperature -> top-k -> softmax -> top-p -> min-p -> multinomial
 
-Every step is one batched tensor operation per filter over the rows that use it (a row whose filter
-is off is left out of it, so its numbers are those of the row alone). The draw takes one uniform
-number per row from the sequence's own CPU ``torch.Generator`` (so a seed gives the same tokens
-whatever else shares the batch), then inverts every row's cumulative distribution at once on the
-device. Logprobs are not computed here: ``logprobs.py``
-reads them from the raw logits.
+Every step is one batched tensor operation per filter over all rows (a row whose filter is off gets
+a neutral value, so its numbers are those of the row alone). The draw takes one uniform number per
+row from the sequence's own CPU ``torch.Generator`` (so a seed gives the same tokens whatever else
+shares the batch), then inverts every row's cumulative distribution at once on the device. Rows
+without logits processors or penalties (``on_device``) are sampled with no host sync
+(``sample_on_device``), so the engine can launch the next decode from the device tokens before the
+host sees them, as it does for greedy rows. Logprobs are not computed here: ``logprobs.py`` reads
+them from the raw logits.
 
 Penalties (vLLM's ``apply_penalties``): repetition divides the positive and multiplies the negative
 logits of tokens seen in the prompt or the output; frequency subtracts ``penalty * count`` and
@@ -37,6 +39,26 @@ class SamplingError(Qwen1mError):
     """The model's logits for one sequence hold no finite value: nothing to sample from."""
 
 
+def on_device(params) -> bool:
+    """Whether a row's token can be chosen on the device with no host round trip (``sample_on_device``):
+    no logits processor (Python code that reads the output so far) and no penalty (counts over output
+    tokens the host may not have yet). Such steps can be launched ahead (``LLMEngine.step``)."""
+    return not params.logits_processors and not params.has_penalties
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that are all ``on_device``: the chosen tokens without a host sync.
+
+    Returns (tokens, report), both [rows] int64 on the device: ``tokens`` are valid ids (the next
+    step's input), ``report`` is the same with -1 for a row that has no finite logit (its request
+    fails, as ``sample_batch`` reports with a ``SamplingError``). The draw is ``sample_batch``'s: the
+    same code, the same uniform number per row, so a seed gives the same tokens either way."""
+    x = logits.to(torch.float32, copy=True)  # the bias writes into it
+    params = [seq.params for seq in seqs]
+    _apply_logit_bias(x, params)
+    return _choose(x, params, [seq.generator for seq in seqs])
+
+
 def sample_batch(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
     """logits: [rows, vocab], row i for seqs[i] -> one token id per row, or the exception of a row
     that could not be sampled."""
@@ -53,15 +75,16 @@ def sample_batch(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Excep
     params = [seqs[i].params for i in rest]
     _apply_logit_bias(x, params)
     _apply_penalties(x, [seqs[i] for i in rest])
-    greedy = [j for j in ok if params[j].greedy]
-    for j in greedy:
-        tokens[rest[j]] = _guarded(_argmax_finite, x[j])
-    sampled = [j for j in ok if not params[j].greedy]
-    if sampled:
-        drawn = _draw(x[sampled], [params[j] for j in sampled], [seqs[rest[j]].generator for j in sampled])
-        for j, t in zip(sampled, drawn):
-            tokens[rest[j]] = t
+    if ok:
+        _, report = _choose(x[ok] if len(ok) < len(rest) else x, [params[j] for j in ok],
+                            [seqs[rest[j]].generator for j in ok])
+        for j, t in zip(ok, report.tolist()):  # one copy to the host
+            tokens[rest[j]] = t if t >= 0 else no_finite_logit()
     return tokens
+
+
+def no_finite_logit() -> SamplingError:
+    return SamplingError("The model produced no finite logit for this sequence, so no token could be sampled.")
 
 
 def _apply_processors(x: torch.Tensor, seqs: list[Sequence], rows: list[int],
@@ -91,8 +114,8 @@ def _apply_logit_bias(x: torch.Tensor, params) -> None:
             ids.append(token)
             values.append(float(bias))
     if rows:
-        index = (torch.tensor(rows, device=x.device), torch.tensor(ids, device=x.device))
-        x.index_put_(index, torch.tensor(values, device=x.device), accumulate=True)
+        index = (_to_device(rows, torch.int64, x.device), _to_device(ids, torch.int64, x.device))
+        x.index_put_(index, _to_device(values, torch.float32, x.device), accumulate=True)
 
 
 def _apply_penalties(x: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -129,64 +152,68 @@ def _prompt_mask(seq: Sequence, vocab: int, device: torch.device) -> torch.Tenso
     return seq.prompt_mask
 
 
-def _draw(x: torch.Tensor, params, generators: list[torch.Generator | None]) -> list[int | Exception]:
-    """Sampled rows: x [rows, vocab] after processors, bias and penalties -> one draw per row."""
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers on the device without a host sync (a pageable copy would wait for the GPU, and
+    for the step launched ahead of this one)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _choose(x: torch.Tensor, params, generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, vocab] after processors, bias and penalties -> (tokens, report) on the device (see
+    ``sample_on_device``). Greedy rows take the argmax of their finite logits; sampled rows go
+    / temperature -> top-k -> softmax -> top-p -> min-p -> inverse-CDF draw. Every filter is one
+    operation over all rows, with a neutral value for rows that do not use it (a row's numbers are
+    those of the row alone), and nothing is read back to the host."""
     device, vocab = x.device, x.shape[-1]
-    scaled = x / torch.tensor([p.temperature for p in params], device=device)[:, None]
-    top_k = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
-    if top_k:
-        k = torch.tensor([params[j].top_k for j in top_k], device=device)
-        values = torch.topk(scaled[top_k], int(k.max())).values
-        kth = values.gather(1, (k - 1)[:, None])  # [rows, 1] the k-th largest logit
-        part = scaled[top_k]
-        scaled[top_k] = part.masked_fill(part < kth, float("-inf"))
+    finite = torch.isfinite(x)
+    fallback = x.masked_fill(~finite, float("-inf")).argmax(-1)  # greedy, and the limit of temperature -> 0
+    hopeless = ~finite.any(-1)
+    sampled = [j for j, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return fallback, torch.where(hopeless, -1, fallback)
+    temperature = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
+    scaled = x / temperature[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab and not p.greedy else 0 for p in params]
+    if any(top_k):
+        values = torch.topk(scaled, max(top_k)).values  # sorted: the k-th largest is column k - 1
+        k = _to_device(top_k, torch.int64, device)
+        kth = values.gather(1, (k - 1).clamp_(min=0)[:, None])
+        kth = torch.where(k[:, None] > 0, kth, float("-inf"))  # rows without top-k keep every token
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    top_p = [j for j, p in enumerate(params) if p.top_p < 1.0]
-    if top_p:
-        sorted_probs, order = torch.sort(probs[top_p], dim=-1, descending=True)
+    if any(p.top_p < 1.0 and not p.greedy for p in params):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        limit = torch.tensor([params[j].top_p for j in top_p], device=device)[:, None]
-        sorted_probs = sorted_probs.masked_fill((cumulative - sorted_probs) >= limit, 0.0)
-        probs[top_p] = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
-    min_p = [j for j, p in enumerate(params) if p.min_p > 0.0]
-    if min_p:
-        part = probs[min_p]
-        scale = torch.tensor([params[j].min_p for j in min_p], device=device)[:, None]
-        floor = scale * part.max(-1, keepdim=True).values
-        probs[min_p] = part.masked_fill(part < floor, 0.0)
-    # the draw, batched: each row's one uniform number comes from its own CPU generator (so a seed gives
-    # the same tokens whatever else shares the batch), then an inverse-CDF lookup for all rows on the
-    # device. A per-row torch.multinomial over 152K CPU probabilities cost ~4 ms a row (H100 run of
-    # 2026-12-07: 32 sampled rows 134 ms per step against 6.3 ms greedy).
-    u = torch.tensor([_uniform(g) for g in generators], dtype=torch.float32)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept); a row
+        # without top-p gets an infinite limit, so rounding in its cumulative sum drops nothing
+        limit = _to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)
+        sorted_probs = sorted_probs.masked_fill((cumulative - sorted_probs) >= limit[:, None], 0.0)
+        probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    if any(p.min_p > 0.0 and not p.greedy for p in params):
+        min_p = _to_device([p.min_p for p in params], torch.float32, device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    # the draw, batched: each sampled row's one uniform number comes from its own CPU generator (so a
+    # seed gives the same tokens whatever else shares the batch), then an inverse-CDF lookup for all
+    # rows on the device. A per-row torch.multinomial over 152K CPU probabilities cost ~4 ms a row
+    # (H100 run of 2026-12-07: 32 sampled rows 134 ms per step against 6.3 ms greedy).
+    u = [0.0] * len(params)
+    for j in sampled:
+        u[j] = _uniform(generators[j])
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     bad = ~torch.isfinite(probs).all(-1) | ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
     # the first token whose cumulative mass passes u * total: a token of positive probability, since
     # u < 1 keeps the target below the last cumulative value
-    idx = torch.searchsorted(cdf, u.to(device)[:, None] * total, right=True).clamp_(max=vocab - 1)
-    tokens, bad = torch.stack([idx[:, 0], bad.long()]).tolist()  # one copy to the host
-    return [_guarded(_argmax_finite, x[j]) if b else t for j, (t, b) in enumerate(zip(tokens, bad))]
+    target = _to_device(u, torch.float32, device)[:, None] * total
+    drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
+    greedy = _to_device([p.greedy for p in params], torch.bool, device)
+    tokens = torch.where(greedy | bad, fallback, drawn)
+    return tokens, torch.where(hopeless, -1, tokens)
 
 
 def _uniform(generator: torch.Generator | None) -> float:
     """One number in [0, 1) from the sequence's generator (torch's default one for unseeded rows)."""
     return float(torch.rand((), generator=generator))
-
-
-def _guarded(fn, *args) -> int | Exception:
-    try:
-        return fn(*args)
-    except Exception as e:
-        return e
-
-
-def _argmax_finite(logits: torch.Tensor) -> int:
-    """argmax over the finite entries (argmax alone would pick a nan)."""
-    finite = torch.isfinite(logits)
-    if not finite.any():
-        raise SamplingError("The model produced no finite logit for this sequence, so no token could be sampled.")
-    if finite.all():
-        return int(torch.argmax(logits).item())
-    return int(torch.argmax(logits.masked_fill(~finite, float("-inf"))).item())
