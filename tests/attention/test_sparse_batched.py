@@ -9,6 +9,7 @@ prefill step runs under ``torch.cuda.set_sync_debug_mode("error")`` after a warm
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 
@@ -165,3 +166,88 @@ def test_sparse_prefill_step_makes_no_host_sync(dca):
             assert 0 < int(st["computed"]) <= st["causal"]
             if above == 1.0:
                 assert int(st["computed"]) < st["causal"]
+
+
+def _auto_on_cpu(monkeypatch):
+    """batched=None picks the batched path as on CUDA (while it is usable); counts its calls."""
+    from qwen1m.attention import sparse_batched, sparse_prefill
+
+    monkeypatch.setitem(sparse_prefill._BATCHED, "usable", True)
+    monkeypatch.setitem(sparse_prefill._BATCHED, "oom_warned", False)
+    monkeypatch.setattr(sparse_prefill, "_use_batched", lambda q, k, cfg: sparse_prefill._BATCHED["usable"])
+    calls = []
+    real = sparse_batched.sparse_prefill_batched
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_batched, "sparse_prefill_batched", counted)
+    return calls
+
+
+def _fail_groups(monkeypatch, error: Exception, times: int) -> None:
+    """The first ``times`` calls of the batched path fail after its estimate and slots are allocated."""
+    from qwen1m.attention import sparse_batched
+
+    real, left = sparse_batched._attend_group, [times]
+
+    def failing(*args, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_batched, "_attend_group", failing)
+
+
+@needs_triton
+def test_out_of_memory_in_the_batched_path_falls_back_for_that_call_only(monkeypatch, caplog):
+    """An OOM computes that call per region (same result and telemetry as batched=False), keeps the batched
+    path on, warns once with the shapes and the workspace; the next call runs batched; by name it raises."""
+    from qwen1m.attention import sparse_prefill
+
+    begin, total = 37, 167
+    queries, k, v = _inputs(total, begin, DCA)
+    cfg = _cfg(4, 4, dense_above_density=0.5)
+    s_ref, s_bat = {}, {}
+    ref = _run(queries, k, v, begin, DCA, cfg, batched=False, attend_fn=attend, stats=s_ref)
+    bat = _run(queries, k, v, begin, DCA, cfg, batched=True, attend_fn=attend, stats=s_bat)
+    calls = _auto_on_cpu(monkeypatch)
+    _fail_groups(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.75 GiB."), times=2)
+    stats = {}
+    with caplog.at_level(logging.DEBUG, logger=sparse_prefill.__name__):
+        got = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend, stats=stats)
+        assert len(calls) == 1 and sparse_prefill._BATCHED["usable"]
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        assert stats == s_ref  # the failed attempt counted nothing
+        again = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend)  # OOM again: per region
+        assert len(calls) == 2 and torch.equal(again[0], ref[0])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and len([r for r in caplog.records if "ran out of device memory" in r.message]) == 2
+    msg = warnings[0].getMessage()
+    assert "Tried to allocate 2.75 GiB" in msg and f"130 queries over {total} keys, {H} heads ({KVH} kv heads)" in msg
+    assert "GiB beside the KV cache" in msg
+    third = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend)  # memory is back: batched
+    assert len(calls) == 3 and torch.equal(third[0], bat[0]) and torch.equal(third[1], bat[1])
+    _fail_groups(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), times=1)
+    with pytest.raises(torch.OutOfMemoryError):
+        _run(queries, k, v, begin, DCA, cfg, batched=True, attend_fn=attend)
+
+
+@needs_triton
+def test_other_batched_failures_turn_the_batched_path_off(monkeypatch, caplog):
+    from qwen1m.attention import sparse_prefill
+
+    begin, total = 21, 167
+    queries, k, v = _inputs(total, begin, None)
+    cfg = _cfg(4, 4)
+    ref = _run(queries, k, v, begin, None, cfg, batched=False)
+    calls = _auto_on_cpu(monkeypatch)
+    _fail_groups(monkeypatch, RuntimeError("cannot compile"), times=1)
+    with caplog.at_level(logging.WARNING, logger=sparse_prefill.__name__):
+        got = _run(queries, k, v, begin, None, cfg, batched=None)
+        again = _run(queries, k, v, begin, None, cfg, batched=None)
+    assert len(calls) == 1 and not sparse_prefill._BATCHED["usable"]
+    assert "the batched sparse prefill failed (cannot compile)" in caplog.text
+    assert torch.equal(got[0], ref[0]) and torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])

@@ -123,6 +123,24 @@ def test_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
         assert torch.equal(a, b)
 
 
+def test_dispatch_passes_out_of_memory_on(monkeypatch):
+    """Running out of memory is not a kernel failure: it reaches the caller (the sparse prefill, which
+    retries per region), and the kernels stay on (the PyTorch path would need more memory, not less)."""
+    import qwen1m.kernels.sparse_estimate as kernels
+
+    queries, k, ranges = make_inputs(4, 2, 16, 8, 30, [11], torch.float32)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(kernels, "attention_sums_triton", out_of_memory)
+    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
+    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    with pytest.raises(torch.OutOfMemoryError):
+        attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
+    assert sparse_estimate._TRITON_SUMS["usable"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -31,8 +31,11 @@ from qwen1m.sparse_config import SparseConfig
 
 _BIG = 1 << 40  # re-based slash padding: far outside every region
 _SLOTS = ("intra", "succ", "inter")  # output slot of each region kind
-# Elements of one batched block_offset tensor (int32): problems are indexed in groups below this
-# (2^28 x 4 B = 1 GiB; the 7B budgets at 1M list ~12K blocks per query block of the inter region).
+# Elements of one group's block_offset + column_index (int32, padded to the group's widest problem in
+# query blocks, dense blocks and columns): problems are indexed in groups below this (2^28 x 4 B =
+# 1 GiB); a problem larger than that is a group of its own (28 heads, a 31K-query DCA piece and the
+# 7B-shaped budgets over 1M keys: 1.5 GiB). Lowering it would not lower the peak at 1M, which is that
+# one problem, and only adds launches at shorter lengths.
 _MAX_INDEX_ELEMENTS = 1 << 28
 
 
@@ -108,17 +111,88 @@ def _computed_pairs(index, sizes, dense, full: torch.Tensor) -> torch.Tensor:
     return torch.where(dense != 0, full, computed).sum()
 
 
-def _groups(widths: list[int], per_problem: list[int]) -> list[tuple[int, int]]:
-    """Consecutive problem ranges whose padded block_offset stays under _MAX_INDEX_ELEMENTS."""
-    groups, first, widest = [], 0, 0
-    for i, (w, n) in enumerate(zip(widths, per_problem)):
-        widest_new = max(widest, w)
-        if i > first and widest_new * n * (i + 1 - first) > _MAX_INDEX_ELEMENTS:
+def _index_elements(shapes, widths, num_heads: int, block_m: int) -> int:
+    """Elements of block_offset + column_index of these problems indexed together: the tensors are
+    [problems, heads, widest query blocks, widest dense blocks / columns] (``_build_batched``)."""
+    rows = max(-(-q // block_m) for q, _, _ in shapes)
+    return len(shapes) * num_heads * rows * (max(w[0] for w in widths) + max(w[1] for w in widths))
+
+
+def _groups(shapes, widths, num_heads: int, block_m: int) -> list[tuple[int, int]]:
+    """Consecutive problem ranges whose padded index stays under _MAX_INDEX_ELEMENTS (a larger problem
+    alone is a group). shapes: (num_q, num_kv, causal) per problem; widths: its ``index_widths``."""
+    groups, first = [], 0
+    for i in range(1, len(shapes)):
+        if _index_elements(shapes[first:i + 1], widths[first:i + 1], num_heads, block_m) > _MAX_INDEX_ELEMENTS:
             groups.append((first, i))
-            first, widest_new = i, w
-        widest = widest_new
-    groups.append((first, len(widths)))
+            first = i
+    groups.append((first, len(shapes)))
     return groups
+
+
+def sparse_workspace_bytes(num_q: int, num_keys: int, *, num_heads: int, head_dim: int, element_size: int,
+                           max_vertical: int, max_slash: int, cfg: SparseConfig, chunk_len: int | None) -> int:
+    """Upper bound on the device memory one ``sparse_prefill_batched`` call allocates (its result included)
+    for any step of at most ``num_q`` queries over at most ``num_keys`` keys (cached + new), any begin.
+
+    num_heads, head_dim: the queries' (this rank's); element_size: bytes of a q / k / v element;
+    max_vertical, max_slash: the widest head budgets (``SparseConfig.budgets`` over every layer); chunk_len:
+    DCA's s, or None. The inputs (query rotations, the cache) belong to the caller and are not counted.
+
+    With s = chunk_len (num_keys without DCA), P = 1 + ceil((num_q - 1) / s) pieces, R region kinds
+    (intra, + succ once a query sits in chunk 1, + inter from chunk 2), N = P R problems, nv = the top-k
+    vertical width + cfg.empty_region_columns, ns = the top-k slash width, L = min(last_q, num_q),
+    M = ceil(min(num_q, s) / block_size) query blocks of a piece, H = num_heads, D = head_dim, e = element_size:
+
+      picks     24 P H (nv + ns)      int64 top-k picks of each piece, their padded copies, the stack
+                + 16 N (16 + f)       the problem tables, host and device copies (f = cfg.empty_region_columns)
+      estimate  8 H num_keys          vertical and slash sums, fp32, of one piece (``attention_sums_triton``)
+                + 12 H L (num_keys / 256 + 3)  its LSE partials (>= 16 key tiles of >= 16 keys per split)
+                                      and two temporaries of their size (the logsumexp)
+                + 32 H (nv + ns)      top-k values, indices, their sort and the -1 padded result
+      slots     R num_q H (2 D e + 4) q_all (the stacked rotations), out_all, and lse_all in fp32
+      index     4 min(N X, max(_MAX_INDEX_ELEMENTS, X))   one group's block_offset + column_index (int32):
+                                      under the group bound, or the largest problem alone, X = H M (wb + wc)
+                                      with wb, wc = ``index_widths`` of a piece's queries over num_keys keys
+                + 56 N H M            block / column counts and the dense-decision and telemetry temporaries
+                + 48 N H (nv + ns)    the re-based picks (int64), their sorted int32 copies, sort buffers
+      merge     R = 3: num_q H (D (4 + e) + 8): the fp32 merge of two slots, then the result;
+                R = 2: num_q H (D e + 4); R = 1: none (the result is a view of the slot)
+
+    peak = picks + max(estimate, slots + max(index, merge)): the slots are allocated after the last
+    piece's estimate is freed, and a group's index (``_attend_group``) before the next group's and the merge.
+    """
+    terms = sparse_workspace_terms(num_q, num_keys, num_heads=num_heads, head_dim=head_dim,
+                                   element_size=element_size, max_vertical=max_vertical, max_slash=max_slash,
+                                   cfg=cfg, chunk_len=chunk_len)
+    return terms["picks"] + max(terms["estimate"], terms["slots"] + max(terms["index"], terms["merge"]))
+
+
+def sparse_workspace_terms(num_q: int, num_keys: int, *, num_heads: int, head_dim: int, element_size: int,
+                           max_vertical: int, max_slash: int, cfg: SparseConfig, chunk_len: int | None
+                           ) -> dict[str, int]:
+    """The terms of ``sparse_workspace_bytes`` (same arguments): picks, estimate, slots, index, merge."""
+    from qwen1m.kernels.vs_index import index_widths
+
+    s = chunk_len if chunk_len is not None else num_keys
+    pieces = 1 + -(-(num_q - 1) // s)
+    kinds = 1 if chunk_len is None else 1 + min(2, max(0, num_keys - 1) // s)
+    problems = pieces * kinds
+    h, d, e, bm = num_heads, head_dim, element_size, cfg.block_size
+    nv0, ns = min(max_vertical, num_keys), min(max_slash, num_keys)
+    nv = nv0 + cfg.empty_region_columns
+    last = min(cfg.last_q, num_q)
+    blocks = -(-min(num_q, s) // bm)
+    wb, wc = index_widths(nv, ns, min(num_q, s), num_keys, causal=False, block_m=bm, block_n=bm)
+    largest = h * blocks * (wb + wc)
+
+    picks = 24 * pieces * h * (nv + ns) + 16 * problems * (16 + cfg.empty_region_columns)
+    estimate = 8 * h * num_keys + 12 * h * last * (num_keys // 256 + 3) + 32 * h * (nv + ns)
+    slots = kinds * num_q * h * (2 * d * e + 4)
+    index = (4 * min(problems * largest, max(_MAX_INDEX_ELEMENTS, largest)) + 56 * problems * h * blocks
+             + 48 * problems * h * (nv + ns))
+    merge = {1: 0, 2: num_q * h * (d * e + 4), 3: num_q * h * (d * (4 + e) + 8)}[kinds]
+    return {"picks": picks, "estimate": estimate, "slots": slots, "index": index, "merge": merge}
 
 
 def sparse_prefill_batched(
@@ -142,8 +216,8 @@ def sparse_prefill_batched(
     ``attend_fn``); here they run in the same launch, through the kernel's dense mode.
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
     """
-    from qwen1m.kernels.sparse_attn import PROB_FIELDS, vertical_slash_attention_batched
-    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched, host_to_device, index_widths
+    from qwen1m.kernels.sparse_attn import PROB_FIELDS
+    from qwen1m.kernels.vs_index import host_to_device, index_widths
 
     q_intra = queries["intra"]
     num_q, num_heads, head_dim = q_intra.shape
@@ -173,7 +247,6 @@ def sparse_prefill_batched(
     # the fallback's even columns as ``_region_index`` makes them (float32 linspace, truncated)
     spread = torch.stack([torch.linspace(0, b - a - 1, num_fallback) for _, _, _, a, b, _ in problems]).long()
     table = host_to_device(torch.cat([torch.tensor(rows, dtype=torch.int64), spread], dim=1), device)
-    sizes = table[:, 4:7]  # num_q, num_kv, causal
 
     kinds = [kind for kind in _SLOTS if any(p[1] == kind for p in problems)]
     q_all = torch.stack([queries[kind] for kind in kinds])  # [R, num_q, H, D]: one copy
@@ -190,32 +263,52 @@ def sparse_prefill_batched(
     nv = v_idx.shape[2] + num_fallback
     ns = s_idx.shape[2]
     shapes = [(pieces[p][1] - pieces[p][0], b - a, causal) for p, _, _, a, b, causal in problems]
-    widths = [index_widths(nv, ns, q, kv, causal=c, block_m=bm, block_n=bn)[0] for q, kv, c in shapes]
-    per_problem = [num_heads * -(-q // bm) for q, _, _ in shapes]
+    widths = [index_widths(nv, ns, q, kv, causal=c, block_m=bm, block_n=bn) for q, kv, c in shapes]
     dense_on = dense_regions and cfg.dense_above_density < 1.0
     computed = []
-    for first, stop in _groups(widths, per_problem):
-        # 2.-5. re-base, index, dense decision, attention: the group's problems together
-        group = slice(first, stop)
-        cols, d = _rebase(v_idx, s_idx, table[group, :7], table[group, 7:], num_fallback)
-        index = build_vertical_slash_index_batched(cols, d, shapes[group], block_m=bm, block_n=bn,
-                                                   sizes=sizes[group])
-        prob = attn_table[group]
-        dense = torch.zeros(stop - first, dtype=torch.int32, device=device)
-        if dense_on:
-            dense = _dense_flags(index, sizes[group], num_heads, cfg.dense_above_density)
-            prob = prob.clone()
-            prob[:, 6] = dense
-        vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale)
-        if stats is not None:
-            full = torch.tensor([num_heads * _pairs(q, kv, c) for q, kv, c in shapes[group]], dtype=torch.int64)
-            computed.append(_computed_pairs(index, sizes[group], dense, host_to_device(full, device)))
-    if stats is not None:
+    for first, stop in _groups(shapes, widths, num_heads, bm):
+        # 2.-5. the group's problems together; its temporaries are freed before the next group's
+        pairs = _attend_group(slice(first, stop), shapes, picks=(v_idx, s_idx), tables=(table, attn_table),
+                              slots=(q_all, out_all, lse_all), k=k, v=v, softmax_scale=softmax_scale, cfg=cfg,
+                              dense_on=dense_on, with_stats=stats is not None)
+        if pairs is not None:
+            computed.append(pairs)
+    out, lse = out_all[0], lse_all[0]
+    if len(kinds) > 1:
+        out, lse = merge_fn([(out_all[r], lse_all[r]) for r in range(len(kinds))])
+    if stats is not None:  # last: a call that fails (e.g. out of memory) leaves stats as they were
         stats["computed"] = stats.get("computed", 0) + torch.stack(computed).sum()
         stats["causal"] = stats.get("causal", 0) + sum(num_heads * _pairs(*shape) for shape in shapes)
-    if len(kinds) == 1:
-        return out_all[0], lse_all[0]
-    return merge_fn([(out_all[r], lse_all[r]) for r in range(len(kinds))])
+    return out, lse
+
+
+def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_scale: float, cfg: SparseConfig,
+                  dense_on: bool, with_stats: bool) -> torch.Tensor | None:
+    """Steps 2.-5. for the problems ``group``: re-base, index, dense decision, attention.
+
+    picks: (v_idx, s_idx) of the pieces; tables: the problem table (``_rebase``'s, + fallback columns)
+    and the attention problem table; slots: (q_all, out_all, lse_all), out_all / lse_all written in
+    place. Returns the computed pairs (a 0-dim device tensor) if with_stats, else None.
+    """
+    from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
+    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched, host_to_device
+
+    (v_idx, s_idx), (table, attn_table), (q_all, out_all, lse_all) = picks, tables, slots
+    num_heads, bm = q_all.shape[2], cfg.block_size
+    sizes = table[group, 4:7]  # num_q, num_kv, causal
+    cols, d = _rebase(v_idx, s_idx, table[group, :7], table[group, 7:], cfg.empty_region_columns)
+    index = build_vertical_slash_index_batched(cols, d, shapes[group], block_m=bm, block_n=bm, sizes=sizes)
+    prob = attn_table[group]
+    dense = torch.zeros(prob.shape[0], dtype=torch.int32, device=prob.device)
+    if dense_on:
+        dense = _dense_flags(index, sizes, num_heads, cfg.dense_above_density)
+        prob = prob.clone()
+        prob[:, 6] = dense
+    vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale)
+    if not with_stats:
+        return None
+    full = torch.tensor([num_heads * _pairs(*shape) for shape in shapes[group]], dtype=torch.int64)
+    return _computed_pairs(index, sizes, dense, host_to_device(full, prob.device))
 
 
 def _pairs(num_q: int, num_kv: int, causal: bool) -> int:

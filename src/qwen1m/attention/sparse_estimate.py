@@ -73,6 +73,8 @@ def attention_sums(
 
         try:
             return attention_sums_triton(queries, k, key_ranges, query_end, softmax_scale=softmax_scale)
+        except torch.OutOfMemoryError:  # not the kernels' fault (and the PyTorch path needs more memory)
+            raise
         except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
             _TRITON_SUMS["usable"] = False
             log.warning("the Triton attention-sums kernels failed (%s); using the PyTorch path", e)

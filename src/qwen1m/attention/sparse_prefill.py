@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # The Triton index builder is used on CUDA until it fails once (e.g. a Triton version that cannot
 # compile it); the PyTorch builder computes the same index, only slower.
 _TRITON_INDEX = {"usable": True}
-_BATCHED = {"usable": True}  # likewise for the batched path (sparse_batched)
+# Likewise for the batched path (sparse_batched); running out of memory there is not a kernel failure:
+# that call takes the per-region path, the next tries the batched path again ("oom_warned": say so once).
+_BATCHED = {"usable": True, "oom_warned": False}
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
@@ -130,6 +132,8 @@ def _region_index(v_idx, s_idx, key_begin, key_end, piece_begin, piece_end, caus
 
         try:
             return build_vertical_slash_index_triton(*args, **kw)
+        except torch.OutOfMemoryError:  # not the kernel's fault: the caller decides
+            raise
         except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
             _TRITON_INDEX["usable"] = False
             log.warning("the Triton vertical-slash index builder failed (%s); using the PyTorch builder", e)
@@ -163,26 +167,35 @@ def sparse_prefill_attention(
       ``cfg.dense_above_density``; None keeps every region sparse.
     stats: if given, receives the computed and causal query-key pair counts (density telemetry).
     batched: run ``sparse_batched`` (every piece and region in a few launches, no host sync; the
-      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes.
-      There a dense region runs in the sparse kernel's dense mode instead of ``attend_fn``.
+      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes;
+      if it runs out of memory this call takes the per-region path (the next tries again), any other
+      error turns it off for the process; True raises either. There a dense region runs in the sparse
+      kernel's dense mode instead of ``attend_fn``.
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
-    from qwen1m.attention.sparse_batched import batched_supported, sparse_prefill_batched
+    from qwen1m.attention.sparse_batched import sparse_prefill_batched
 
     auto = batched is None
     if auto:
-        batched = k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(queries["intra"], k, cfg)
+        batched = _use_batched(queries["intra"], k, cfg)
     if batched:
+        oom = None
         try:
             return sparse_prefill_batched(
                 queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
                 vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
                 dense_regions=attend_fn is not None, stats=stats)
+        except torch.OutOfMemoryError as e:
+            if not auto:
+                raise
+            oom = str(e).split("\n")[0]  # the exception's frames hold the path's tensors: keep only its text
         except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
             if not auto:  # asked for by name (tests, benchmarks): say so
                 raise
             _BATCHED["usable"] = False
             log.warning("the batched sparse prefill failed (%s); using the per-region path", e)
+        if oom is not None:
+            _batched_oom(oom, queries["intra"], k, begin, chunk_len, vertical_sizes, slash_sizes, cfg)
     q_intra = queries["intra"]
     num_q, num_heads, _ = q_intra.shape
     total = begin + num_q
@@ -219,6 +232,34 @@ def sparse_prefill_attention(
                 _count(stats, index, piece_end - piece_begin, b - a, causal, dense)
         out[rows], lse[:, rows] = merge_fn(parts)
     return out, lse
+
+
+def _use_batched(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> bool:
+    """batched=None: on CUDA, while the batched path has not failed, when its kernels take the shapes."""
+    from qwen1m.attention.sparse_batched import batched_supported
+
+    return k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(q, k, cfg)
+
+
+def _batched_oom(message: str, q: torch.Tensor, k: torch.Tensor, begin: int, chunk_len: int | None,
+                 vertical_sizes: list[int], slash_sizes: list[int], cfg: SparseConfig) -> None:
+    """The batched path ran out of device memory: give its cached blocks back and warn once (every time
+    at debug level). The batched path stays on: memory that is short now (other requests' activations,
+    fragmentation) may not be next time; a memory plan that reserves ``sparse_workspace_bytes`` avoids it."""
+    from qwen1m.attention.sparse_batched import sparse_workspace_bytes
+
+    if k.device.type == "cuda":
+        torch.cuda.empty_cache()
+    num_q, num_heads, head_dim = q.shape
+    need = sparse_workspace_bytes(num_q, begin + num_q, num_heads=num_heads, head_dim=head_dim,
+                                  element_size=q.element_size(), max_vertical=max(vertical_sizes, default=0),
+                                  max_slash=max(slash_sizes, default=0), cfg=cfg, chunk_len=chunk_len)
+    level = logging.DEBUG if _BATCHED["oom_warned"] else logging.WARNING
+    _BATCHED["oom_warned"] = True
+    log.log(level, "the batched sparse prefill ran out of device memory (%s) at %d queries over %d keys, %d heads "
+            "(%d kv heads) of dim %d, %s; it needs up to %.2f GiB beside the KV cache (sparse_workspace_bytes): "
+            "this step takes the per-region path, later steps try the batched path again", message, num_q,
+            begin + num_q, num_heads, k.shape[1], head_dim, q.dtype, need / (1 << 30))
 
 
 def index_density(index: VerticalSlashIndex) -> float:

@@ -7,8 +7,9 @@
 The peak activation estimate covers one step of ``max_num_batched_tokens`` tokens: the residual
 stream and its norms, q/k/v (three DCA query rotations), the MLP's gate/up products, fp32 attention
 partials, one layer's K/V gather (FP8 dequantisation or fragmented blocks) over ``max_model_len``
-keys, and the sampled rows' logits. It is deliberately generous (x1.25): running out of memory in
-the middle of a 1M-token prefill loses minutes of work, refusing at start-up loses nothing.
+keys, and the sampled rows' logits; with a sparse config, also sparse prefill's workspace for a chunk
+over ``max_model_len`` keys (``sparse_bytes``). It is deliberately generous (x1.25): running out of
+memory in the middle of a 1M-token prefill loses minutes of work, refusing at start-up loses nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.config import ModelConfig
 from qwen1m.errors import ConfigError
+from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,28 @@ class MemoryPlan:
                 f"{self.num_blocks:,} blocks of {self.block_size}) -> {self.max_tokens:,} tokens fit")
 
 
+def sparse_bytes(cfg: ModelConfig, sparse: SparseConfig | None, dtype: torch.dtype, num_tokens: int,
+                 max_model_len: int) -> int:
+    """Sparse prefill's memory in one step beyond dense prefill's: the two query rotations that only
+    select (``dca_rope.rotate_critical``) and the batched path's workspace for num_tokens queries over
+    max_model_len keys (``sparse_batched.sparse_workspace_bytes``). 0 without a sparse config or when
+    no prompt is longer than its threshold."""
+    from qwen1m.attention.sparse_batched import sparse_workspace_bytes
+
+    if sparse is None or max_model_len <= sparse.threshold:
+        return 0
+    b = torch.empty((), dtype=dtype).element_size()
+    budgets = [sparse.budgets(layer) for layer in range(sparse.num_layers)]
+    chunk_len = cfg.dca.chunk_len if cfg.dca is not None else None
+    critical = 2 * num_tokens * cfg.num_attention_heads * cfg.head_dim * b if chunk_len is not None else 0
+    return critical + sparse_workspace_bytes(
+        num_tokens, max_model_len, num_heads=cfg.num_attention_heads, head_dim=cfg.head_dim, element_size=b,
+        max_vertical=max(max(v, default=0) for v, _ in budgets), max_slash=max(max(s, default=0) for _, s in budgets),
+        cfg=sparse, chunk_len=chunk_len)
+
+
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_model_len: int,
-                     max_num_seqs: int) -> int:
+                     max_num_seqs: int, sparse: SparseConfig | None = None) -> int:
     b = torch.empty((), dtype=dtype).element_size()
     t = min(max_num_batched_tokens, max_model_len)  # a step never holds more tokens than one sequence
     h, q_dim, kv_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -68,7 +90,8 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, max_num_batched_token
     attn = 4 * t * q_dim * 4  # fp32 partial outputs of up to three regions + merged
     gather = 2 * max_model_len * kv_dim * b
     logits = max(max_num_seqs, LOGITS_ROWS) * cfg.vocab_size * 4
-    return int(1.25 * (residual + qkv + mlp + attn + gather + logits))
+    sparse_ws = sparse_bytes(cfg, sparse, dtype, t, max_model_len)
+    return int(1.25 * (residual + qkv + mlp + attn + gather + logits + sparse_ws))
 
 
 def physical_memory() -> int:
@@ -92,8 +115,11 @@ def plan_memory(
     gpu_memory_utilization: float,
     kv_cache_memory: int | None,
     share: int = 1,
+    sparse: SparseConfig | None = None,
 ) -> MemoryPlan:
     """Size the KV cache. ``kv_cache_memory`` (bytes) overrides the computed KV budget on any device.
+
+    sparse: this rank's sparse prefill config, if any: its workspace is reserved with the activations.
 
     share: the number of processes planning on this GPU at once (tensor-parallel ranks placed on one
     device, ``parallel/placement.py``); each takes 1/share of what is left after everything already
@@ -101,7 +127,7 @@ def plan_memory(
     """
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                              dtype, fp8)
-    act = activation_bytes(cfg, dtype, max_num_batched_tokens, max_model_len, max_num_seqs)
+    act = activation_bytes(cfg, dtype, max_num_batched_tokens, max_model_len, max_num_seqs, sparse)
     if kv_cache_memory is not None:
         if kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}.")

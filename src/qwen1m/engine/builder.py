@@ -55,8 +55,9 @@ def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int
     how many ranks (this one included) run on this device; each plans for its share of the memory.
     """
     cfg = local_config(spec.config, shard.size)
+    sparse = local_sparse(spec.sparse, shard)
     model = load_model(spec.folder, cfg, spec.dtype, device, load_format=spec.load_format, dca=cfg.dca,
-                       sparse=local_sparse(spec.sparse, shard), shard=shard)
+                       sparse=sparse, shard=shard)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if shard.size > 1:  # every rank's weights are in place before any rank measures free memory
         import torch.distributed as dist
@@ -66,7 +67,7 @@ def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int
                        block_size=spec.block_size, max_model_len=spec.max_model_len,
                        max_num_batched_tokens=spec.max_num_batched_tokens, max_num_seqs=spec.max_num_seqs,
                        gpu_memory_utilization=spec.gpu_memory_utilization, kv_cache_memory=spec.kv_cache_memory,
-                       share=share)
+                       share=share, sparse=sparse)
     if shard.size > 1:
         blocks = torch.tensor([plan.num_blocks], dtype=torch.int64, device=device)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
