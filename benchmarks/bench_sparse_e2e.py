@@ -259,8 +259,8 @@ def count_ops(args) -> dict:
             return func(*args, **(kwargs or {}))
 
     launches, counter = [0], [None]
-    kernels = [sparse_attn._sparse_attn_fwd_kernel, vs_index._vs_index_kernel, sparse_estimate._lse_kernel,
-               sparse_estimate._sums_kernel]
+    kernels = [sparse_attn._sparse_attn_fwd_kernel, vs_index._vs_index_kernel, sparse_estimate._lse_batched_kernel,
+               sparse_estimate._sums_batched_kernel]
     originals = {}
     for kern in kernels:
         cls = type(kern)

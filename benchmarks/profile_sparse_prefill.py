@@ -51,7 +51,7 @@ def install_ranges() -> None:
     import qwen1m.attention.sparse_batched as sb
 
     # the batched GPU path (issue #18): its estimate, and the whole step (index + attention + merge inside)
-    sb.estimate_vertical_slash = _ranged("sparse.estimate", sb.estimate_vertical_slash)
+    sb.estimate_vertical_slash_batched = _ranged("sparse.estimate", sb.estimate_vertical_slash_batched)
     sb.sparse_prefill_batched = _ranged("sparse.batched_step", sb.sparse_prefill_batched)
     import qwen1m.attention.backend as be
 

@@ -111,6 +111,32 @@ def test_batched_equals_per_region(dca, begin, dense_above):
 
 
 @needs_triton
+@pytest.mark.parametrize("dca,begin", [(DCA, 37), (None, 21)])
+def test_batched_triton_estimate_equals_per_region(dca, begin, monkeypatch):
+    """With the Triton sums (as on CUDA): the batched estimate (one launch per pass for all pieces)
+    gives the per-region path's picks, so the same output, LSE and telemetry."""
+    from qwen1m.attention import sparse_batched, sparse_estimate
+
+    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: True)
+    calls = []
+    batched = sparse_estimate.estimate_vertical_slash_batched
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[0]))
+        return batched(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_batched, "estimate_vertical_slash_batched", spy)
+    queries, k, v = _inputs(167, begin, dca, seed=2)
+    cfg = _cfg(4, 4, dense_above_density=1.0)
+    s_ref, s_got = {}, {}
+    ref, ref_lse = _run(queries, k, v, begin, dca, cfg, batched=False, attend_fn=attend, stats=s_ref)
+    got, got_lse = _run(queries, k, v, begin, dca, cfg, batched=True, attend_fn=attend, stats=s_got)
+    assert calls == [5 if dca else 1] and sparse_estimate._TRITON_SUMS["usable"]  # one call, every piece
+    assert torch.allclose(got, ref, atol=2e-5) and torch.allclose(got_lse, ref_lse, atol=2e-5)
+    assert int(s_got["computed"]) == s_ref["computed"] and s_got["causal"] == s_ref["causal"]
+
+
+@needs_triton
 @pytest.mark.parametrize("begin", [0, 37])
 def test_batched_full_budgets_equal_dense_dca(begin):
     total = 167

@@ -139,6 +139,126 @@ def test_dispatch_passes_out_of_memory_on(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
     assert sparse_estimate._TRITON_SUMS["usable"]
+    monkeypatch.setattr(sparse_estimate, "_estimate_batched_triton", out_of_memory)  # the batched estimate too
+    with pytest.raises(torch.OutOfMemoryError):
+        sparse_estimate.estimate_vertical_slash_batched(
+            [queries], k, [ranges], [30], softmax_scale=0.3, vertical_sizes=[4] * 4, slash_sizes=[4] * 4,
+            sink_tokens=1, local_diagonals=1)
+    assert sparse_estimate._TRITON_SUMS["usable"]
+
+
+# Batched estimate: pieces of one step as ``sparse_batched`` makes them, (L, query_end, range bounds).
+# DCA: a short first piece (3 rows: fewer than last_q, query_end 20 below the vertical budget 25) with
+# only an intra range, one with intra + succ, one with intra + succ + inter. Without DCA: one piece
+# (the whole step) or several intra-only pieces.
+BATCHED_CASES = {
+    "dca": [(3, 20, []), (8, 57, [30]), (8, 101, [40, 80])],
+    "dca_two_splits_each": [(8, 64, [20]), (5, 90, [31, 70])],
+    "no_dca_one_piece": [(8, 77, [])],
+    "no_dca_pieces": [(8, 33, []), (6, 70, [])],
+}
+BUDGETS = dict(vertical_sizes=[3, 25, 0, 7], slash_sizes=[4, 2, 30, 0], sink_tokens=2, local_diagonals=3)
+
+
+def make_pieces(specs, num_heads, num_kv_heads, head_dim, dtype, seed=0):
+    """Per piece: its query copies, key ranges and query_end, over one K (of the longest piece)."""
+    queries, ranges, ends = [], [], []
+    for i, (last, query_end, bounds) in enumerate(specs):
+        q, _, r = make_inputs(num_heads, num_kv_heads, head_dim, last, query_end, bounds, dtype, seed=seed + 1 + i)
+        queries.append(q)
+        ranges.append(r)
+        ends.append(query_end)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(max(ends) + 5, num_kv_heads, head_dim, generator=g).to(dtype)
+    return queries, k, ranges, ends
+
+
+def per_piece(queries, k, ranges, ends, scale):
+    from qwen1m.attention.sparse_estimate import estimate_vertical_slash, pad_stack
+
+    picks = [estimate_vertical_slash(q, k, r, e, softmax_scale=scale, **BUDGETS)
+             for q, r, e in zip(queries, ranges, ends)]
+    return pad_stack([v for v, _ in picks]), pad_stack([s for _, s in picks])
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(BATCHED_CASES))
+def test_batched_estimate_equals_per_piece(case, dtype, monkeypatch):
+    """The batched Triton estimate (2 launches for all pieces) == the stacked per-piece estimates, exactly:
+    the PyTorch path (CPU reference) and the per-piece Triton kernels."""
+    from qwen1m.attention.sparse_estimate import _estimate_batched_triton
+    from qwen1m.kernels.sparse_estimate import attention_sums_batched_triton
+
+    queries, k, ranges, ends = make_pieces(BATCHED_CASES[case], 4, 2, 16, dtype)
+    scale = 0.3
+    v_got, s_got = _estimate_batched_triton(queries, k, ranges, ends, softmax_scale=scale, split_len=32, **BUDGETS)
+    v_ref, s_ref = per_piece(queries, k, ranges, ends, scale)  # CPU: the PyTorch sums
+    assert v_got.shape == v_ref.shape and s_got.shape == s_ref.shape
+    assert torch.equal(v_got, v_ref) and torch.equal(s_got, s_ref)
+    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: True)  # per piece: the Triton sums
+    v_tri, s_tri = per_piece(queries, k, ranges, ends, scale)
+    assert torch.equal(v_got, v_tri) and torch.equal(s_got, s_tri)
+    # the sums themselves: each piece's rows as attention_sums (zero past its query_end)
+    vert, slash = attention_sums_batched_triton(queries, k, ranges, ends, softmax_scale=scale, split_len=32)
+    assert vert.shape == slash.shape == (len(ends), 4, max(ends))
+    for p, end in enumerate(ends):
+        ref_v, ref_s = attention_sums(queries[p], k, ranges[p], end, softmax_scale=scale)
+        assert_close(vert[p, :, :end], ref_v, f"piece {p} vertical")
+        assert_close(slash[p, :, :end], ref_s, f"piece {p} slash")
+        assert not vert[p, :, end:].any() and not slash[p, :, end:].any()
+
+
+@cpu_only
+def test_batched_estimate_short_piece_widths_and_padding():
+    """A piece whose query_end (20) is below a head's budget (25): -1 past its query_end, as the
+    per-piece top-k clamped to its width and padded by ``pad_stack``; a budget of 0 gives all -1."""
+    from qwen1m.attention.sparse_estimate import _estimate_batched_triton
+
+    queries, k, ranges, ends = make_pieces(BATCHED_CASES["dca"], 4, 2, 16, torch.float32, seed=3)
+    v_idx, s_idx = _estimate_batched_triton(queries, k, ranges, ends, softmax_scale=0.3, **BUDGETS)
+    assert v_idx.shape == (3, 4, 25) and s_idx.shape == (3, 4, 30)
+    assert (v_idx[0, 1] >= 0).sum() == 20 and (v_idx[0, 1, 20:] == -1).all()  # clamped to query_end
+    assert (v_idx[1, 1] >= 0).sum() == 25 and (v_idx[:, 2] == -1).all() and (s_idx[:, 3] == -1).all()
+    assert (s_idx[0, 2] >= 0).sum() == 20 and (s_idx[2, 2] >= 0).sum() == 30
+    assert (v_idx < torch.tensor(ends)[:, None, None]).all() and (s_idx < torch.tensor(ends)[:, None, None]).all()
+    assert s_idx[0, 1, :2].tolist() == [0, 1]  # budget 2 < 3 local diagonals: the nearest, deterministically
+
+
+@cpu_only
+def test_batched_estimate_in_piece_groups_equals_per_piece():
+    """Sums over a memory cap: pieces run in groups (here one each), the picks padded to one width."""
+    from qwen1m.attention.sparse_estimate import _estimate_batched_triton, _piece_groups
+
+    queries, k, ranges, ends = make_pieces(BATCHED_CASES["dca"], 4, 2, 16, torch.float32, seed=4)
+    assert _piece_groups(ends, 4, 4 * 60) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert _piece_groups(ends, 4, 2 * 4 * 57) == [slice(0, 2), slice(2, 3)]
+    assert _piece_groups(ends, 4) == [slice(0, 3)]
+    got = _estimate_batched_triton(queries, k, ranges, ends, softmax_scale=0.3, max_elements=4 * 60, **BUDGETS)
+    ref = per_piece(queries, k, ranges, ends, 0.3)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_batched_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
+    """CUDA dispatch (simulated): a failing batched kernel is logged, disabled, and the per-piece loop
+    (the PyTorch path) answers."""
+    import qwen1m.kernels.sparse_estimate as kernels
+    from qwen1m.attention.sparse_estimate import estimate_vertical_slash_batched
+
+    queries, k, ranges, ends = make_pieces(BATCHED_CASES["dca"], 4, 2, 16, torch.float32)
+    expected = per_piece(queries, k, ranges, ends, 0.3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(kernels, "attention_sums_batched_triton", broken)
+    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
+    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    with caplog.at_level(logging.WARNING):
+        got = estimate_vertical_slash_batched(queries, k, ranges, ends, softmax_scale=0.3, **BUDGETS)
+    assert not sparse_estimate._TRITON_SUMS["usable"]
+    assert "batched Triton attention-sums kernels failed" in caplog.text
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.gpu

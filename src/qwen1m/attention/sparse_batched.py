@@ -6,8 +6,9 @@ between index and attention. Run that way a 512K prefill of the bundled model ma
 and 2,370 stream syncs for 4.6 s of GPU work (7.3 s wall). This module computes the same thing for
 every (piece, region) *problem* of the step at once:
 
-    1. estimate per piece (``estimate_vertical_slash``: a few launches, no sync), picks stacked to
-       v [P pieces, H, nv] and s [P, H, ns], -1 padded;
+    1. estimate all pieces together (``estimate_vertical_slash_batched``: on CUDA two kernel launches
+       and one top-k per direction for the whole step, no sync), picks v [P pieces, H, nv] and
+       s [P, H, ns], -1 padded;
     2. re-base for every problem in one set of tensor ops (``_rebase``);
     3. one index launch for all problems (``build_vertical_slash_index_batched``);
     4. the dense decision on the device: a problem whose index lists more than
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from qwen1m.attention.dca import dca_pieces
-from qwen1m.attention.sparse_estimate import estimate_vertical_slash
+from qwen1m.attention.sparse_estimate import _MAX_SUM_ELEMENTS, estimate_vertical_slash_batched
 from qwen1m.sparse_config import SparseConfig
 
 _BIG = 1 << 40  # re-based slash padding: far outside every region
@@ -58,11 +59,6 @@ def batched_supported(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> bo
     head_dim, block = q.shape[-1], cfg.block_size
     return (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and block >= 16 and block & (block - 1) == 0
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype)
-
-
-def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
-    width = max(p.shape[-1] for p in parts)
-    return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts])
 
 
 def _rebase(v_idx, s_idx, table, spread, num_fallback: int):
@@ -146,10 +142,14 @@ def sparse_workspace_bytes(num_q: int, num_keys: int, *, num_heads: int, head_di
 
       picks     24 P H (nv + ns)      int64 top-k picks of each piece, their padded copies, the stack
                 + 16 N (16 + f)       the problem tables, host and device copies (f = cfg.empty_region_columns)
-      estimate  8 H num_keys          vertical and slash sums, fp32, of one piece (``attention_sums_triton``)
-                + 12 H L (num_keys / 256 + 3)  its LSE partials (>= 16 key tiles of >= 16 keys per split)
-                                      and two temporaries of their size (the logsumexp)
-                + 32 H (nv + ns)      top-k values, indices, their sort and the -1 padded result
+      estimate  8 min(P H num_keys, max(S, H num_keys))  vertical and slash sums, fp32, of one group of
+                                      pieces (``estimate_vertical_slash_batched``: S = its group bound
+                                      ``_MAX_SUM_ELEMENTS``, or one piece alone) + P num_keys (past-end mask)
+                + 3 P L H D e         the used query copies of every piece, in one flat tensor
+                + 12 P H L (num_keys / 256 + 3)  the LSE partials (>= 16 key tiles of >= 16 keys per
+                                      split) and two temporaries of their size (the logsumexp)
+                + 32 P H (nv + ns)    top-k values, indices, the keep masks and the -1 padded result
+                + 64 P (num_keys / 256 + 6)  the work tables (7 int32 fields a row)
       slots     R num_q H (2 D e + 4) q_all (the stacked rotations), out_all, and lse_all in fp32
       index     4 min(N X, max(_MAX_INDEX_ELEMENTS, X))   one group's block_offset + column_index (int32):
                                       under the group bound, or the largest problem alone, X = H M (wb + wc)
@@ -187,7 +187,9 @@ def sparse_workspace_terms(num_q: int, num_keys: int, *, num_heads: int, head_di
     largest = h * blocks * (wb + wc)
 
     picks = 24 * pieces * h * (nv + ns) + 16 * problems * (16 + cfg.empty_region_columns)
-    estimate = 8 * h * num_keys + 12 * h * last * (num_keys // 256 + 3) + 32 * h * (nv + ns)
+    estimate = (8 * min(pieces * h * num_keys, max(_MAX_SUM_ELEMENTS, h * num_keys)) + pieces * num_keys
+                + 3 * pieces * last * h * d * e + 12 * pieces * h * last * (num_keys // 256 + 3)
+                + 32 * pieces * h * (nv + ns) + 64 * pieces * (num_keys // 256 + 6))
     slots = kinds * num_q * h * (2 * d * e + 4)
     index = (4 * min(problems * largest, max(_MAX_INDEX_ELEMENTS, largest)) + 56 * problems * h * blocks
              + 48 * problems * h * (nv + ns))
@@ -225,20 +227,18 @@ def sparse_prefill_batched(
     total = begin + num_q
     pieces, problems = _problems(begin, total, chunk_len)
 
-    # 1. estimate per piece (no sync: fixed-size top-k, -1 padded)
-    v_parts, s_parts = [], []
+    # 1. estimate, all pieces together (no sync: fixed-size top-k, -1 padded)
+    est_queries, est_ranges = [], []
     for i, (piece_begin, piece_end) in enumerate(pieces):
         mine = [p for p in problems if p[0] == i]
         last = min(cfg.last_q, piece_end - piece_begin)
         est = slice(piece_end - begin - last, piece_end - begin)
-        v_i, s_i = estimate_vertical_slash(
-            {sel: queries[sel][est] for _, _, sel, *_ in mine}, k,
-            [(sel, a, b) for _, _, sel, a, b, _ in mine if b > a], piece_end,
-            softmax_scale=softmax_scale, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
-            sink_tokens=cfg.sink_tokens, local_diagonals=cfg.local_diagonals)
-        v_parts.append(v_i)
-        s_parts.append(s_i)
-    v_idx, s_idx = _pad_stack(v_parts), _pad_stack(s_parts)
+        est_queries.append({sel: queries[sel][est] for _, _, sel, *_ in mine})
+        est_ranges.append([(sel, a, b) for _, _, sel, a, b, _ in mine if b > a])
+    v_idx, s_idx = estimate_vertical_slash_batched(
+        est_queries, k, est_ranges, [piece_end for _, piece_end in pieces], softmax_scale=softmax_scale,
+        vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, sink_tokens=cfg.sink_tokens,
+        local_diagonals=cfg.local_diagonals)
 
     # the problem tables, on the host, then one asynchronous copy
     num_fallback = cfg.empty_region_columns

@@ -18,6 +18,10 @@ Memory: two passes over key blocks (max and sum-exp first, then normalised sums)
 On CUDA ``attention_sums`` runs the Triton kernels of ``qwen1m.kernels.sparse_estimate`` (same sums,
 K read twice, no score tensor in memory) until they fail once; the PyTorch code below is the CPU
 path and the oracle.
+
+``estimate_vertical_slash_batched`` estimates every piece of a prefill step together (two kernel
+launches, one top-k per direction, no host sync on CUDA) with the per-piece function's results; its
+CPU path is the loop over ``estimate_vertical_slash``.
 """
 
 from __future__ import annotations
@@ -130,9 +134,27 @@ def estimate_vertical_slash(
     """
     vertical, slash = attention_sums(queries, k, key_ranges, query_end, softmax_scale=softmax_scale,
                                      key_block=key_block)
-    vertical[:, :sink_tokens] = float("inf")  # attention sinks
-    slash[:, :local_diagonals] = float("inf")  # the local window
+    _force_first(vertical, sink_tokens)  # attention sinks
+    _force_first(slash, local_diagonals)  # the local window
     return (_top_per_head(vertical, vertical_sizes), _top_per_head(slash, slash_sizes))
+
+
+# Scores of the always-kept entries: above every sum (a sum is at most L, the number of estimating rows),
+# distinct integers exact in float32 (below 2^24)
+_FORCED = float(1 << 23)
+
+
+def _force_first(scores: torch.Tensor, n: int) -> None:
+    """Make the first n entries of the last axis outrank every sum, the lower index first.
+
+    Distinct values, not +inf: with +inf a budget smaller than n left the choice among them to
+    ``torch.topk``'s tie order, which differs between widths and devices (and so between the per-piece
+    and the batched estimate); this way the picks are a function of the scores. One device op, no copy
+    from the host.
+    """
+    n = min(n, scores.shape[-1])
+    if n > 0:
+        scores[..., :n] = torch.arange(_FORCED, _FORCED - n, -1.0, device=scores.device)
 
 
 def _top_per_head(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -146,3 +168,129 @@ def _top_per_head(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if scores.device.type == "cuda":
         keep = keep.pin_memory().to(scores.device, non_blocking=True)
     return torch.where(keep.to(scores.device), idx, -1)
+
+
+def pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [H, n_i] index tensors to [len(parts), H, max n_i], padding with -1."""
+    width = max(p.shape[-1] for p in parts)
+    return torch.stack([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts])
+
+
+def estimate_vertical_slash_batched(
+    queries: list[dict[str, torch.Tensor]],
+    k: torch.Tensor,
+    key_ranges: list[list[tuple[str, int, int]]],
+    query_ends: list[int],
+    *,
+    softmax_scale: float,
+    vertical_sizes: list[int],
+    slash_sizes: list[int],
+    sink_tokens: int,
+    local_diagonals: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``estimate_vertical_slash`` for P pieces at once: queries[p], key_ranges[p], query_ends[p] are
+    piece p's arguments (a piece's query copies share one L_p; pieces may differ).
+
+    Returns v_idx [P, H, nv] and s_idx [P, H, ns], equal to ``pad_stack`` of the per-piece results:
+    the same picks per head, -1 in the same places (nv = min(max(vertical_sizes), max(query_ends)),
+    a piece's row is -1 past its own budget and past its own query_end). Exact as long as the sums of
+    the two paths order the same (the kernels' fp32 sums differ from the PyTorch ones in the last bits;
+    scores that are exactly equal, e.g. columns whose mass is flushed to 0, are picked in ``torch.topk``'s
+    tie order, which may differ between the [H, query_end] and the padded [P, H, T] top-k).
+
+    On CUDA (the Triton kernels usable): two kernel launches and a fixed number of tensor ops for all
+    pieces, no host sync. Otherwise (the CPU path, and the oracle) a loop over ``estimate_vertical_slash``.
+    """
+    if all(_triton_supported(q, k, r) for q, r in zip(queries, key_ranges)):
+        try:
+            return _estimate_batched_triton(queries, k, key_ranges, query_ends, softmax_scale=softmax_scale,
+                                            vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+                                            sink_tokens=sink_tokens, local_diagonals=local_diagonals)
+        except torch.OutOfMemoryError:  # not the kernels' fault: the sparse prefill retries per region
+            raise
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+            _TRITON_SUMS["usable"] = False
+            log.warning("the batched Triton attention-sums kernels failed (%s); using the PyTorch path", e)
+    picks = [estimate_vertical_slash(q, k, r, end, softmax_scale=softmax_scale, vertical_sizes=vertical_sizes,
+                                     slash_sizes=slash_sizes, sink_tokens=sink_tokens,
+                                     local_diagonals=local_diagonals)
+             for q, r, end in zip(queries, key_ranges, query_ends)]
+    return pad_stack([v for v, _ in picks]), pad_stack([s for _, s in picks])
+
+
+# The sums of a group of pieces are two [P_g, H, max query_end] fp32 tensors: pieces are estimated in
+# groups of at most this many elements per tensor (2^27 x 4 B = 512 MiB; the bundled model's ~9 pieces
+# at 1M tokens make 9 x 4 x 2^20 = 38M: one group; 28 heads at 1M: 4 pieces a group)
+_MAX_SUM_ELEMENTS = 1 << 27
+
+
+def _piece_groups(query_ends: list[int], num_heads: int, limit: int = _MAX_SUM_ELEMENTS) -> list[slice]:
+    """Consecutive pieces whose [P_g, H, max query_end] sums stay under ``limit`` elements (at least one)."""
+    groups, first, widest = [], 0, 0
+    for i, end in enumerate(query_ends):
+        widest_new = max(widest, end)
+        if i > first and (i + 1 - first) * num_heads * widest_new > limit:
+            groups.append(slice(first, i))
+            first, widest_new = i, end
+        widest = widest_new
+    groups.append(slice(first, len(query_ends)))
+    return groups
+
+
+def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [P_g, H, n_g] index tensors along pieces, padding the last axis with -1."""
+    width = max(p.shape[-1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts])
+
+
+def _estimate_batched_triton(queries, k, key_ranges, query_ends, *, split_len: int | None = None,
+                             max_elements: int = _MAX_SUM_ELEMENTS, **kw):
+    """The Triton path of ``estimate_vertical_slash_batched`` (same arguments), a group of pieces at a time."""
+    num_heads = next(iter(queries[0].values())).shape[1]
+    groups = _piece_groups(query_ends, num_heads, max_elements)
+    picks = [_estimate_group(queries[g], k, key_ranges[g], query_ends[g], split_len=split_len, **kw) for g in groups]
+    if len(picks) == 1:
+        return picks[0]
+    return _pad_cat([v for v, _ in picks]), _pad_cat([s for _, s in picks])
+
+
+def _estimate_group(queries, k, key_ranges, query_ends, *, softmax_scale, vertical_sizes, slash_sizes,
+                    sink_tokens, local_diagonals, split_len: int | None = None):
+    """One group of pieces: two kernel launches, one top-k per direction."""
+    from qwen1m.kernels.sparse_estimate import attention_sums_batched_triton
+    from qwen1m.kernels.vs_index import host_to_device
+
+    vertical, slash = attention_sums_batched_triton(queries, k, key_ranges, query_ends, softmax_scale=softmax_scale,
+                                                    split_len=split_len)  # [P, H, T], 0 past a piece's end
+    num_pieces, _, width = vertical.shape
+    v_keep, s_keep = _keep_masks(vertical_sizes, query_ends, width), _keep_masks(slash_sizes, query_ends, width)
+    # the host data in one asynchronous copy: each piece's query_end, then the two keep masks
+    host = torch.cat([torch.tensor(query_ends, dtype=torch.int64), v_keep.flatten(), s_keep.flatten()])
+    dev = host_to_device(host, vertical.device)
+    ends, v_dev, s_dev = dev.split([num_pieces, v_keep.numel(), s_keep.numel()])
+    v_keep, s_keep = v_dev.view(v_keep.shape), s_dev.view(s_keep.shape)
+    _force_first(vertical, sink_tokens)  # attention sinks
+    _force_first(slash, local_diagonals)  # the local window
+    # past a piece's query_end nothing exists: -inf (after the sinks, which must not reach there), so
+    # top-k over the padded width picks exactly what top-k over the piece's own width picks
+    past_end = torch.arange(width, device=vertical.device) >= ends[:, None, None]  # [P, 1, T]
+    vertical.masked_fill_(past_end, float("-inf"))
+    slash.masked_fill_(past_end, float("-inf"))
+    return _top_batched(vertical, v_keep), _top_batched(slash, s_keep)
+
+
+def _keep_masks(sizes: list[int], query_ends: list[int], width: int) -> torch.Tensor:
+    """int64 [P, H, w] (host): 1 where pick j of head h of piece p exists, j < sizes[h] and j < query_end_p
+    (``_top_per_head`` clamps its width to the piece's score length); w = min(max(sizes), width)."""
+    w = min(max(sizes), width) if sizes else 0
+    j = torch.arange(w)
+    ends = torch.tensor(query_ends)
+    return ((j[None, None, :] < torch.tensor(sizes)[None, :, None]) & (j[None, None, :] < ends[:, None, None])).long()
+
+
+def _top_batched(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Top-w indices of scores [P, H, T] per (piece, head), -1 where keep [P, H, w] is 0."""
+    if keep.shape[-1] == 0:
+        return torch.empty(*scores.shape[:2], 0, dtype=torch.long, device=scores.device)
+    idx = torch.topk(scores, keep.shape[-1], dim=-1).indices
+    return torch.where(keep != 0, idx, -1)
