@@ -174,12 +174,21 @@ def _choose(x: torch.Tensor, params, generators: list[torch.Generator | None]) -
     sampled = [j for j, p in enumerate(params) if not p.greedy]
     if not sampled:
         return fallback, torch.where(hopeless, -1, fallback)
-    temperature = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
-    scaled = x / temperature[:, None]
+    # each sampled row's one uniform number comes from its own CPU generator (so a seed gives the same
+    # tokens whatever else shares the batch); the rows' numbers then go to the device in one copy
+    u = [0.0] * len(params)
+    for j in sampled:
+        u[j] = _uniform(generators[j])
     top_k = [p.top_k if 0 < p.top_k < vocab and not p.greedy else 0 for p in params]
+    columns = _to_device([[p.temperature if not p.greedy else 1.0 for p in params], top_k,
+                          # a row without top-p: an infinite limit, so rounding in its cumulative sum drops nothing
+                          [p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                          [p.min_p for p in params], u, [float(p.greedy) for p in params]], torch.float32, device)
+    temperature, k, limit, min_p, u_dev, greedy = columns  # [rows] each (top_k < 2^24: exact in float32)
+    scaled = x / temperature[:, None]
     if any(top_k):
         values = torch.topk(scaled, max(top_k)).values  # sorted: the k-th largest is column k - 1
-        k = _to_device(top_k, torch.int64, device)
+        k = k.long()
         kth = values.gather(1, (k - 1).clamp_(min=0)[:, None])
         kth = torch.where(k[:, None] > 0, kth, float("-inf"))  # rows without top-k keep every token
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -187,30 +196,21 @@ def _choose(x: torch.Tensor, params, generators: list[torch.Generator | None]) -
     if any(p.top_p < 1.0 and not p.greedy for p in params):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept); a row
-        # without top-p gets an infinite limit, so rounding in its cumulative sum drops nothing
-        limit = _to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32, device)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
         sorted_probs = sorted_probs.masked_fill((cumulative - sorted_probs) >= limit[:, None], 0.0)
         probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
     if any(p.min_p > 0.0 and not p.greedy for p in params):
-        min_p = _to_device([p.min_p for p in params], torch.float32, device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
-    # the draw, batched: each sampled row's one uniform number comes from its own CPU generator (so a
-    # seed gives the same tokens whatever else shares the batch), then an inverse-CDF lookup for all
-    # rows on the device. A per-row torch.multinomial over 152K CPU probabilities cost ~4 ms a row
-    # (H100 run of 2026-12-07: 32 sampled rows 134 ms per step against 6.3 ms greedy).
-    u = [0.0] * len(params)
-    for j in sampled:
-        u[j] = _uniform(generators[j])
+    # the draw, batched: an inverse-CDF lookup for all rows on the device. A per-row torch.multinomial
+    # over 152K CPU probabilities cost ~4 ms a row (H100 run of 2026-12-07: 32 sampled rows 134 ms per
+    # step against 6.3 ms greedy).
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     bad = ~torch.isfinite(probs).all(-1) | ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
     # the first token whose cumulative mass passes u * total: a token of positive probability, since
     # u < 1 keeps the target below the last cumulative value
-    target = _to_device(u, torch.float32, device)[:, None] * total
-    drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
-    greedy = _to_device([p.greedy for p in params], torch.bool, device)
-    tokens = torch.where(greedy | bad, fallback, drawn)
+    drawn = torch.searchsorted(cdf, u_dev[:, None] * total, right=True).clamp_(max=vocab - 1)[:, 0]
+    tokens = torch.where((greedy > 0) | bad, fallback, drawn)
     return tokens, torch.where(hopeless, -1, tokens)
 
 
