@@ -219,7 +219,8 @@ def sparse_prefill_batched(
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
     """
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
-    from qwen1m.kernels.vs_index import host_to_device, index_widths
+    from qwen1m.kernels.vs_index import index_widths
+    from qwen1m.transfer import host_to_device
 
     q_intra = queries["intra"]
     num_q, num_heads, head_dim = q_intra.shape
@@ -291,7 +292,8 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_s
     place. Returns the computed pairs (a 0-dim device tensor) if with_stats, else None.
     """
     from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
-    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched, host_to_device
+    from qwen1m.kernels.vs_index import build_vertical_slash_index_batched
+    from qwen1m.transfer import host_to_device
 
     (v_idx, s_idx), (table, attn_table), (q_all, out_all, lse_all) = picks, tables, slots
     num_heads, bm = q_all.shape[2], cfg.block_size

@@ -31,6 +31,7 @@ import logging
 import torch
 
 from qwen1m.attention.reference import exp_floor
+from qwen1m.transfer import host_to_device
 
 _KEY_BLOCK = 1 << 15
 log = logging.getLogger(__name__)
@@ -164,10 +165,8 @@ def _top_per_head(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
     idx = torch.topk(scores, width, dim=-1).indices
     # the mask is host data: built there, copied without a sync (a pageable copy would block)
-    keep = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
-    if scores.device.type == "cuda":
-        keep = keep.pin_memory().to(scores.device, non_blocking=True)
-    return torch.where(keep.to(scores.device), idx, -1)
+    keep = host_to_device(torch.arange(width)[None, :] < torch.tensor(sizes)[:, None], scores.device)
+    return torch.where(keep, idx, -1)
 
 
 def pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -258,7 +257,6 @@ def _estimate_group(queries, k, key_ranges, query_ends, *, softmax_scale, vertic
                     sink_tokens, local_diagonals, split_len: int | None = None):
     """One group of pieces: two kernel launches, one top-k per direction."""
     from qwen1m.kernels.sparse_estimate import attention_sums_batched_triton
-    from qwen1m.kernels.vs_index import host_to_device
 
     vertical, slash = attention_sums_batched_triton(queries, k, key_ranges, query_ends, softmax_scale=softmax_scale,
                                                     split_len=split_len)  # [P, H, T], 0 past a piece's end

@@ -33,6 +33,7 @@ import torch
 
 from qwen1m.engine.sequence import Sequence
 from qwen1m.errors import Qwen1mError
+from qwen1m.transfer import host_to_device
 
 
 class SamplingError(Qwen1mError):
@@ -155,10 +156,7 @@ def _prompt_mask(seq: Sequence, vocab: int, device: torch.device) -> torch.Tenso
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host numbers on the device without a host sync (a pageable copy would wait for the GPU, and
     for the step launched ahead of this one)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _choose(x: torch.Tensor, params, generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,7 +257,7 @@ def vertical_slash_attention(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    from qwen1m.kernels.vs_index import host_to_device
+    from qwen1m.transfer import host_to_device
 
     device = q.device
     prob = host_to_device(torch.tensor([[0, 0, 0, num_q, num_kv, int(causal), 0, 0]], dtype=torch.int32), device)

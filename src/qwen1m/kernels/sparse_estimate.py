@@ -235,7 +235,7 @@ def attention_sums_batched_triton(
     Returns vertical, slash [P, num_heads, max(query_ends)] float32; entries at or past a piece's own
     query_end are 0 (no key or distance there).
     """
-    from qwen1m.kernels.vs_index import host_to_device
+    from qwen1m.transfer import host_to_device
 
     any_q = next(iter(queries[0].values()))
     _, num_heads, head_dim = any_q.shape

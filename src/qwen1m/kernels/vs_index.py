@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from qwen1m.attention.vertical_slash import BatchedVSIndex, VerticalSlashIndex, check_index_args
+from qwen1m.transfer import host_to_device
 
 SLASH_TILE, SLOT_TILE, COL_TILE = 256, 256, 256  # elements per vector step (GPU defaults)
 ROWS = 1  # (head, query block) pairs per program on the GPU (not tuned)
@@ -216,14 +217,6 @@ def _check_args(v_idx, s_idx, num_q, num_kv, block_m, block_n):
                          f"{num_kv} is too large.")
 
 
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host-built tensor on ``device`` without a host sync: a pageable copy would block the
-    host (and counts as a sync in ``torch.cuda.set_sync_debug_mode``); a pinned one is asynchronous."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def build_vertical_slash_index_triton(
     v_idx: torch.Tensor,
     s_idx: torch.Tensor,
@@ -327,5 +320,5 @@ def _build_batched(v_idx, s_idx, problems, *, block_m, block_n, sizes=None,
                           block_m=block_m, block_n=block_n)
 
 
-__all__ = ["build_vertical_slash_index_batched", "build_vertical_slash_index_triton", "host_to_device",
+__all__ = ["build_vertical_slash_index_batched", "build_vertical_slash_index_triton",
            "index_widths"]
