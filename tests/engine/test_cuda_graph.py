@@ -72,7 +72,6 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
     from qwen1m.model.layers import RMSNorm
 
     folder, prompts = _model_and_prompts(tmp_path, dca, 82, (7, 90, 200))
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     runs = {}
     for name in ("reference", "eager", "graph"):
         RMSNorm.use_kernel = False if name == "reference" else None
@@ -81,9 +80,10 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
                       max_model_len=512, kv_cache_memory=256 << 20)
             llm.model.backend.decode_kernel = name != "reference"
             logits = []
-            sample = llm.engine._sample  # called once per step with the sampled rows' logits, never in capture
-            llm.engine._sample = lambda seqs, lg, logits=logits, sample=sample: (
-                logits.append(lg.clone()) or sample(seqs, lg))
+            # a logits processor sees every row's raw logits at every step (plain greedy rows would take
+            # the device argmax and never reach the host); it leaves them unchanged
+            capture = lambda ids, row, logits=logits: logits.append(row.clone()) or row  # noqa: E731
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logits_processors=[capture])
             runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)], logits
         finally:
             RMSNorm.use_kernel = None
@@ -94,7 +94,7 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
     for name in ("eager", "graph"):
         tokens, logits = runs[name]
         assert tokens == ref_tokens, name
-        assert len(logits) == len(ref_logits), name
+        assert len(logits) == len(ref_logits) == 3 * 24, name
         for a, b in zip(logits, ref_logits):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
