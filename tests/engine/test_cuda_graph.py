@@ -129,7 +129,7 @@ def test_overlapped_graph_decode_equals_plain(tmp_path):
 def test_sampled_rows_overlap_without_a_host_sync(tmp_path, monkeypatch):
     """Sampled rows (seeded, top-k/top-p/min-p, logit_bias) beside greedy ones are chosen on the device
     with no host sync, so their steps are launched early: the plain engine's tokens, seed for seed."""
-    from qwen1m.engine import llm_engine
+    from qwen1m.engine import step_tokens
 
     folder, prompts = _model_and_prompts(tmp_path, DCA, 86, (5, 30, 70, 150))
     kw = dict(dtype="float32", device="cuda", max_num_seqs=8, max_model_len=512, kv_cache_memory=256 << 20)
@@ -142,7 +142,7 @@ def test_sampled_rows_overlap_without_a_host_sync(tmp_path, monkeypatch):
     summary = lambda outs: [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]  # noqa: E731
     llm.engine.overlap = False
     want = summary(llm.generate(prompts, params))
-    real = llm_engine.sample_on_device
+    real = step_tokens.sample_on_device
 
     def no_sync(logits, seqs):
         torch.cuda.set_sync_debug_mode("error")
@@ -151,7 +151,7 @@ def test_sampled_rows_overlap_without_a_host_sync(tmp_path, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    monkeypatch.setattr(llm_engine, "sample_on_device", no_sync)
+    monkeypatch.setattr(step_tokens, "sample_on_device", no_sync)
     inner, aheads = llm.engine._launch_ahead, [0]
 
     def counting(step):

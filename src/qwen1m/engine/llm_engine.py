@@ -22,7 +22,6 @@ import functools
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -33,9 +32,10 @@ from qwen1m.detokenizer import IncrementalDetokenizer
 from qwen1m.engine import logprobs as lp
 from qwen1m.engine.kv_allocator import KVAllocator
 from qwen1m.engine.output_processor import check_stop, request_output
-from qwen1m.engine.sampler import no_finite_logit, on_device, sample_batch, sample_on_device
+from qwen1m.engine.sampler import sample_batch
 from qwen1m.engine.scheduler import ScheduledSequence, Scheduler
 from qwen1m.engine.sequence import Sequence
+from qwen1m.engine.step_tokens import LaunchedStep, choose_on_device, read_tokens
 from qwen1m.errors import Qwen1mError, RequestError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
 from qwen1m.outputs import PrefillProgress, RequestOutput
@@ -46,21 +46,6 @@ logger = logging.getLogger(__name__)
 # the token id an overlapped launch appends for a token still on the device (never read: the
 # step's input ids come from the device, and _finish writes the real id before anyone looks)
 _PLACEHOLDER = -1
-
-
-@dataclass(slots=True)
-class _Launched:
-    """A step whose work is enqueued: the sequences of its sampling rows, in row order, and how to
-    get their tokens (host sampling from logits, or the device argmax copied to host memory)."""
-
-    samplers: list[Sequence]
-    logits: torch.Tensor | None
-    prefilled: list[Sequence]  # sequences that computed prompt tokens in it (prefill_progress)
-    tokens: torch.Tensor | None = None  # [rows] device tokens when every row is chosen there
-    logprobs: lp.LogprobRows | None = None  # with tokens: the rows that asked for logprobs (host copies)
-    tokens_host: torch.Tensor | None = None
-    ready: torch.cuda.Event | None = None  # recorded after the copy to tokens_host
-    inputs_from: dict[int, int] = field(default_factory=dict)  # overlapped: id(seq) -> row of the step before
 
 
 class LLMEngine:
@@ -112,7 +97,7 @@ class LLMEngine:
         # overlapped decode (see step): on by default where it pays, with CUDA graphs (the host's
         # work is then what stands between two steps); tests turn it on for the CPU
         self.overlap = cuda_graphs if overlap is None else overlap
-        self._ahead: _Launched | None = None  # a launched step whose outputs the next call returns
+        self._ahead: LaunchedStep | None = None  # a launched step whose outputs the next call returns
         self._failed: list[RequestOutput] = []  # requests ended by their own error, for the next outputs
         # a token's text alone, for logprobs (cached: the same few thousand tokens come up again)
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
@@ -237,10 +222,11 @@ class LLMEngine:
                 raise
         return self._finish(launched, self._ahead.inputs_from if self._ahead is not None else {})
 
-    def _launch(self, scheduled: list[ScheduledSequence], device_ids: torch.Tensor | None = None) -> _Launched:
+    def _launch(self, scheduled: list[ScheduledSequence], device_ids: torch.Tensor | None = None) -> LaunchedStep:
         """Enqueue a step's forward (and, when every sampling row's token is chosen on the device, that
-        choice and the copy of the tokens to the host). device_ids: the input token of every row, on the device (an
-        overlapped step: every row decodes one token whose id the host does not know yet)."""
+        choice and the copy of the tokens to the host: ``step_tokens.choose_on_device``). device_ids: the
+        input token of every row, on the device (an overlapped step: every row decodes one token whose id
+        the host does not know yet)."""
         ids, positions, slices, sample_rows, samplers = [], [], [], [], []
         start = 0
         now = time.monotonic()
@@ -278,28 +264,11 @@ class LLMEngine:
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_tokens
             self.kv.register(item.seq)
-        launched = _Launched(samplers, logits, list(self._prefilled))
-        if samplers and all(on_device(seq.params) for seq in samplers):
-            if all(seq.params.plain_greedy for seq in samplers):
-                launched.tokens = report = logits.argmax(-1)
-            else:  # sampled rows chosen on the device too, so the next decode can be launched ahead
-                launched.tokens, report = sample_on_device(logits, samplers)
-            asked = [i for i, seq in enumerate(samplers) if seq.params.logprobs is not None]
-            if asked:  # from the logits now: an overlapped step may overwrite a graph's logits
-                rows = lp.compute(logits, asked, [samplers[i].params.logprobs for i in asked],
-                                  launched.tokens[asked])
-                launched.logprobs = rows.to_host(pinned=launched.tokens.is_cuda)
-            if launched.tokens.is_cuda:  # to pinned host memory, without waiting; _finish waits
-                launched.tokens_host = torch.empty(len(samplers), dtype=torch.long, pin_memory=True)
-                launched.tokens_host.copy_(report, non_blocking=True)
-                launched.ready = torch.cuda.Event()
-                launched.ready.record()
-            else:
-                launched.tokens_host = report
-            launched.logits = None  # not read again: an overlapped step may overwrite a graph's logits
+        launched = LaunchedStep(samplers, logits, list(self._prefilled))
+        choose_on_device(launched)
         return launched
 
-    def _launch_ahead(self, launched: _Launched) -> _Launched | None:
+    def _launch_ahead(self, launched: LaunchedStep) -> LaunchedStep | None:
         """Launch the step after ``launched`` before its tokens are known, when that step is certain
         to be a decode of its sequences: every sampling row's token chosen on the device (greedy, or
         sampled without penalties or logits processors: ``sampler.on_device``), every
@@ -342,22 +311,13 @@ class LLMEngine:
         ahead.inputs_from = inputs_from
         return ahead
 
-    def _finish(self, launched: _Launched, placeholders: dict[int, int]) -> list[RequestOutput]:
+    def _finish(self, launched: LaunchedStep, placeholders: dict[int, int]) -> list[RequestOutput]:
         """Wait for a step's tokens, append them (or put them in place of the placeholders an
         overlapped launch appended), run the stop checks and build the outputs."""
         samplers = launched.samplers
         if not samplers:
             return self._take_failed()
-        if launched.tokens_host is not None:
-            if launched.ready is not None:
-                launched.ready.synchronize()
-            tokens = launched.tokens_host.tolist()
-            # (a row reported -1 had no finite logit: it fails below, its logprob entry is never read)
-            logprobs = self._logprob_dicts(launched.logprobs, [max(t, 0) for t in tokens])
-            tokens = [t if t >= 0 else no_finite_logit() for t in tokens]
-        else:
-            tokens = self._sample(samplers, launched.logits)
-            logprobs = self._sampled_logprobs(samplers, launched.logits, tokens)
+        tokens, logprobs = read_tokens(launched, self._token_text, self._sample)
         touched: dict[str, None] = {}
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(samplers, tokens)):
@@ -389,21 +349,6 @@ class LLMEngine:
         """One token per row, or the exception that row raised (the others are unaffected); plain
         greedy rows in one argmax and one device->host copy for the batch (``sampler.py``)."""
         return sample_batch(logits, seqs)
-
-    def _sampled_logprobs(self, seqs: list[Sequence], logits: torch.Tensor,
-                          tokens: list[int | Exception]) -> dict[int, dict]:
-        """Row -> {token id: Logprob} for the rows that asked for logprobs and got a token."""
-        asked = [i for i, seq in enumerate(seqs) if seq.logprobs is not None and isinstance(tokens[i], int)]
-        if not asked:
-            return {}
-        rows = lp.compute(logits, asked, [seqs[i].params.logprobs for i in asked],
-                          torch.tensor([tokens[i] for i in asked], device=logits.device))
-        return self._logprob_dicts(rows, tokens)
-
-    def _logprob_dicts(self, rows: lp.LogprobRows | None, tokens: list) -> dict[int, dict]:
-        if rows is None:
-            return {}
-        return dict(zip(rows.rows, lp.to_dicts(rows, [tokens[i] for i in rows.rows], self._token_text)))
 
     @staticmethod
     def _scores_prompt(item: ScheduledSequence) -> bool:
