@@ -96,6 +96,37 @@ def test_batched_draws_equal_the_per_row_sampler_for_the_same_seeds():
         assert got == want
 
 
+TOP_K_ROWS = [  # every sampled row has a top-k: the sampler draws among the top-k candidates only
+    dict(temperature=0),
+    dict(temperature=0.7, top_k=40),
+    dict(temperature=1.3, top_k=5),
+    dict(temperature=1.0, top_k=96, top_p=0.8),
+    dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+    dict(temperature=2.0, top_k=60, min_p=0.3),
+    dict(temperature=1.0, top_k=1),
+    dict(temperature=0.5, top_k=3, seed=None),
+]
+
+
+def test_draws_among_the_top_k_candidates_equal_the_per_row_sampler():
+    """The short path (softmax, top-p, min-p and the draw on [rows, max top_k] candidates, put back in
+    token order) picks the token the whole-vocabulary reference picks for the same uniform number."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(30):
+        logits = torch.randn(len(TOP_K_ROWS), VOCAB, generator=gen) * 3
+        logits[2, :10] = float("-inf")
+        logits[5, 20:] = float("-inf")  # fewer finite logits than the row's top_k
+        if trial % 5 == 0:
+            logits[4] = float("nan")  # a broken row falls back to the argmax of its finite logits
+            logits[4, 3] = 1.0
+        params = [SamplingParams(**{"seed": trial, **kw}) for kw in TOP_K_ROWS]
+        seqs = [seq_of(p, [1, 2], [], seed=100 * trial + i) for i, p in enumerate(params)]
+        got = sampler.sample_batch(logits, seqs)
+        want = [reference_sample(logits[i], p, torch.Generator().manual_seed(100 * trial + i))
+                for i, p in enumerate(params)]
+        assert got == want, trial
+
+
 def test_a_row_with_no_finite_logit_fails_alone():
     logits = torch.randn(3, VOCAB)
     logits[1] = float("nan")
