@@ -341,6 +341,54 @@ def test_tp2_a_damaged_file_of_rank_1_only_is_recomputed_on_every_rank(ckpt, wan
         llm.shutdown()
 
 
+_TORCHRUN = textwrap.dedent("""
+    import json, sys
+    from qwen1m import LLM, SamplingParams
+    ckpt, folder, prompts, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    llm = LLM(ckpt, device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=48,
+              tensor_parallel_size=2, prefix_cache_dir=folder)
+    rows = []
+    for p in prompts:
+        o = llm.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+        rows.append([o.outputs[0].token_ids, o.num_cached_tokens])
+    stats = llm.engine.kv.stats()
+    json.dump({"rows": rows, "disk": stats.hit_tokens["disk"]}, open(out, "w"))
+    llm.shutdown()
+""")  # under torchrun the code after LLM(...) is rank 0's: rank 1 serves its steps inside LLM(...)
+
+
+def _torchrun(ckpt, folder: Path, prompts, out: Path) -> dict:
+    import json
+
+    from qwen1m.parallel.runtime import free_port
+
+    script = folder.parent / "tiers_torchrun.py"
+    script.write_text(_TORCHRUN)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(script), str(ckpt), str(folder),
+                           json.dumps(prompts), str(out)],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_torchrun_tp2_writes_both_ranks_files_and_a_new_launch_reads_them(ckpt, want_tp2, tmp_path):
+    """The tiers under a torchrun launch (ranks started by torchrun, not spawned by LLM): the first
+    launch writes each rank's shard files; a second launch (a restart) answers follow-ups from disk
+    with the tokens of a TP=2 engine without any cache."""
+    folder = tmp_path / "cache"
+    first = _torchrun(ckpt, folder, FIRST, tmp_path / "first.json")
+    assert [row[0] for row in first["rows"]] == [want_tp2[tuple(p)] for p in FIRST]
+    assert [row[1] for row in first["rows"]] == [0, 0, 0] and first["disk"] == 0
+    folders = _rank_folders(folder)
+    assert sorted(folders) == [0, 1] and all(len(_files(f.parent)) >= 3 * 15 for f in folders.values())
+    again = _torchrun(ckpt, folder, FOLLOW, tmp_path / "again.json")
+    assert [row[0] for row in again["rows"]] == [want_tp2[tuple(p)] for p in FOLLOW]
+    assert [row[1] for row in again["rows"]] == [60, 60, 60]  # every document from both ranks' files
+    assert again["disk"] == 3 * 60
+
+
 def test_a_document_larger_than_the_host_tier_streams_through_it(ckpt, want, tmp_path, monkeypatch):
     import qwen1m.cache.kv_tiers as kv_tiers
 
