@@ -233,7 +233,13 @@ def main() -> None:
     ap.add_argument("--parts", default="256k", help="GPU parts, comma separated: 256k (bf16, all tiers), "
                     "1m (FP8, from disk)")
     ap.add_argument("--dir", default=None, help="prefix cache folder (default: a temporary folder, removed after)")
+    ap.add_argument("--read-threads", type=int, default=None,
+                    help="disk block reads in parallel (default: the engine's kv_tiers.READ_THREADS)")
     args = ap.parse_args()
+    import qwen1m.cache.kv_tiers as kv_tiers
+
+    if args.read_threads:
+        kv_tiers.READ_THREADS = args.read_threads  # read when the engine makes its reader pool
     if args.device == "cpu":
         save("prefix_cache_tiers_cpu", {"config": "bundled model (float32, DCA), qwen1m generate CLI",
                                         "rows": [cpu_part(args.tokens or 32768)]})
@@ -251,7 +257,7 @@ def main() -> None:
             else:
                 raise SystemExit(f"--parts: unknown part {part!r} (256k, 1m)")
             save("prefix_cache_tiers", {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16), DCA on",
-                                        "rows": rows})
+                                        "read_threads": kv_tiers.READ_THREADS, "rows": rows})
             if not args.dir:
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
