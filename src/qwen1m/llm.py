@@ -18,9 +18,9 @@ from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.generation_config import load_generation_defaults
 from qwen1m.hub import resolve_model
 from qwen1m.model.loader import resolve_dtype
+from qwen1m.model.shard import TPShard, check_divisible
 from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
-from qwen1m.parallel.shard import TPShard, check_divisible
 from qwen1m.prompts import as_params_list, as_prompt_list, encode_prompts
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.shared_engine import SharedEngine

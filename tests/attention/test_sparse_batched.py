@@ -21,7 +21,7 @@ from qwen1m.attention.reference import attend
 from qwen1m.attention.sparse_batched import _problems, _rebase
 from qwen1m.attention.sparse_prefill import _region_index, sparse_prefill_attention
 from qwen1m.config import DCAConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 from qwen1m.sparse_config import SparseConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

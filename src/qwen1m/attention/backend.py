@@ -26,7 +26,7 @@ import torch
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import write_slots
 from qwen1m.config import DCAConfig, ModelConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 from qwen1m.sparse_config import SparseConfig
 
 

@@ -31,6 +31,7 @@ import logging
 import torch
 
 from qwen1m.attention.reference import exp_floor
+from qwen1m.cache.sparse_workspace import MAX_SUM_ELEMENTS
 from qwen1m.transfer import host_to_device
 
 _KEY_BLOCK = 1 << 15
@@ -217,13 +218,9 @@ def estimate_vertical_slash_batched(
     return pad_stack([v for v, _ in picks]), pad_stack([s for _, s in picks])
 
 
-# The sums of a group of pieces are two [P_g, H, max query_end] fp32 tensors: pieces are estimated in
-# groups of at most this many elements per tensor (2^27 x 4 B = 512 MiB; the bundled model's ~9 pieces
-# at 1M tokens make 9 x 4 x 2^20 = 38M: one group; 28 heads at 1M: 4 pieces a group)
-_MAX_SUM_ELEMENTS = 1 << 27
 
 
-def _piece_groups(query_ends: list[int], num_heads: int, limit: int = _MAX_SUM_ELEMENTS) -> list[slice]:
+def _piece_groups(query_ends: list[int], num_heads: int, limit: int = MAX_SUM_ELEMENTS) -> list[slice]:
     """Consecutive pieces whose [P_g, H, max query_end] sums stay under ``limit`` elements (at least one)."""
     groups, first, widest = [], 0, 0
     for i, end in enumerate(query_ends):
@@ -243,7 +240,7 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _estimate_batched_triton(queries, k, key_ranges, query_ends, *, split_len: int | None = None,
-                             max_elements: int = _MAX_SUM_ELEMENTS, **kw):
+                             max_elements: int = MAX_SUM_ELEMENTS, **kw):
     """The Triton path of ``estimate_vertical_slash_batched`` (same arguments), a group of pieces at a time."""
     num_heads = next(iter(queries[0].values())).shape[1]
     groups = _piece_groups(query_ends, num_heads, max_elements)

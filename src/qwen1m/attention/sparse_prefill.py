@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen1m.attention.dca import _attend_region, _Region, dca_pieces, intra_regions
+from qwen1m.attention.dca import Region, attend_region, dca_pieces, intra_regions
 from qwen1m.attention.reference import exp_floor, logsumexp, merge_attn_states
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash
 from qwen1m.attention.vertical_slash import VerticalSlashIndex, build_vertical_slash_index
@@ -246,7 +246,7 @@ def _batched_oom(message: str, q: torch.Tensor, k: torch.Tensor, begin: int, chu
     """The batched path ran out of device memory: give its cached blocks back and warn once (every time
     at debug level). The batched path stays on: memory that is short now (other requests' activations,
     fragmentation) may not be next time; a memory plan that reserves ``sparse_workspace_bytes`` avoids it."""
-    from qwen1m.attention.sparse_batched import sparse_workspace_bytes
+    from qwen1m.cache.sparse_workspace import sparse_workspace_bytes
 
     if k.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -277,8 +277,8 @@ def index_density(index: VerticalSlashIndex) -> float:
 def _dense_region(q, k, v, a, b, piece_begin, causal, softmax_scale, attend_fn):
     """Dense attention of a region, called as dense DCA calls it (a causal region is split by
     ``dca.intra_regions`` so that every call suits cuDNN). Returns [(out, lse), ...]."""
-    regions = intra_regions(a, piece_begin, b) if causal else [_Region("dense", a, b, False)]
-    return [_attend_region(q, k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn) for r in regions]
+    regions = intra_regions(a, piece_begin, b) if causal else [Region("dense", a, b, False)]
+    return [attend_region(q, k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn) for r in regions]
 
 
 def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, causal: bool, dense: bool) -> None:

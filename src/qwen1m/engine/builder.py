@@ -13,7 +13,7 @@ from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
 from qwen1m.config import ModelConfig
 from qwen1m.model.loader import load_model
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.parallel.shard import TPShard, local_config, local_sparse
+from qwen1m.model.shard import TPShard, local_config, local_sparse
 from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)

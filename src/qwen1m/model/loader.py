@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.errors import CheckpointError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.parallel.shard import TPShard
+from qwen1m.model.shard import TPShard
 from qwen1m.sparse_config import SparseConfig
 
 _DTYPES = {
@@ -229,7 +229,7 @@ def load_model(
     sparse: SparseConfig | None = None,
     shard: TPShard | None = None,
 ) -> Qwen2ForCausalLM:
-    """Build and fill the model; with ``shard``, ``cfg`` is the rank-local config (parallel.shard)."""
+    """Build and fill the model; with ``shard``, ``cfg`` is the rank-local config (model.shard)."""
     folder = Path(folder)
     if load_format not in ("safetensors", "auto", "dummy"):
         raise CheckpointError(f"load_format '{load_format}' is not supported (expected 'safetensors' or 'dummy').")

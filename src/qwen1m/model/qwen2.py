@@ -23,7 +23,7 @@ from qwen1m.attention.backend import AttentionBackend, make_backend
 from qwen1m.attention.metadata import AttentionMetadata
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.model.layers import MLP, RMSNorm, fuse_linears
-from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.rope import RotaryEmbedding
 from qwen1m.sparse_config import SparseConfig
 
 

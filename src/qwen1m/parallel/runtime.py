@@ -174,8 +174,8 @@ class TPDriver:
         import threading
 
         from qwen1m.engine.builder import build_rank
+        from qwen1m.model.shard import TPShard
         from qwen1m.parallel.placement import place_ranks
-        from qwen1m.parallel.shard import TPShard
         from qwen1m.parallel.worker import WorkerProcess, WorkerSpec
 
         size = spec.tensor_parallel_size

@@ -143,8 +143,8 @@ def _run(spec: WorkerSpec, report) -> int:
 
     from qwen1m.engine.builder import build_rank
     from qwen1m.errors import Qwen1mError
+    from qwen1m.model.shard import TPShard
     from qwen1m.parallel import runtime
-    from qwen1m.parallel.shard import TPShard
 
     device = spec.placement.device(spec.rank)
     try:
