@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from qwen1m.attention.dca import dca_pieces
+from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash_batched
 from qwen1m.cache import sparse_workspace
 from qwen1m.sparse_config import SparseConfig
@@ -136,12 +137,14 @@ def sparse_prefill_batched(
     merge_fn,
     dense_regions: bool,
     stats: dict | None = None,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
 
     dense_regions: whether regions above ``cfg.dense_above_density`` run dense (the caller had an
     ``attend_fn``); here they run in the same launch, through the kernel's dense mode.
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
+    kernels: the backend's kernel choice, for the estimate's Triton sums (None: a fresh one).
     """
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
     from qwen1m.kernels.vs_index import index_widths
@@ -164,7 +167,7 @@ def sparse_prefill_batched(
     v_idx, s_idx = estimate_vertical_slash_batched(
         est_queries, k, est_ranges, [piece_end for _, piece_end in pieces], softmax_scale=softmax_scale,
         vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, sink_tokens=cfg.sink_tokens,
-        local_diagonals=cfg.local_diagonals)
+        local_diagonals=cfg.local_diagonals, kernels=kernels)
 
     # the problem tables, on the host, then one asynchronous copy
     num_fallback = cfg.empty_region_columns

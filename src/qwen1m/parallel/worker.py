@@ -150,7 +150,8 @@ def _run(spec: WorkerSpec, report) -> int:
     try:
         logger.debug("joining the process group at %s on %s", spec.init_method, device)
         runtime.init_group(spec.rank, spec.size, spec.init_method, device, spec.placement.backend)
-        parts = build_rank(spec.build, TPShard(spec.rank, spec.size), device, share=spec.placement.share(spec.rank))
+        parts = build_rank(spec.build, TPShard(spec.rank, spec.size), device, share=spec.placement.share(spec.rank),
+                           wiring=runtime.rank_wiring(None))
         report({"ready": True})
         runtime.worker_loop(parts.model, parts.kv_cache, device)
         status = 0
