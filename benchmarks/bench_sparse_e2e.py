@@ -234,7 +234,7 @@ def count_ops(args) -> dict:
     from qwen1m.attention.sparse_prefill import sparse_prefill_attention
     from qwen1m.config import DCAConfig
     from qwen1m.kernels import sparse_attn, sparse_estimate, vs_index
-    from qwen1m.model.rope import RotaryEmbedding, dca_positions
+    from qwen1m.rope import RotaryEmbedding, dca_positions
     from qwen1m.sparse_config import SparseConfig
 
     no_launch = {"view", "_unsafe_view", "slice", "select", "expand", "as_strided", "t", "transpose", "unsqueeze",

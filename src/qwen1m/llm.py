@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qwen1m.attention.sparse_prefill import SparseTelemetry
 from qwen1m.cache.planner import MemoryPlan
 from qwen1m.config import DCAConfig, load_model_config
 from qwen1m.engine.builder import BuildSpec, build_rank
@@ -18,9 +19,10 @@ from qwen1m.errors import ConfigError, Qwen1mError, RequestError
 from qwen1m.generation_config import load_generation_defaults
 from qwen1m.hub import resolve_model
 from qwen1m.model.loader import resolve_dtype
+from qwen1m.model.shard import TPShard, check_divisible
+from qwen1m.model.wiring import ModelWiring
 from qwen1m.options import block_size_option, sparse_option
 from qwen1m.outputs import PrefillProgress, RequestOutput
-from qwen1m.parallel.shard import TPShard, check_divisible
 from qwen1m.prompts import as_params_list, as_prompt_list, encode_prompts
 from qwen1m.sampling_params import SamplingParams
 from qwen1m.shared_engine import SharedEngine
@@ -176,17 +178,15 @@ class LLM:
                          block_size_option(block_size, dca_cfg), max_model_len, explicit_len, max_num_batched_tokens,
                          max_num_seqs, gpu_memory_utilization, kv_cache_memory, tensor_parallel_size)
         self._tp = None
+        telemetry = SparseTelemetry() if sparse_telemetry and self.sparse_config is not None else None
+        wiring = ModelWiring(telemetry=telemetry)
         if tensor_parallel_size == 1:
-            parts = build_rank(spec, TPShard(0, 1), self.device)
+            parts = build_rank(spec, TPShard(0, 1), self.device, wiring=wiring)
         else:
-            parts = self._start_tensor_parallel(spec)
+            parts = self._start_tensor_parallel(spec, wiring)
         self.model = parts.model
         self.memory_plan: MemoryPlan = parts.plan
         logger.info("%s", self.memory_plan)
-        if sparse_telemetry and self.sparse_config is not None:
-            from qwen1m.attention.sparse_prefill import SparseTelemetry
-
-            self.model.backend.telemetry = SparseTelemetry()
         # decode replays CUDA graphs on one GPU unless asked not to (telemetry and TP steps run eagerly)
         graphs = (self.device.type == "cuda" and not enforce_eager and tensor_parallel_size == 1
                   and not sparse_telemetry)
@@ -228,8 +228,8 @@ class LLM:
             share_tiers(tiers, broadcaster, dict(options, scale_tolerance=tolerance))
         return tiers
 
-    def _start_tensor_parallel(self, spec: BuildSpec):
-        """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part."""
+    def _start_tensor_parallel(self, spec: BuildSpec, wiring: ModelWiring):
+        """Spawn ranks 1..N-1 (or join the ranks torchrun started) and build rank 0's part (with ``wiring``)."""
         import os
 
         from qwen1m.parallel import runtime
@@ -242,16 +242,16 @@ class LLM:
                                   f"{spec.tensor_parallel_size}; they must be equal.")
             device, backend, share = torchrun_rank(self.device, rank, size)
             runtime.init_group(rank, size, "env://", device, backend)
-            parts = build_rank(spec, TPShard(rank, size), device, share=share)
+            broadcaster = runtime.StepBroadcaster([]) if rank == 0 else None
+            parts = build_rank(spec, TPShard(rank, size), device, share=share,
+                               wiring=runtime.rank_wiring(wiring if rank == 0 else None, broadcaster))
             if rank != 0:  # a worker: serve the driver's steps, then leave the program
                 runtime.worker_loop(parts.model, parts.kv_cache, device)
                 runtime.leave_group()
                 runtime.exit_worker()
-            self._tp = runtime.StepBroadcaster([])
-            parts.model.before_forward = self._tp
-            parts.model.all_reduce = runtime.all_reduce
+            self._tp = broadcaster
             return parts
-        self._tp = runtime.TPDriver(spec, self.device)
+        self._tp = runtime.TPDriver(spec, self.device, wiring)
         # stop the workers when this LLM is garbage collected or the interpreter exits
         self._finalizer = weakref.finalize(self, self._tp.close)  # runs close at most once
         return self._tp.parts

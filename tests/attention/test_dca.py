@@ -18,7 +18,7 @@ from qwen1m.attention.dca import dca_attention
 from qwen1m.attention.dca_rope import needed_rotations, rotate_for_dca
 from qwen1m.attention.reference import attend
 from qwen1m.config import DCAConfig
-from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.rope import RotaryEmbedding
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BASE = 4, 2, 16, 10000.0
 SMALL = DCAConfig(chunk_size=16, local_size=4)  # s = 12

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from qwen1m.attention.dca import dca_attention
+from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.reference import attend
 from qwen1m.attention.sparse_batched import _problems, _rebase
 from qwen1m.attention.sparse_prefill import _region_index, sparse_prefill_attention
 from qwen1m.config import DCAConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 from qwen1m.sparse_config import SparseConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,11 +53,11 @@ def _cfg(vertical, slash, **kw):
                                 local_diagonals=3, **kw)
 
 
-def _run(queries, k, v, begin, dca, cfg, batched, attend_fn=None, stats=None):
+def _run(queries, k, v, begin, dca, cfg, batched, attend_fn=None, stats=None, kernels=None):
     return sparse_prefill_attention(
         queries, k, v, begin=begin, chunk_len=dca.chunk_len if dca else None, softmax_scale=1 / math.sqrt(D),
         vertical_sizes=[3, 5, 0, 7], slash_sizes=[4, 2, 6, 0], cfg=cfg, attend_fn=attend_fn, stats=stats,
-        batched=batched)
+        batched=batched, kernels=kernels)
 
 
 @needs_triton
@@ -81,7 +82,7 @@ def test_batched_index_equals_per_region_index(begin):
     batched = build_vertical_slash_index_batched(cols, d, shapes, block_m=16, block_n=16)
     assert len(problems) == 12  # 5 intra, 4 succ, 3 inter
     for j, (p, _, _, a, b, causal) in enumerate(problems):
-        ref = _region_index(v_idx[p], s_idx[p], a, b, *pieces[p], causal, cfg)
+        ref = _region_index(v_idx[p], s_idx[p], a, b, *pieces[p], causal, cfg, KernelChoice())
         got = batched.problem(j)
         assert torch.equal(got.block_count, ref.block_count) and torch.equal(got.column_count, ref.column_count)
         for h in range(H):
@@ -129,9 +130,10 @@ def test_batched_triton_estimate_equals_per_region(dca, begin, monkeypatch):
     queries, k, v = _inputs(167, begin, dca, seed=2)
     cfg = _cfg(4, 4, dense_above_density=1.0)
     s_ref, s_got = {}, {}
-    ref, ref_lse = _run(queries, k, v, begin, dca, cfg, batched=False, attend_fn=attend, stats=s_ref)
-    got, got_lse = _run(queries, k, v, begin, dca, cfg, batched=True, attend_fn=attend, stats=s_got)
-    assert calls == [5 if dca else 1] and sparse_estimate._TRITON_SUMS["usable"]  # one call, every piece
+    choice = KernelChoice()
+    ref, ref_lse = _run(queries, k, v, begin, dca, cfg, batched=False, attend_fn=attend, stats=s_ref, kernels=choice)
+    got, got_lse = _run(queries, k, v, begin, dca, cfg, batched=True, attend_fn=attend, stats=s_got, kernels=choice)
+    assert calls == [5 if dca else 1] and choice.sparse_sums  # one call, every piece
     assert torch.allclose(got, ref, atol=2e-5) and torch.allclose(got_lse, ref_lse, atol=2e-5)
     assert int(s_got["computed"]) == s_ref["computed"] and s_got["causal"] == s_ref["causal"]
 
@@ -195,12 +197,10 @@ def test_sparse_prefill_step_makes_no_host_sync(dca):
 
 
 def _auto_on_cpu(monkeypatch):
-    """batched=None picks the batched path as on CUDA (while it is usable); counts its calls."""
+    """batched=None picks the batched path as on CUDA (while the caller's KernelChoice has it); counts its calls."""
     from qwen1m.attention import sparse_batched, sparse_prefill
 
-    monkeypatch.setitem(sparse_prefill._BATCHED, "usable", True)
-    monkeypatch.setitem(sparse_prefill._BATCHED, "oom_warned", False)
-    monkeypatch.setattr(sparse_prefill, "_use_batched", lambda q, k, cfg: sparse_prefill._BATCHED["usable"])
+    monkeypatch.setattr(sparse_prefill, "_use_batched", lambda q, k, cfg, kernels: kernels.sparse_batched)
     calls = []
     real = sparse_batched.sparse_prefill_batched
 
@@ -242,19 +242,20 @@ def test_out_of_memory_in_the_batched_path_falls_back_for_that_call_only(monkeyp
     calls = _auto_on_cpu(monkeypatch)
     _fail_groups(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.75 GiB."), times=2)
     stats = {}
+    choice = KernelChoice()
     with caplog.at_level(logging.DEBUG, logger=sparse_prefill.__name__):
-        got = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend, stats=stats)
-        assert len(calls) == 1 and sparse_prefill._BATCHED["usable"]
+        got = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend, stats=stats, kernels=choice)
+        assert len(calls) == 1 and choice.sparse_batched and choice.oom_warned
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         assert stats == s_ref  # the failed attempt counted nothing
-        again = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend)  # OOM again: per region
+        again = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend, kernels=choice)  # per region
         assert len(calls) == 2 and torch.equal(again[0], ref[0])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and len([r for r in caplog.records if "ran out of device memory" in r.message]) == 2
     msg = warnings[0].getMessage()
     assert "Tried to allocate 2.75 GiB" in msg and f"130 queries over {total} keys, {H} heads ({KVH} kv heads)" in msg
     assert "GiB beside the KV cache" in msg
-    third = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend)  # memory is back: batched
+    third = _run(queries, k, v, begin, DCA, cfg, batched=None, attend_fn=attend, kernels=choice)  # batched again
     assert len(calls) == 3 and torch.equal(third[0], bat[0]) and torch.equal(third[1], bat[1])
     _fail_groups(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), times=1)
     with pytest.raises(torch.OutOfMemoryError):
@@ -262,18 +263,36 @@ def test_out_of_memory_in_the_batched_path_falls_back_for_that_call_only(monkeyp
 
 
 @needs_triton
-def test_other_batched_failures_turn_the_batched_path_off(monkeypatch, caplog):
-    from qwen1m.attention import sparse_prefill
+def test_a_batched_kernel_that_cannot_be_built_turns_the_path_off_for_its_backend(monkeypatch, caplog):
+    """A compile failure (here Triton's OutOfResources) turns the batched path off in the caller's
+    KernelChoice only: that call and later ones take the per-region path; another choice tries again."""
+    from triton.runtime.errors import OutOfResources
 
     begin, total = 21, 167
     queries, k, v = _inputs(total, begin, None)
     cfg = _cfg(4, 4)
     ref = _run(queries, k, v, begin, None, cfg, batched=False)
     calls = _auto_on_cpu(monkeypatch)
-    _fail_groups(monkeypatch, RuntimeError("cannot compile"), times=1)
-    with caplog.at_level(logging.WARNING, logger=sparse_prefill.__name__):
-        got = _run(queries, k, v, begin, None, cfg, batched=None)
-        again = _run(queries, k, v, begin, None, cfg, batched=None)
-    assert len(calls) == 1 and not sparse_prefill._BATCHED["usable"]
-    assert "the batched sparse prefill failed (cannot compile)" in caplog.text
+    _fail_groups(monkeypatch, OutOfResources(232448, 101376, "shared memory"), times=1)
+    choice = KernelChoice()
+    with caplog.at_level(logging.WARNING):
+        got = _run(queries, k, v, begin, None, cfg, batched=None, kernels=choice)
+        again = _run(queries, k, v, begin, None, cfg, batched=None, kernels=choice)
+    assert len(calls) == 1 and not choice.sparse_batched
+    assert "sparse_batched kernel cannot be built here (OutOfResources" in caplog.text
     assert torch.equal(got[0], ref[0]) and torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
+    _run(queries, k, v, begin, None, cfg, batched=None, kernels=KernelChoice())
+    assert len(calls) == 2
+
+
+@needs_triton
+def test_a_bug_in_the_batched_path_is_raised_not_hidden(monkeypatch):
+    """Any other error is a bug: it reaches the caller, and the batched path stays on."""
+    begin, total = 21, 167
+    queries, k, v = _inputs(total, begin, None)
+    calls = _auto_on_cpu(monkeypatch)
+    _fail_groups(monkeypatch, RuntimeError("an illegal memory access was encountered"), times=1)
+    choice = KernelChoice()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _run(queries, k, v, begin, None, _cfg(4, 4), batched=None, kernels=choice)
+    assert len(calls) == 1 and choice.sparse_batched

@@ -12,7 +12,7 @@ from qwen1m.attention.reference import attend
 from qwen1m.attention.sparse_prefill import sparse_attend_gather, sparse_prefill_attention
 from qwen1m.attention.vertical_slash import build_vertical_slash_index, sparse_attend_reference
 from qwen1m.config import DCAConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 from qwen1m.sparse_config import SparseConfig
 
 H, KVH, D = 4, 2, 16

@@ -17,14 +17,9 @@ from test_sparse_batched import DCA, D, H, _cfg, _inputs, needs_triton
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from qwen1m.attention import sparse_batched, sparse_estimate
-from qwen1m.attention.sparse_batched import (
-    _groups,
-    _index_elements,
-    _problems,
-    sparse_prefill_batched,
-    sparse_workspace_bytes,
-    sparse_workspace_terms,
-)
+from qwen1m.attention.sparse_batched import _groups, _index_elements, _problems, sparse_prefill_batched
+from qwen1m.cache import sparse_workspace
+from qwen1m.cache.sparse_workspace import sparse_workspace_bytes, sparse_workspace_terms
 from qwen1m.kernels.merge import merge_attn_states
 from qwen1m.kernels.vs_index import build_vertical_slash_index_batched, index_widths
 from qwen1m.sparse_config import SparseConfig
@@ -70,7 +65,7 @@ def test_workspace_bounds_the_measured_peak(dca, begin, cap, wide, monkeypatch, 
     the group bound unless one problem alone; cap 64 makes every problem its own group (the 1M case).
     With the narrow budgets and DCA the merge term is within 25% of the merge's measured peak."""
     if cap is not None:
-        monkeypatch.setattr(sparse_batched, "_MAX_INDEX_ELEMENTS", cap)
+        monkeypatch.setattr(sparse_workspace, "MAX_INDEX_ELEMENTS", cap)
     monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: True)  # the CUDA estimate
     monkeypatch.setattr(sparse_batched, "estimate_vertical_slash_batched",
                         _labelled(sparse_estimate.estimate_vertical_slash_batched, "estimate"))
@@ -116,7 +111,7 @@ def test_workspace_bounds_the_measured_peak(dca, begin, cap, wide, monkeypatch, 
     widths = [index_widths(nv, ns, q, kv, causal=c, block_m=16, block_n=16) for q, kv, c in shapes]
     groups = _groups(shapes, widths, H, 16)
     assert [(n, e) for n, e in built] == [(b - a, _index_elements(shapes[a:b], widths[a:b], H, 16)) for a, b in groups]
-    limit = sparse_batched._MAX_INDEX_ELEMENTS
+    limit = sparse_workspace.MAX_INDEX_ELEMENTS
     assert all(e <= limit or n == 1 for n, e in built)
     assert len(built) == (len(problems) if cap else 1)
 
@@ -133,7 +128,7 @@ def test_groups_at_1m_stay_under_the_bound():
     widths = [index_widths(nv, ns, q, kv, causal=c, block_m=bm, block_n=bm) for q, kv, c in shapes]
     groups = _groups(shapes, widths, heads, bm)
     sizes = [_index_elements(shapes[a:b], widths[a:b], heads, bm) for a, b in groups]
-    assert all(e <= sparse_batched._MAX_INDEX_ELEMENTS or b - a == 1 for (a, b), e in zip(groups, sizes))
+    assert all(e <= sparse_workspace.MAX_INDEX_ELEMENTS or b - a == 1 for (a, b), e in zip(groups, sizes))
     terms = sparse_workspace_terms(32768, total, num_heads=heads, head_dim=128, element_size=2, max_vertical=13288,
                                    max_slash=18384, cfg=cfg, chunk_len=s)
     assert 4 * max(sizes) <= terms["index"] < 2 << 30  # the largest problem alone: 1.48 GiB
@@ -147,7 +142,7 @@ def test_workspace_bound_holds_for_every_step(chunk_len, cap, monkeypatch):
     """The bound takes the worst step (any begin, fewer queries, fewer keys): it is at least the exact
     terms of each step (host arithmetic: pieces, groups, index widths) for a sweep of small steps."""
     if cap is not None:
-        monkeypatch.setattr(sparse_batched, "_MAX_INDEX_ELEMENTS", cap)
+        monkeypatch.setattr(sparse_workspace, "MAX_INDEX_ELEMENTS", cap)
     cfg = SparseConfig.uniform(1, H, 12, 9, block_size=16, last_q=8)
     num_q, num_keys = 70, 200
     kw = dict(num_heads=H, head_dim=D, element_size=2, max_vertical=12, max_slash=9, cfg=cfg, chunk_len=chunk_len)

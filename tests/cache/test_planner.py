@@ -7,8 +7,8 @@ import torch
 from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM
-from qwen1m.attention.sparse_batched import sparse_workspace_bytes
 from qwen1m.cache.planner import activation_bytes, plan_memory, sparse_bytes
+from qwen1m.cache.sparse_workspace import sparse_workspace_bytes
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.sparse_config import SparseConfig
 

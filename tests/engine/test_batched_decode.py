@@ -25,8 +25,8 @@ def test_kernel_decode_equals_reference_decode(tmp_path, dca, kv_cache_dtype, fu
 
     def run(kernel: bool):
         llm = LLM(folder, dtype="float32", device="cpu", kv_cache_dtype=kv_cache_dtype, block_size=4)
-        llm.model.backend.decode_kernel = kernel
-        llm.model.backend.fused_decode = fused
+        llm.model.backend.kernels.decode_kernel = kernel
+        llm.model.backend.kernels.fused_decode = fused
         calls = []
         if kernel:
             original = llm.model.backend.forward_decode_batch
@@ -65,8 +65,8 @@ def test_kernel_decode_as_dca_ranges_appear(tmp_path, fused):
 
     def run(kernel: bool):
         llm = LLM(folder, dtype="float32", device="cpu", block_size=4)
-        llm.model.backend.decode_kernel = kernel
-        llm.model.backend.fused_decode = fused
+        llm.model.backend.kernels.decode_kernel = kernel
+        llm.model.backend.kernels.fused_decode = fused
         logits = []
         compute = llm.model.compute_logits
         llm.model.compute_logits = lambda h: logits.append(compute(h)) or logits[-1]

@@ -78,7 +78,7 @@ def test_fused_graph_decode_logits_equal_reference(tmp_path, dca):
         try:
             llm = LLM(folder, dtype="float32", device="cuda", enforce_eager=name != "graph", max_num_seqs=8,
                       max_model_len=512, kv_cache_memory=256 << 20)
-            llm.model.backend.decode_kernel = name != "reference"
+            llm.model.backend.kernels.decode_kernel = name != "reference"
             logits = []
             # a logits processor sees every row's raw logits at every step (plain greedy rows would take
             # the device argmax and never reach the host); it leaves them unchanged

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qwen1m.config import DCAConfig, RopeScaling
-from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.rope import RotaryEmbedding
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU tests run through TRITON_INTERPRET=1")
@@ -154,7 +154,7 @@ def test_decode_prep_float32_bit_exact_given_same_cos_sin(dca, monkeypatch):
 def test_decode_prep_reference_is_the_backend_maths():
     """The oracle itself: RotaryEmbedding.rotate at dca_positions, times m, in q's dtype (bf16)."""
     from qwen1m.kernels.decode_prep import decode_prep_reference
-    from qwen1m.model.rope import dca_positions
+    from qwen1m.rope import dca_positions
 
     q, k, v, positions, slots, yarn, k_cache, v_cache = make_inputs(3, 4, 2, 32, torch.bfloat16, seed=4)
     rot = rotary(32)
@@ -242,7 +242,7 @@ def test_decode_prep_plus_multi_equals_per_range_path(use_dca, mode):
     from qwen1m.cache.paged_kv import write_slots
     from qwen1m.kernels.decode_prep import decode_prep
     from qwen1m.kernels.paged_decode import paged_decode_attention, paged_decode_attention_multi
-    from qwen1m.model.rope import dca_positions
+    from qwen1m.rope import dca_positions
 
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     fp8 = mode == "fp8"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from qwen1m.attention import sparse_estimate
+from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.sparse_estimate import attention_sums
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -98,8 +99,21 @@ def test_kernel_matches_pytorch_and_float64(case, dtype):
     assert torch.allclose(slash.sum(-1), vert.sum(-1), rtol=1e-5)
 
 
-def test_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
-    """CUDA dispatch (simulated): a failing kernel is logged, disabled, and the PyTorch sums returned."""
+def _cannot_build() -> Exception:
+    """What Triton raises when a compiled kernel asks for more shared memory than the GPU has."""
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources(232448, 101376, "shared memory")
+
+
+def _on_cuda(monkeypatch) -> None:
+    """The dispatch as on CUDA (simulated): the kernels are tried while the choice has them."""
+    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda q, k, r, kernels: kernels.sparse_sums)
+
+
+def test_dispatch_falls_back_once_when_the_kernel_cannot_be_built(monkeypatch, caplog):
+    """A kernel that cannot be built is logged, turned off in the caller's KernelChoice (a backend's),
+    and the PyTorch sums returned; another choice (another backend) still tries the kernel."""
     import qwen1m.kernels.sparse_estimate as kernels
 
     queries, k, ranges = make_inputs(4, 2, 16, 8, 30, [11], torch.float32)
@@ -108,19 +122,43 @@ def test_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
 
     def broken(*args, **kwargs):
         calls.append(1)
-        raise RuntimeError("cannot compile")
+        raise _cannot_build()
 
     monkeypatch.setattr(kernels, "attention_sums_triton", broken)
-    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
-    monkeypatch.setattr(sparse_estimate, "_triton_supported",
-                        lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    _on_cuda(monkeypatch)
+    choice = KernelChoice()
     with caplog.at_level(logging.WARNING):
-        got = attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
-        again = attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
-    assert len(calls) == 1 and not sparse_estimate._TRITON_SUMS["usable"]
-    assert "Triton attention-sums kernels failed" in caplog.text
+        got = attention_sums(queries, k, ranges, 30, softmax_scale=0.3, kernels=choice)
+        again = attention_sums(queries, k, ranges, 30, softmax_scale=0.3, kernels=choice)
+    assert len(calls) == 1 and not choice.sparse_sums
+    assert "sparse_sums kernel cannot be built here (OutOfResources" in caplog.text
     for a, b in zip((*got, *again), (*expected, *expected)):
         assert torch.equal(a, b)
+    attention_sums(queries, k, ranges, 30, softmax_scale=0.3, kernels=KernelChoice())
+    assert len(calls) == 2
+
+
+def test_dispatch_passes_a_kernel_bug_on(monkeypatch):
+    """Any other error in a kernel is a bug: it reaches the caller and the kernel stays on (no silent
+    43-49x slower path)."""
+    import qwen1m.kernels.sparse_estimate as kernels
+
+    queries, k, ranges = make_inputs(4, 2, 16, 8, 30, [11], torch.float32)
+
+    def buggy(*args, **kwargs):
+        raise IndexError("index 40 is out of bounds")
+
+    monkeypatch.setattr(kernels, "attention_sums_triton", buggy)
+    monkeypatch.setattr(sparse_estimate, "_estimate_batched_triton", buggy)
+    _on_cuda(monkeypatch)
+    choice = KernelChoice()
+    with pytest.raises(IndexError):
+        attention_sums(queries, k, ranges, 30, softmax_scale=0.3, kernels=choice)
+    with pytest.raises(IndexError):
+        sparse_estimate.estimate_vertical_slash_batched(
+            [queries], k, [ranges], [30], softmax_scale=0.3, vertical_sizes=[4] * 4, slash_sizes=[4] * 4,
+            sink_tokens=1, local_diagonals=1, kernels=choice)
+    assert choice.sparse_sums
 
 
 def test_dispatch_passes_out_of_memory_on(monkeypatch):
@@ -134,17 +172,17 @@ def test_dispatch_passes_out_of_memory_on(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory.")
 
     monkeypatch.setattr(kernels, "attention_sums_triton", out_of_memory)
-    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
-    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    _on_cuda(monkeypatch)
+    choice = KernelChoice()
     with pytest.raises(torch.OutOfMemoryError):
-        attention_sums(queries, k, ranges, 30, softmax_scale=0.3)
-    assert sparse_estimate._TRITON_SUMS["usable"]
+        attention_sums(queries, k, ranges, 30, softmax_scale=0.3, kernels=choice)
+    assert choice.sparse_sums
     monkeypatch.setattr(sparse_estimate, "_estimate_batched_triton", out_of_memory)  # the batched estimate too
     with pytest.raises(torch.OutOfMemoryError):
         sparse_estimate.estimate_vertical_slash_batched(
             [queries], k, [ranges], [30], softmax_scale=0.3, vertical_sizes=[4] * 4, slash_sizes=[4] * 4,
-            sink_tokens=1, local_diagonals=1)
-    assert sparse_estimate._TRITON_SUMS["usable"]
+            sink_tokens=1, local_diagonals=1, kernels=choice)
+    assert choice.sparse_sums
 
 
 # Batched estimate: pieces of one step as ``sparse_batched`` makes them, (L, query_end, range bounds).
@@ -239,9 +277,9 @@ def test_batched_estimate_in_piece_groups_equals_per_piece():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
-def test_batched_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, caplog):
-    """CUDA dispatch (simulated): a failing batched kernel is logged, disabled, and the per-piece loop
-    (the PyTorch path) answers."""
+def test_batched_dispatch_falls_back_when_the_kernel_cannot_be_built(monkeypatch, caplog):
+    """CUDA dispatch (simulated): a batched kernel that cannot be built is logged, turned off in the
+    caller's choice, and the per-piece loop (the PyTorch path) answers."""
     import qwen1m.kernels.sparse_estimate as kernels
     from qwen1m.attention.sparse_estimate import estimate_vertical_slash_batched
 
@@ -249,15 +287,16 @@ def test_batched_dispatch_falls_back_once_when_the_kernel_fails(monkeypatch, cap
     expected = per_piece(queries, k, ranges, ends, 0.3)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("cannot compile")
+        raise _cannot_build()
 
     monkeypatch.setattr(kernels, "attention_sums_batched_triton", broken)
-    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
-    monkeypatch.setattr(sparse_estimate, "_triton_supported", lambda *a: sparse_estimate._TRITON_SUMS["usable"])
+    _on_cuda(monkeypatch)
+    choice = KernelChoice()
     with caplog.at_level(logging.WARNING):
-        got = estimate_vertical_slash_batched(queries, k, ranges, ends, softmax_scale=0.3, **BUDGETS)
-    assert not sparse_estimate._TRITON_SUMS["usable"]
-    assert "batched Triton attention-sums kernels failed" in caplog.text
+        got = estimate_vertical_slash_batched(queries, k, ranges, ends, softmax_scale=0.3, kernels=choice,
+                                              **BUDGETS)
+    assert not choice.sparse_sums
+    assert "sparse_sums kernel cannot be built here" in caplog.text
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -272,16 +311,16 @@ def test_gpu_7b_shapes_match_pytorch(dtype, monkeypatch):
     queries, k, ranges = make_inputs(28, 4, 128, 64, query_end, [20000, 41000], dtype, device="cuda")
     scale = 128 ** -0.5
     vert, slash = attention_sums_triton(queries, k, ranges, query_end, softmax_scale=scale)
-    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", False)
-    ref_v, ref_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale)
+    ref_v, ref_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale,
+                                  kernels=KernelChoice(sparse_sums=False))
     torch.cuda.synchronize()
     # both are fp32 maths over the same (exactly representable) inputs: summation order only
     assert torch.allclose(vert, ref_v, rtol=1e-4, atol=1e-6)
     assert torch.allclose(slash, ref_s, rtol=1e-4, atol=1e-6)
     assert torch.allclose(vert.sum(-1), torch.full((28,), 64.0, device="cuda"), rtol=1e-4)
-    monkeypatch.setitem(sparse_estimate._TRITON_SUMS, "usable", True)
-    got_v, got_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale)  # the dispatch
+    choice = KernelChoice()
+    got_v, got_s = attention_sums(queries, k, ranges, query_end, softmax_scale=scale, kernels=choice)  # dispatch
     # the dispatch ran the kernel (the vertical sums have a fixed order: bit-equal); the slash sums are
     # atomic adds, whose order differs between runs (2026-11-29 on the H200: not bit-equal), so close
-    assert sparse_estimate._TRITON_SUMS["usable"] and torch.equal(got_v, vert)
+    assert choice.sparse_sums and torch.equal(got_v, vert)
     assert torch.allclose(got_s, slash, rtol=1e-5, atol=1e-7)

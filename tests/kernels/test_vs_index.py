@@ -233,6 +233,7 @@ def region_index_with_sync(v_idx, s_idx, key_begin, key_end, piece_begin, piece_
 def test_region_index_without_sync(case):
     """_region_index appends the fallback columns (-1 for heads that have picks) without a host sync:
     the same index as deciding first (the CPU path, widths included)."""
+    from qwen1m.attention.kernel_choice import KernelChoice
     from qwen1m.attention.sparse_prefill import _region_index
     from qwen1m.sparse_config import SparseConfig
 
@@ -248,12 +249,13 @@ def test_region_index_without_sync(case):
     if case == 3:
         cfg = dataclasses.replace(cfg, empty_region_columns=0)
     for region in ((0, 20, False), (20, 40, False), (40, 57, True)):
-        a = _region_index(v, s, region[0], region[1], piece_begin, piece_end, region[2], cfg)
+        a = _region_index(v, s, region[0], region[1], piece_begin, piece_end, region[2], cfg, KernelChoice())
         b = region_index_with_sync(v, s, region[0], region[1], piece_begin, piece_end, region[2], cfg)
         for name in ("block_count", "block_offset", "column_count", "column_index"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (case, region, name)
     if case in (1, 2):
-        assert (_region_index(v, s, 0, 20, piece_begin, piece_end, False, cfg).column_count[1] > 0).all()
+        index = _region_index(v, s, 0, 20, piece_begin, piece_end, False, cfg, KernelChoice())
+        assert (index.column_count[1] > 0).all()
 
 
 def gpu_indices(num_heads, num_q, num_kv, nv, ns, seed, causal):

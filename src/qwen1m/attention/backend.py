@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import write_slots
 from qwen1m.config import DCAConfig, ModelConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 from qwen1m.sparse_config import SparseConfig
 
 
@@ -51,19 +52,19 @@ def _merge_fn(device: torch.device):
 
 
 class AttentionBackend:
-    # None: use the paged decode kernel on CUDA only; True/False force it (tests run it interpreted).
-    decode_kernel: bool | None = None
-    # With the decode kernel: True runs ``_fused_decode`` (three launches per layer); False the
-    # per-region path (PyTorch RoPE, one kernel call per region, LSE merge), kept as the readable
-    # statement of the same maths that tests compare the fused path with.
-    fused_decode: bool = True
+    """kernels: which kernels this backend uses (None: a fresh ``KernelChoice``, kernels on CUDA); a
+    kernel that cannot be built is turned off there, for this backend only. telemetry: a
+    ``sparse_prefill.SparseTelemetry`` when the user asks for density / recall reports. probe: a
+    ``calibrate.RecallProbe`` while ``qwen1m calibrate`` runs (dense output, sparse recall measured)."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, sparse: SparseConfig | None = None):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, sparse: SparseConfig | None = None, *,
+                 kernels: KernelChoice | None = None, telemetry=None, probe=None):
         self.cfg = cfg
         self.rotary = rotary
         self.sparse = sparse
-        self.telemetry = None  # a SparseTelemetry when the user asks for density / recall reports
-        self.probe = None  # a calibrate.RecallProbe while `qwen1m calibrate` runs (dense output, sparse recall)
+        self.kernels = kernels if kernels is not None else KernelChoice()
+        self.telemetry = telemetry
+        self.probe = probe
         self._attend_fns: dict[torch.device, object] = {}
 
     def key_scale(self, prompt_len: int) -> float:
@@ -81,7 +82,7 @@ class AttentionBackend:
 
         if self.probe is not None:
             out, full_lse = dense_fn(queries, keys, values)
-            self.probe.measure(layer, queries, keys, values, seq, chunk_len, scale, full_lse)
+            self.probe.measure(layer, queries, keys, values, seq, chunk_len, scale, full_lse, self.kernels)
             return out
         device = keys.device
         v_sizes, s_sizes = self.sparse.budgets(layer)
@@ -89,7 +90,7 @@ class AttentionBackend:
         out, lse = sparse_prefill_attention(
             queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
             vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.sparse, sparse_fn=get_sparse_fn(device),
-            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats)
+            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats, kernels=self.kernels)
         if self.telemetry is not None:
             self.telemetry.record(layer, stats, lse, queries, keys, values, dense_fn)
         return out
@@ -100,7 +101,8 @@ class AttentionBackend:
         return self._attend_fns[device]
 
     def _use_decode_kernel(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.decode_kernel is None else self.decode_kernel
+        choice = self.kernels.decode_kernel
+        return device.type == "cuda" if choice is None else choice
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -132,7 +134,7 @@ class AttentionBackend:
         d = _decode_inputs(meta, self, seqs, q.dtype)
         positions = _decode_positions(meta, d, len(seqs))
         cache = seqs[0].cache.cache
-        if self.fused_decode:
+        if self.kernels.fused_decode:
             return _fused_decode(layer, q, k, v, positions, d, cache, self.rotary, self.decode_dca)
         return self.decode_per_region(layer, q, k, v, positions, d, cache)
 
@@ -253,8 +255,8 @@ class DCABackend(AttentionBackend):
     """Dual Chunk Attention (spec 2.2-2.5); equals DenseBackend while the sequence fits one chunk."""
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig,
-                 sparse: SparseConfig | None = None):
-        super().__init__(cfg, rotary, sparse)
+                 sparse: SparseConfig | None = None, **wiring):
+        super().__init__(cfg, rotary, sparse, **wiring)
         self.dca = dca
         self.decode_dca = (dca.chunk_len, dca.chunk_size)
 
@@ -325,8 +327,12 @@ def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
 
 
 def make_backend(
-    cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig | None, sparse: SparseConfig | None = None
+    cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig | None, sparse: SparseConfig | None = None, *,
+    kernels: KernelChoice | None = None, telemetry=None, probe=None,
 ) -> AttentionBackend:
     """The registry: DCA when the checkpoint or the user asks for it, dense otherwise; either with
-    sparse prefill when a sparse config is given."""
-    return DCABackend(cfg, rotary, dca, sparse) if dca is not None else DenseBackend(cfg, rotary, sparse)
+    sparse prefill when a sparse config is given (kernels, telemetry, probe: see AttentionBackend)."""
+    wiring = dict(kernels=kernels, telemetry=telemetry, probe=probe)
+    if dca is not None:
+        return DCABackend(cfg, rotary, dca, sparse, **wiring)
+    return DenseBackend(cfg, rotary, sparse, **wiring)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RecallProbe:
-    """Installed on an attention backend: measures candidate budgets' recall during dense prefill."""
+    """Given to an attention backend (``probe=``): measures candidate budgets' recall during dense prefill."""
 
     base: SparseConfig
     step: int  # budget increment on both vertical and slash (spec 3.5: 2048)
@@ -40,14 +40,16 @@ class RecallProbe:
         v, s = self.base.budgets(layer)
         return [x + k * self.step for x in v], [x + k * self.step for x in s]
 
-    def measure(self, layer, queries, keys, values, seq, chunk_len, scale, full_lse) -> None:
+    def measure(self, layer, queries, keys, values, seq, chunk_len, scale, full_lse, kernels=None) -> None:
+        """One prefill step's recall for every candidate budget; kernels: the backend's KernelChoice."""
         device = keys.device
         recalls = []
         for k in range(self.max_steps + 1):
             v_sizes, s_sizes = self.candidate(layer, k)
             _, lse = sparse_prefill_attention(
                 queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
-                vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.base, sparse_fn=get_sparse_fn(device))
+                vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.base, sparse_fn=get_sparse_fn(device),
+                kernels=kernels)
             recalls.append(torch.exp(lse - full_lse).sum(-1).double().cpu())  # [num_heads]
         total = torch.stack(recalls)
         self.sums[layer] = self.sums.get(layer, 0) + total

@@ -30,7 +30,7 @@ Queries are walked in *pieces* that never cross a DCA chunk boundary (spec 2.3):
 ``piece_begin`` lies in the chunk [chunk_begin, chunk_begin + s), chunk_begin = (piece_begin // s) * s,
 and ends at min(chunk_begin + s, total). Prefill in one go, a prefill chunk that straddles DCA chunks,
 and decode (one query) all go through the same loop. Every region, for every piece, is one call of
-``_attend_region`` (STYLE point 5); the parts are combined by the LSE merge.
+``attend_region`` (STYLE point 5); the parts are combined by the LSE merge.
 
 Design choice, intra split: the intra region of a piece is attended as a non-causal prefix
 [chunk_begin, piece_begin) (rows ``b`` above, present when a prefill chunk started mid-DCA-chunk)
@@ -56,7 +56,7 @@ AttendFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 MergeFn = Callable[[list[tuple[torch.Tensor, torch.Tensor]]], tuple[torch.Tensor, torch.Tensor]]
 
 
-class _Region(NamedTuple):
+class Region(NamedTuple):
     """One query rotation attending one contiguous key range."""
 
     query: str  # "intra" | "succ" | "inter": which rotated query copy reads this range
@@ -76,32 +76,32 @@ def dca_pieces(begin: int, total: int, s: int) -> Iterator[tuple[int, int, int]]
         piece_begin = piece_end
 
 
-def intra_regions(chunk_begin: int, piece_begin: int, piece_end: int) -> list[_Region]:
+def intra_regions(chunk_begin: int, piece_begin: int, piece_end: int) -> list[Region]:
     """The piece's own chunk [chunk_begin, piece_end) as calls whose causal ones are square: the piece
     causal over itself, plus the earlier keys of its chunk non-causal (torch's SDPA kernels mask top-left)."""
     if piece_end - piece_begin == 1:
-        return [_Region("intra", chunk_begin, piece_end, False)]  # one query: a mask changes nothing
-    regions = [_Region("intra", piece_begin, piece_end, True)]
+        return [Region("intra", chunk_begin, piece_end, False)]  # one query: a mask changes nothing
+    regions = [Region("intra", piece_begin, piece_end, True)]
     if piece_begin > chunk_begin:
-        regions.append(_Region("intra", chunk_begin, piece_begin, False))
+        regions.append(Region("intra", chunk_begin, piece_begin, False))
     return regions
 
 
-def _regions(chunk_begin: int, piece_begin: int, piece_end: int, s: int) -> list[_Region]:
+def _regions(chunk_begin: int, piece_begin: int, piece_end: int, s: int) -> list[Region]:
     """The key ranges a piece [piece_begin, piece_end) of one DCA chunk reads (spec 2.3, 2.4)."""
     regions = intra_regions(chunk_begin, piece_begin, piece_end)
     if chunk_begin >= s:
-        regions.append(_Region("succ", chunk_begin - s, chunk_begin, False))
+        regions.append(Region("succ", chunk_begin - s, chunk_begin, False))
     if chunk_begin >= 2 * s:
-        regions.append(_Region("inter", 0, chunk_begin - s, False))
+        regions.append(Region("inter", 0, chunk_begin - s, False))
     return regions
 
 
-def _attend_region(
+def attend_region(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    region: _Region,
+    region: Region,
     *,
     softmax_scale: float,
     attend_fn: AttendFn,
@@ -171,7 +171,7 @@ def dca_attention(
     for piece_begin, piece_end, chunk_begin in dca_pieces(begin, total, s):
         rows = slice(piece_begin - begin, piece_end - begin)
         parts = [
-            _attend_region(queries[r.query][rows], k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn)
+            attend_region(queries[r.query][rows], k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn)
             for r in _regions(chunk_begin, piece_begin, piece_end, s)
         ]
         piece_out, piece_lse = merge_fn(parts)

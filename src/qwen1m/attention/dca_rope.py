@@ -10,7 +10,7 @@ import math
 import torch
 
 from qwen1m.config import DCAConfig
-from qwen1m.model.rope import RotaryEmbedding, dca_positions
+from qwen1m.rope import RotaryEmbedding, dca_positions
 
 
 def needed_rotations(num_total: int, dca: DCAConfig) -> int:

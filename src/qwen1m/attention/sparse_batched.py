@@ -27,17 +27,13 @@ from __future__ import annotations
 import torch
 
 from qwen1m.attention.dca import dca_pieces
-from qwen1m.attention.sparse_estimate import _MAX_SUM_ELEMENTS, estimate_vertical_slash_batched
+from qwen1m.attention.kernel_choice import KernelChoice
+from qwen1m.attention.sparse_estimate import estimate_vertical_slash_batched
+from qwen1m.cache import sparse_workspace
 from qwen1m.sparse_config import SparseConfig
 
 _BIG = 1 << 40  # re-based slash padding: far outside every region
 _SLOTS = ("intra", "succ", "inter")  # output slot of each region kind
-# Elements of one group's block_offset + column_index (int32, padded to the group's widest problem in
-# query blocks, dense blocks and columns): problems are indexed in groups below this (2^28 x 4 B =
-# 1 GiB); a problem larger than that is a group of its own (28 heads, a 31K-query DCA piece and the
-# 7B-shaped budgets over 1M keys: 1.5 GiB). Lowering it would not lower the peak at 1M, which is that
-# one problem, and only adds launches at shorter lengths.
-_MAX_INDEX_ELEMENTS = 1 << 28
 
 
 def _problems(begin: int, total: int, chunk_len: int | None):
@@ -115,86 +111,16 @@ def _index_elements(shapes, widths, num_heads: int, block_m: int) -> int:
 
 
 def _groups(shapes, widths, num_heads: int, block_m: int) -> list[tuple[int, int]]:
-    """Consecutive problem ranges whose padded index stays under _MAX_INDEX_ELEMENTS (a larger problem
+    """Consecutive problem ranges whose padded index stays under MAX_INDEX_ELEMENTS (a larger problem
     alone is a group). shapes: (num_q, num_kv, causal) per problem; widths: its ``index_widths``."""
     groups, first = [], 0
     for i in range(1, len(shapes)):
-        if _index_elements(shapes[first:i + 1], widths[first:i + 1], num_heads, block_m) > _MAX_INDEX_ELEMENTS:
+        elements = _index_elements(shapes[first:i + 1], widths[first:i + 1], num_heads, block_m)
+        if elements > sparse_workspace.MAX_INDEX_ELEMENTS:
             groups.append((first, i))
             first = i
     groups.append((first, len(shapes)))
     return groups
-
-
-def sparse_workspace_bytes(num_q: int, num_keys: int, *, num_heads: int, head_dim: int, element_size: int,
-                           max_vertical: int, max_slash: int, cfg: SparseConfig, chunk_len: int | None) -> int:
-    """Upper bound on the device memory one ``sparse_prefill_batched`` call allocates (its result included)
-    for any step of at most ``num_q`` queries over at most ``num_keys`` keys (cached + new), any begin.
-
-    num_heads, head_dim: the queries' (this rank's); element_size: bytes of a q / k / v element;
-    max_vertical, max_slash: the widest head budgets (``SparseConfig.budgets`` over every layer); chunk_len:
-    DCA's s, or None. The inputs (query rotations, the cache) belong to the caller and are not counted.
-
-    With s = chunk_len (num_keys without DCA), P = 1 + ceil((num_q - 1) / s) pieces, R region kinds
-    (intra, + succ once a query sits in chunk 1, + inter from chunk 2), N = P R problems, nv = the top-k
-    vertical width + cfg.empty_region_columns, ns = the top-k slash width, L = min(last_q, num_q),
-    M = ceil(min(num_q, s) / block_size) query blocks of a piece, H = num_heads, D = head_dim, e = element_size:
-
-      picks     24 P H (nv + ns)      int64 top-k picks of each piece, their padded copies, the stack
-                + 16 N (16 + f)       the problem tables, host and device copies (f = cfg.empty_region_columns)
-      estimate  8 min(P H num_keys, max(S, H num_keys))  vertical and slash sums, fp32, of one group of
-                                      pieces (``estimate_vertical_slash_batched``: S = its group bound
-                                      ``_MAX_SUM_ELEMENTS``, or one piece alone) + P num_keys (past-end mask)
-                + 3 P L H D e         the used query copies of every piece, in one flat tensor
-                + 12 P H L (num_keys / 256 + 3)  the LSE partials (>= 16 key tiles of >= 16 keys per
-                                      split) and two temporaries of their size (the logsumexp)
-                + 32 P H (nv + ns)    top-k values, indices, the keep masks and the -1 padded result
-                + 64 P (num_keys / 256 + 6)  the work tables (7 int32 fields a row)
-      slots     R num_q H (2 D e + 4) q_all (the stacked rotations), out_all, and lse_all in fp32
-      index     4 min(N X, max(_MAX_INDEX_ELEMENTS, X))   one group's block_offset + column_index (int32):
-                                      under the group bound, or the largest problem alone, X = H M (wb + wc)
-                                      with wb, wc = ``index_widths`` of a piece's queries over num_keys keys
-                + 56 N H M            block / column counts and the dense-decision and telemetry temporaries
-                + 48 N H (nv + ns)    the re-based picks (int64), their sorted int32 copies, sort buffers
-      merge     R = 3: num_q H (D (4 + e) + 8): the fp32 merge of two slots, then the result;
-                R = 2: num_q H (D e + 4); R = 1: none (the result is a view of the slot)
-
-    peak = picks + max(estimate, slots + max(index, merge)): the slots are allocated after the last
-    piece's estimate is freed, and a group's index (``_attend_group``) before the next group's and the merge.
-    """
-    terms = sparse_workspace_terms(num_q, num_keys, num_heads=num_heads, head_dim=head_dim,
-                                   element_size=element_size, max_vertical=max_vertical, max_slash=max_slash,
-                                   cfg=cfg, chunk_len=chunk_len)
-    return terms["picks"] + max(terms["estimate"], terms["slots"] + max(terms["index"], terms["merge"]))
-
-
-def sparse_workspace_terms(num_q: int, num_keys: int, *, num_heads: int, head_dim: int, element_size: int,
-                           max_vertical: int, max_slash: int, cfg: SparseConfig, chunk_len: int | None
-                           ) -> dict[str, int]:
-    """The terms of ``sparse_workspace_bytes`` (same arguments): picks, estimate, slots, index, merge."""
-    from qwen1m.kernels.vs_index import index_widths
-
-    s = chunk_len if chunk_len is not None else num_keys
-    pieces = 1 + -(-(num_q - 1) // s)
-    kinds = 1 if chunk_len is None else 1 + min(2, max(0, num_keys - 1) // s)
-    problems = pieces * kinds
-    h, d, e, bm = num_heads, head_dim, element_size, cfg.block_size
-    nv0, ns = min(max_vertical, num_keys), min(max_slash, num_keys)
-    nv = nv0 + cfg.empty_region_columns
-    last = min(cfg.last_q, num_q)
-    blocks = -(-min(num_q, s) // bm)
-    wb, wc = index_widths(nv, ns, min(num_q, s), num_keys, causal=False, block_m=bm, block_n=bm)
-    largest = h * blocks * (wb + wc)
-
-    picks = 24 * pieces * h * (nv + ns) + 16 * problems * (16 + cfg.empty_region_columns)
-    estimate = (8 * min(pieces * h * num_keys, max(_MAX_SUM_ELEMENTS, h * num_keys)) + pieces * num_keys
-                + 3 * pieces * last * h * d * e + 12 * pieces * h * last * (num_keys // 256 + 3)
-                + 32 * pieces * h * (nv + ns) + 64 * pieces * (num_keys // 256 + 6))
-    slots = kinds * num_q * h * (2 * d * e + 4)
-    index = (4 * min(problems * largest, max(_MAX_INDEX_ELEMENTS, largest)) + 56 * problems * h * blocks
-             + 48 * problems * h * (nv + ns))
-    merge = {1: 0, 2: num_q * h * (d * e + 4), 3: num_q * h * (d * (4 + e) + 8)}[kinds]
-    return {"picks": picks, "estimate": estimate, "slots": slots, "index": index, "merge": merge}
 
 
 def sparse_prefill_batched(
@@ -211,12 +137,14 @@ def sparse_prefill_batched(
     merge_fn,
     dense_regions: bool,
     stats: dict | None = None,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
 
     dense_regions: whether regions above ``cfg.dense_above_density`` run dense (the caller had an
     ``attend_fn``); here they run in the same launch, through the kernel's dense mode.
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
+    kernels: the backend's kernel choice, for the estimate's Triton sums (None: a fresh one).
     """
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
     from qwen1m.kernels.vs_index import index_widths
@@ -239,7 +167,7 @@ def sparse_prefill_batched(
     v_idx, s_idx = estimate_vertical_slash_batched(
         est_queries, k, est_ranges, [piece_end for _, piece_end in pieces], softmax_scale=softmax_scale,
         vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, sink_tokens=cfg.sink_tokens,
-        local_diagonals=cfg.local_diagonals)
+        local_diagonals=cfg.local_diagonals, kernels=kernels)
 
     # the problem tables, on the host, then one asynchronous copy
     num_fallback = cfg.empty_region_columns

@@ -26,23 +26,20 @@ CPU path is the loop over ``estimate_vertical_slash``.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from qwen1m.attention.kernel_choice import KERNEL_BUILD_ERRORS, KernelChoice
 from qwen1m.attention.reference import exp_floor
+from qwen1m.cache.sparse_workspace import MAX_SUM_ELEMENTS
 from qwen1m.transfer import host_to_device
 
 _KEY_BLOCK = 1 << 15
-log = logging.getLogger(__name__)
-# The Triton kernels are used on CUDA until they fail once (e.g. a Triton version that cannot compile
-# them); the PyTorch code computes the same sums, only slower.
-_TRITON_SUMS = {"usable": True}
 
-
-def _triton_supported(queries: dict[str, torch.Tensor], k: torch.Tensor, key_ranges) -> bool:
+def _triton_supported(queries: dict[str, torch.Tensor], k: torch.Tensor, key_ranges, kernels: KernelChoice) -> bool:
+    """On CUDA, while ``kernels`` has the Triton sums (they fall back to PyTorch only when they cannot
+    be built: ``kernel_choice``), for the dtypes and head sizes they take."""
     head_dim = k.shape[-1]
-    return (k.device.type == "cuda" and _TRITON_SUMS["usable"] and k.dtype in (torch.float16, torch.bfloat16,
+    return (k.device.type == "cuda" and kernels.sparse_sums and k.dtype in (torch.float16, torch.bfloat16,
             torch.float32) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
             and all(queries[kind].dtype == k.dtype and queries[kind].device == k.device
                     for kind, _, _ in key_ranges))
@@ -65,24 +62,25 @@ def attention_sums(
     *,
     softmax_scale: float,
     key_block: int = _KEY_BLOCK,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Column sums and diagonal sums of the causal softmax of the last queries.
 
     queries: kind -> [L, num_heads, head_dim], the last L queries (positions query_end - L ...
       query_end - 1) rotated the way keys of that kind are scored; key_ranges: (kind, begin, end)
       disjoint ranges covering [0, query_end); k: [>= query_end, num_kv_heads, head_dim].
+    kernels: the backend's choice (None: a fresh one, Triton on CUDA); a Triton failure to build turns
+      its ``sparse_sums`` off. Any other error (out of memory included) propagates.
     Returns vertical [num_heads, query_end] and slash [num_heads, query_end] (index d = distance), fp32.
     """
-    if _triton_supported(queries, k, key_ranges):
-        from qwen1m.kernels.sparse_estimate import attention_sums_triton
-
+    kernels = kernels if kernels is not None else KernelChoice()
+    if _triton_supported(queries, k, key_ranges, kernels):
         try:
+            from qwen1m.kernels.sparse_estimate import attention_sums_triton
+
             return attention_sums_triton(queries, k, key_ranges, query_end, softmax_scale=softmax_scale)
-        except torch.OutOfMemoryError:  # not the kernels' fault (and the PyTorch path needs more memory)
-            raise
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
-            _TRITON_SUMS["usable"] = False
-            log.warning("the Triton attention-sums kernels failed (%s); using the PyTorch path", e)
+        except KERNEL_BUILD_ERRORS as e:
+            kernels.fall_back("sparse_sums", e, "the PyTorch attention sums")
     any_q = next(iter(queries.values()))
     num_l, num_heads, _ = any_q.shape
     device = any_q.device
@@ -126,6 +124,7 @@ def estimate_vertical_slash(
     sink_tokens: int,
     local_diagonals: int,
     key_block: int = _KEY_BLOCK,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each head's key columns and diagonals (arguments as ``attention_sums``).
 
@@ -134,7 +133,7 @@ def estimate_vertical_slash(
     padded with -1 where a head's budget is smaller than the widest head's.
     """
     vertical, slash = attention_sums(queries, k, key_ranges, query_end, softmax_scale=softmax_scale,
-                                     key_block=key_block)
+                                     key_block=key_block, kernels=kernels)
     _force_first(vertical, sink_tokens)  # attention sinks
     _force_first(slash, local_diagonals)  # the local window
     return (_top_per_head(vertical, vertical_sizes), _top_per_head(slash, slash_sizes))
@@ -186,6 +185,7 @@ def estimate_vertical_slash_batched(
     slash_sizes: list[int],
     sink_tokens: int,
     local_diagonals: int,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``estimate_vertical_slash`` for P pieces at once: queries[p], key_ranges[p], query_ends[p] are
     piece p's arguments (a piece's query copies share one L_p; pieces may differ).
@@ -200,30 +200,25 @@ def estimate_vertical_slash_batched(
     On CUDA (the Triton kernels usable): two kernel launches and a fixed number of tensor ops for all
     pieces, no host sync. Otherwise (the CPU path, and the oracle) a loop over ``estimate_vertical_slash``.
     """
-    if all(_triton_supported(q, k, r) for q, r in zip(queries, key_ranges)):
+    kernels = kernels if kernels is not None else KernelChoice()
+    if all(_triton_supported(q, k, r, kernels) for q, r in zip(queries, key_ranges)):
+        # out of memory propagates: the sparse prefill retries that step per region
         try:
             return _estimate_batched_triton(queries, k, key_ranges, query_ends, softmax_scale=softmax_scale,
                                             vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
                                             sink_tokens=sink_tokens, local_diagonals=local_diagonals)
-        except torch.OutOfMemoryError:  # not the kernels' fault: the sparse prefill retries per region
-            raise
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
-            _TRITON_SUMS["usable"] = False
-            log.warning("the batched Triton attention-sums kernels failed (%s); using the PyTorch path", e)
+        except KERNEL_BUILD_ERRORS as e:
+            kernels.fall_back("sparse_sums", e, "the PyTorch attention sums")
     picks = [estimate_vertical_slash(q, k, r, end, softmax_scale=softmax_scale, vertical_sizes=vertical_sizes,
                                      slash_sizes=slash_sizes, sink_tokens=sink_tokens,
-                                     local_diagonals=local_diagonals)
+                                     local_diagonals=local_diagonals, kernels=kernels)
              for q, r, end in zip(queries, key_ranges, query_ends)]
     return pad_stack([v for v, _ in picks]), pad_stack([s for _, s in picks])
 
 
-# The sums of a group of pieces are two [P_g, H, max query_end] fp32 tensors: pieces are estimated in
-# groups of at most this many elements per tensor (2^27 x 4 B = 512 MiB; the bundled model's ~9 pieces
-# at 1M tokens make 9 x 4 x 2^20 = 38M: one group; 28 heads at 1M: 4 pieces a group)
-_MAX_SUM_ELEMENTS = 1 << 27
 
 
-def _piece_groups(query_ends: list[int], num_heads: int, limit: int = _MAX_SUM_ELEMENTS) -> list[slice]:
+def _piece_groups(query_ends: list[int], num_heads: int, limit: int = MAX_SUM_ELEMENTS) -> list[slice]:
     """Consecutive pieces whose [P_g, H, max query_end] sums stay under ``limit`` elements (at least one)."""
     groups, first, widest = [], 0, 0
     for i, end in enumerate(query_ends):
@@ -243,7 +238,7 @@ def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _estimate_batched_triton(queries, k, key_ranges, query_ends, *, split_len: int | None = None,
-                             max_elements: int = _MAX_SUM_ELEMENTS, **kw):
+                             max_elements: int = MAX_SUM_ELEMENTS, **kw):
     """The Triton path of ``estimate_vertical_slash_batched`` (same arguments), a group of pieces at a time."""
     num_heads = next(iter(queries[0].values())).shape[1]
     groups = _piece_groups(query_ends, num_heads, max_elements)

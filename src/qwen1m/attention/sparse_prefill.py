@@ -23,19 +23,14 @@ from collections.abc import Callable
 
 import torch
 
-from qwen1m.attention.dca import _attend_region, _Region, dca_pieces, intra_regions
+from qwen1m.attention.dca import Region, attend_region, dca_pieces, intra_regions
+from qwen1m.attention.kernel_choice import KERNEL_BUILD_ERRORS, KernelChoice
 from qwen1m.attention.reference import exp_floor, logsumexp, merge_attn_states
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash
 from qwen1m.attention.vertical_slash import VerticalSlashIndex, build_vertical_slash_index
 from qwen1m.sparse_config import SparseConfig
 
 log = logging.getLogger(__name__)
-# The Triton index builder is used on CUDA until it fails once (e.g. a Triton version that cannot
-# compile it); the PyTorch builder computes the same index, only slower.
-_TRITON_INDEX = {"usable": True}
-# Likewise for the batched path (sparse_batched); running out of memory there is not a kernel failure:
-# that call takes the per-region path, the next tries the batched path again ("oom_warned": say so once).
-_BATCHED = {"usable": True, "oom_warned": False}
 
 SparseFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _MAX_GATHER = 1 << 22  # score elements alive at once in the CPU gather path (16 MiB of float32)
@@ -109,8 +104,10 @@ def get_sparse_fn(device: torch.device) -> SparseFn:
     return sparse_attend_gather
 
 
-def _region_index(v_idx, s_idx, key_begin, key_end, piece_begin, piece_end, causal, cfg: SparseConfig):
-    """Re-base the piece's picks (absolute columns, distances) into one region's index (step 2)."""
+def _region_index(v_idx, s_idx, key_begin, key_end, piece_begin, piece_end, causal, cfg: SparseConfig,
+                  kernels: KernelChoice):
+    """Re-base the piece's picks (absolute columns, distances) into one region's index (step 2): on CUDA
+    with the Triton builder (no host sync, padded to host-known widths) unless it cannot be built here."""
     num_q, num_kv = piece_end - piece_begin, key_end - key_begin
     cols = torch.where((v_idx >= key_begin) & (v_idx < key_end), v_idx - key_begin, torch.full_like(v_idx, -1))
     # distance D -> region offset; -1 padding stays invalid (very negative)
@@ -127,16 +124,13 @@ def _region_index(v_idx, s_idx, key_begin, key_end, piece_begin, piece_end, caus
         cols = torch.cat([cols, fallback], dim=1)
     args = (cols, d, num_q, num_kv)
     kw = dict(causal=causal, block_m=cfg.block_size, block_n=cfg.block_size)
-    if cols.device.type == "cuda" and _TRITON_INDEX["usable"]:  # no host sync, padded to host-known widths
-        from qwen1m.kernels.vs_index import build_vertical_slash_index_triton
-
+    if cols.device.type == "cuda" and kernels.sparse_index:
         try:
+            from qwen1m.kernels.vs_index import build_vertical_slash_index_triton
+
             return build_vertical_slash_index_triton(*args, **kw)
-        except torch.OutOfMemoryError:  # not the kernel's fault: the caller decides
-            raise
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
-            _TRITON_INDEX["usable"] = False
-            log.warning("the Triton vertical-slash index builder failed (%s); using the PyTorch builder", e)
+        except KERNEL_BUILD_ERRORS as e:
+            kernels.fall_back("sparse_index", e, "the PyTorch index builder")
     return build_vertical_slash_index(*args, **kw)
 
 
@@ -156,6 +150,7 @@ def sparse_prefill_attention(
     attend_fn=None,
     stats: dict | None = None,
     batched: bool | None = None,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
 
@@ -167,35 +162,37 @@ def sparse_prefill_attention(
       ``cfg.dense_above_density``; None keeps every region sparse.
     stats: if given, receives the computed and causal query-key pair counts (density telemetry).
     batched: run ``sparse_batched`` (every piece and region in a few launches, no host sync; the
-      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes;
-      if it runs out of memory this call takes the per-region path (the next tries again), any other
-      error turns it off for the process; True raises either. There a dense region runs in the sparse
-      kernel's dense mode instead of ``attend_fn``.
+      Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes
+      and ``kernels`` has it on; if it runs out of memory this call takes the per-region path (the next
+      tries again), if it cannot be built (``kernel_choice``) ``kernels`` turns it off; True raises
+      either. Any other error propagates. There a dense region runs in the sparse kernel's dense mode
+      instead of ``attend_fn``.
+    kernels: the calling backend's kernel choice (None: a fresh one, for this call only).
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
     from qwen1m.attention.sparse_batched import sparse_prefill_batched
 
+    kernels = kernels if kernels is not None else KernelChoice()
     auto = batched is None
     if auto:
-        batched = _use_batched(queries["intra"], k, cfg)
+        batched = _use_batched(queries["intra"], k, cfg, kernels)
     if batched:
         oom = None
         try:
             return sparse_prefill_batched(
                 queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
                 vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
-                dense_regions=attend_fn is not None, stats=stats)
+                dense_regions=attend_fn is not None, stats=stats, kernels=kernels)
         except torch.OutOfMemoryError as e:
             if not auto:
                 raise
             oom = str(e).split("\n")[0]  # the exception's frames hold the path's tensors: keep only its text
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not fail the request
+        except KERNEL_BUILD_ERRORS as e:
             if not auto:  # asked for by name (tests, benchmarks): say so
                 raise
-            _BATCHED["usable"] = False
-            log.warning("the batched sparse prefill failed (%s); using the per-region path", e)
+            kernels.fall_back("sparse_batched", e, "the per-region sparse prefill")
         if oom is not None:
-            _batched_oom(oom, queries["intra"], k, begin, chunk_len, vertical_sizes, slash_sizes, cfg)
+            _batched_oom(oom, queries["intra"], k, begin, chunk_len, vertical_sizes, slash_sizes, cfg, kernels)
     q_intra = queries["intra"]
     num_q, num_heads, _ = q_intra.shape
     total = begin + num_q
@@ -216,10 +213,10 @@ def sparse_prefill_attention(
             {sel: queries[sel][est_rows] for _, sel, *_ in regions}, k,
             [(sel, a, b) for _, sel, a, b, _ in regions if b > a], piece_end,
             softmax_scale=softmax_scale, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
-            sink_tokens=cfg.sink_tokens, local_diagonals=cfg.local_diagonals)
+            sink_tokens=cfg.sink_tokens, local_diagonals=cfg.local_diagonals, kernels=kernels)
         parts = []
         for use, _, a, b, causal in regions:
-            index = _region_index(v_idx, s_idx, a, b, piece_begin, piece_end, causal, cfg)
+            index = _region_index(v_idx, s_idx, a, b, piece_begin, piece_end, causal, cfg, kernels)
             dense = attend_fn is not None and cfg.dense_above_density < 1.0 and \
                 index_density(index) > cfg.dense_above_density
             if dense:
@@ -234,19 +231,19 @@ def sparse_prefill_attention(
     return out, lse
 
 
-def _use_batched(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig) -> bool:
-    """batched=None: on CUDA, while the batched path has not failed, when its kernels take the shapes."""
+def _use_batched(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, kernels: KernelChoice) -> bool:
+    """batched=None: on CUDA, while the backend has the batched path, when its kernels take the shapes."""
     from qwen1m.attention.sparse_batched import batched_supported
 
-    return k.device.type == "cuda" and _BATCHED["usable"] and batched_supported(q, k, cfg)
+    return k.device.type == "cuda" and kernels.sparse_batched and batched_supported(q, k, cfg)
 
 
 def _batched_oom(message: str, q: torch.Tensor, k: torch.Tensor, begin: int, chunk_len: int | None,
-                 vertical_sizes: list[int], slash_sizes: list[int], cfg: SparseConfig) -> None:
+                 vertical_sizes: list[int], slash_sizes: list[int], cfg: SparseConfig, kernels: KernelChoice) -> None:
     """The batched path ran out of device memory: give its cached blocks back and warn once (every time
     at debug level). The batched path stays on: memory that is short now (other requests' activations,
     fragmentation) may not be next time; a memory plan that reserves ``sparse_workspace_bytes`` avoids it."""
-    from qwen1m.attention.sparse_batched import sparse_workspace_bytes
+    from qwen1m.cache.sparse_workspace import sparse_workspace_bytes
 
     if k.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -254,8 +251,8 @@ def _batched_oom(message: str, q: torch.Tensor, k: torch.Tensor, begin: int, chu
     need = sparse_workspace_bytes(num_q, begin + num_q, num_heads=num_heads, head_dim=head_dim,
                                   element_size=q.element_size(), max_vertical=max(vertical_sizes, default=0),
                                   max_slash=max(slash_sizes, default=0), cfg=cfg, chunk_len=chunk_len)
-    level = logging.DEBUG if _BATCHED["oom_warned"] else logging.WARNING
-    _BATCHED["oom_warned"] = True
+    level = logging.DEBUG if kernels.oom_warned else logging.WARNING
+    kernels.oom_warned = True
     log.log(level, "the batched sparse prefill ran out of device memory (%s) at %d queries over %d keys, %d heads "
             "(%d kv heads) of dim %d, %s; it needs up to %.2f GiB beside the KV cache (sparse_workspace_bytes): "
             "this step takes the per-region path, later steps try the batched path again", message, num_q,
@@ -277,8 +274,8 @@ def index_density(index: VerticalSlashIndex) -> float:
 def _dense_region(q, k, v, a, b, piece_begin, causal, softmax_scale, attend_fn):
     """Dense attention of a region, called as dense DCA calls it (a causal region is split by
     ``dca.intra_regions`` so that every call suits cuDNN). Returns [(out, lse), ...]."""
-    regions = intra_regions(a, piece_begin, b) if causal else [_Region("dense", a, b, False)]
-    return [_attend_region(q, k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn) for r in regions]
+    regions = intra_regions(a, piece_begin, b) if causal else [Region("dense", a, b, False)]
+    return [attend_region(q, k, v, r, softmax_scale=softmax_scale, attend_fn=attend_fn) for r in regions]
 
 
 def _count(stats: dict, index: VerticalSlashIndex, num_q: int, num_kv: int, causal: bool, dense: bool) -> None:

@@ -63,9 +63,9 @@ def sparse_bytes(cfg: ModelConfig, sparse: SparseConfig | None, dtype: torch.dty
                  max_model_len: int) -> int:
     """Sparse prefill's memory in one step beyond dense prefill's: the two query rotations that only
     select (``dca_rope.rotate_critical``) and the batched path's workspace for num_tokens queries over
-    max_model_len keys (``sparse_batched.sparse_workspace_bytes``). 0 without a sparse config or when
+    max_model_len keys (``sparse_workspace.sparse_workspace_bytes``). 0 without a sparse config or when
     no prompt is longer than its threshold."""
-    from qwen1m.attention.sparse_batched import sparse_workspace_bytes
+    from qwen1m.cache.sparse_workspace import sparse_workspace_bytes
 
     if sparse is None or max_model_len <= sparse.threshold:
         return 0

@@ -13,7 +13,8 @@ from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
 from qwen1m.config import ModelConfig
 from qwen1m.model.loader import load_model
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.parallel.shard import TPShard, local_config, local_sparse
+from qwen1m.model.shard import TPShard, local_config, local_sparse
+from qwen1m.model.wiring import ModelWiring
 from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
@@ -47,17 +48,19 @@ class RankParts:
     max_model_len: int
 
 
-def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int = 1) -> RankParts:
+def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int = 1,
+               wiring: ModelWiring | None = None) -> RankParts:
     """Load this rank's weights, plan memory and allocate the KV cache.
 
     With several ranks this is collective: the number of KV blocks is the minimum over the ranks, so
     every rank holds the same blocks and the driver's block tables are valid everywhere. ``share``:
     how many ranks (this one included) run on this device; each plans for its share of the memory.
+    ``wiring``: what the model is built with (tensor-parallel collectives, kernels, reports).
     """
     cfg = local_config(spec.config, shard.size)
     sparse = local_sparse(spec.sparse, shard)
     model = load_model(spec.folder, cfg, spec.dtype, device, load_format=spec.load_format, dca=cfg.dca,
-                       sparse=sparse, shard=shard)
+                       sparse=sparse, shard=shard, wiring=wiring)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if shard.size > 1:  # every rank's weights are in place before any rank measures free memory
         import torch.distributed as dist

@@ -3,7 +3,7 @@
 Per decode row b (one new token per sequence) at absolute position p = positions[b]:
 
   - RoPE positions: dense (dca=None): query p, key p (R = 1 query rotation). DCA (dca = (s, c),
-    s = chunk_len, c = chunk_size, see ``qwen1m.model.rope.dca_positions``): key r = p mod s, queries
+    s = chunk_len, c = chunk_size, see ``qwen1m.rope.dca_positions``): key r = p mod s, queries
     intra r, succ min(r + s, c), inter min(2s - 1, c) (R = 3, in that order).
   - k[b] (every kv head) is rotated at the key position and multiplied by yarn_scale[b], then written
     with v[b] to the flat cache row slots[b] (the layer's cache viewed as [num_blocks * block_size,
@@ -295,7 +295,7 @@ def decode_prep_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``decode_prep`` in PyTorch (oracle and CPU fallback): RotaryEmbedding.rotate and dca_positions,
     exactly the maths of the backends' per-range decode path."""
-    from qwen1m.model.rope import RotaryEmbedding, dca_positions
+    from qwen1m.rope import RotaryEmbedding, dca_positions
 
     _check(q, k, v, positions, inv_freq, yarn_scale, k_cache, v_cache, slots)
     pair = _dca_pair(dca)

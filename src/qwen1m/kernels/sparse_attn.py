@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.attention.vertical_slash import BatchedVSIndex, VerticalSlashIndex
+from qwen1m.sparse_index import BatchedVSIndex, VerticalSlashIndex
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)  # global constexpr: readable inside the kernel

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.attention.vertical_slash import BatchedVSIndex, VerticalSlashIndex, check_index_args
+from qwen1m.sparse_index import BatchedVSIndex, VerticalSlashIndex, check_index_args
 from qwen1m.transfer import host_to_device
 
 SLASH_TILE, SLOT_TILE, COL_TILE = 256, 256, 256  # elements per vector step (GPU defaults)

@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.errors import CheckpointError
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.parallel.shard import TPShard
+from qwen1m.model.shard import TPShard
+from qwen1m.model.wiring import ModelWiring
 from qwen1m.sparse_config import SparseConfig
 
 _DTYPES = {
@@ -103,14 +104,14 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 def build_model(
     cfg: ModelConfig, dtype: torch.dtype, device: torch.device, dca: DCAConfig | None = None,
-    sparse: SparseConfig | None = None,
+    sparse: SparseConfig | None = None, wiring: ModelWiring | None = None,
 ) -> Qwen2ForCausalLM:
-    """Uninitialised model (weights allocated on ``device``, contents undefined)."""
+    """Uninitialised model (weights allocated on ``device``, contents undefined); wiring: see ModelWiring."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in the target dtype: no float32 detour
     try:
         with torch.device("meta"):
-            model = Qwen2ForCausalLM(cfg, dca=dca, sparse=sparse)
+            model = Qwen2ForCausalLM(cfg, dca=dca, sparse=sparse, wiring=wiring)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
@@ -228,12 +229,14 @@ def load_model(
     dca: DCAConfig | None = None,
     sparse: SparseConfig | None = None,
     shard: TPShard | None = None,
+    wiring: ModelWiring | None = None,
 ) -> Qwen2ForCausalLM:
-    """Build and fill the model; with ``shard``, ``cfg`` is the rank-local config (parallel.shard)."""
+    """Build and fill the model; with ``shard``, ``cfg`` is the rank-local config (model.shard).
+    wiring: the collectives, kernel choice and reports the model is built with (``ModelWiring``)."""
     folder = Path(folder)
     if load_format not in ("safetensors", "auto", "dummy"):
         raise CheckpointError(f"load_format '{load_format}' is not supported (expected 'safetensors' or 'dummy').")
-    model = build_model(cfg, dtype, device, dca=dca, sparse=sparse)
+    model = build_model(cfg, dtype, device, dca=dca, sparse=sparse, wiring=wiring)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -23,7 +23,8 @@ from qwen1m.attention.backend import AttentionBackend, make_backend
 from qwen1m.attention.metadata import AttentionMetadata
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.model.layers import MLP, RMSNorm, fuse_linears
-from qwen1m.model.rope import RotaryEmbedding
+from qwen1m.model.wiring import ModelWiring
+from qwen1m.rope import RotaryEmbedding
 from qwen1m.sparse_config import SparseConfig
 
 
@@ -131,8 +132,10 @@ class Qwen2Model(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     """Serves both ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` checkpoints (dense)."""
 
-    def __init__(self, cfg: ModelConfig, dca: DCAConfig | None = None, sparse: SparseConfig | None = None):
+    def __init__(self, cfg: ModelConfig, dca: DCAConfig | None = None, sparse: SparseConfig | None = None,
+                 wiring: ModelWiring | None = None):
         super().__init__()
+        wiring = wiring if wiring is not None else ModelWiring()
         self.config = cfg
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -140,11 +143,12 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding.from_config(cfg)
         self.dca = dca if dca is not None else cfg.dca
-        self.backend = make_backend(cfg, self.rotary, self.dca, sparse)
+        self.backend = make_backend(cfg, self.rotary, self.dca, sparse, kernels=wiring.kernels,
+                                    telemetry=wiring.telemetry, probe=wiring.probe)
         # Tensor parallelism (qwen1m.parallel): an all-reduce over the ranks, and on the driver a hook
         # that broadcasts each step to the other ranks. Both None on one device.
-        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.before_forward: Callable[[torch.Tensor, AttentionMetadata], None] | None = None
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = wiring.all_reduce
+        self.before_forward: Callable[[torch.Tensor, AttentionMetadata], None] | None = wiring.before_forward
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids: [num_tokens] -> final-norm hidden states [num_tokens, hidden]."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
 from qwen1m.cache.paged_kv import SequenceBlocks
 from qwen1m.errors import Qwen1mError
+from qwen1m.model.wiring import ModelWiring
 from qwen1m.parallel.tier_sync import TierMsg, TierReplica
 
 logger = logging.getLogger(__name__)
@@ -145,9 +146,15 @@ class StepBroadcaster:
         _broadcast(None)
 
 
+def rank_wiring(base: ModelWiring | None, broadcaster: StepBroadcaster | None = None) -> ModelWiring:
+    """``base`` with the collectives of a rank started by torchrun or a worker: the all-reduce, and on
+    the driver (``broadcaster``) the step broadcast before each forward."""
+    return replace(base if base is not None else ModelWiring(), all_reduce=all_reduce, before_forward=broadcaster)
+
+
 def worker_loop(model, kv_cache, device: torch.device) -> None:
-    """Ranks 1..N-1: replay every step (and tier op) the driver broadcasts until it sends None."""
-    model.all_reduce = all_reduce
+    """Ranks 1..N-1: replay every step (and tier op) the driver broadcasts until it sends None. The
+    model was built with ``rank_wiring`` (its all-reduce)."""
     tiers = TierReplica(kv_cache, device)
     try:
         _serve(model, kv_cache, device, tiers)
@@ -170,12 +177,13 @@ def _serve(model, kv_cache, device: torch.device, tiers: TierReplica) -> None:
 class TPDriver:
     """Rank 0's side: start the workers, build rank 0's part with them, broadcast steps, shut down."""
 
-    def __init__(self, spec, device: torch.device) -> None:
+    def __init__(self, spec, device: torch.device, wiring: ModelWiring | None = None) -> None:
+        """wiring: what rank 0's model is built with besides the collectives, which are added here."""
         import threading
 
         from qwen1m.engine.builder import build_rank
+        from qwen1m.model.shard import TPShard
         from qwen1m.parallel.placement import place_ranks
-        from qwen1m.parallel.shard import TPShard
         from qwen1m.parallel.worker import WorkerProcess, WorkerSpec
 
         size = spec.tensor_parallel_size
@@ -188,12 +196,17 @@ class TPDriver:
         self.workers: list = []
         for r in range(1, size):
             self.workers.append(WorkerProcess(WorkerSpec(r, size, init_method, placement, spec, level)))
+        # self.broadcaster is set only once every rank is up: close() sends the stop message through it
+        broadcaster = StepBroadcaster(self.workers)
+        wiring = replace(wiring if wiring is not None else ModelWiring(), all_reduce=broadcaster.all_reduce,
+                         before_forward=broadcaster)
         result: dict = {}
 
         def bootstrap() -> None:  # blocks in rendezvous and collectives: run it where we can watch the workers
             try:
                 init_group(0, size, init_method, self.device, placement.backend)
-                result["parts"] = build_rank(spec, TPShard(0, size), self.device, share=placement.share(0))
+                result["parts"] = build_rank(spec, TPShard(0, size), self.device, share=placement.share(0),
+                                             wiring=wiring)
             except BaseException as e:
                 result["error"] = e
 
@@ -207,9 +220,7 @@ class TPDriver:
             self.close()
             raise result["error"]
         self.parts = result["parts"]
-        self.broadcaster = StepBroadcaster(self.workers)
-        self.parts.model.before_forward = self.broadcaster
-        self.parts.model.all_reduce = self.broadcaster.all_reduce
+        self.broadcaster = broadcaster
 
     def _poll(self, ready: set[int]) -> None:
         for proc in self.workers:

@@ -143,14 +143,15 @@ def _run(spec: WorkerSpec, report) -> int:
 
     from qwen1m.engine.builder import build_rank
     from qwen1m.errors import Qwen1mError
+    from qwen1m.model.shard import TPShard
     from qwen1m.parallel import runtime
-    from qwen1m.parallel.shard import TPShard
 
     device = spec.placement.device(spec.rank)
     try:
         logger.debug("joining the process group at %s on %s", spec.init_method, device)
         runtime.init_group(spec.rank, spec.size, spec.init_method, device, spec.placement.backend)
-        parts = build_rank(spec.build, TPShard(spec.rank, spec.size), device, share=spec.placement.share(spec.rank))
+        parts = build_rank(spec.build, TPShard(spec.rank, spec.size), device, share=spec.placement.share(spec.rank),
+                           wiring=runtime.rank_wiring(None))
         report({"ready": True})
         runtime.worker_loop(parts.model, parts.kv_cache, device)
         status = 0

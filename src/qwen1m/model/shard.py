@@ -11,6 +11,9 @@ then reads only the rank's slice of each checkpoint tensor:
 
 Head h of rank r is global head r * num_heads_local + h, so q heads and their kv heads stay together
 (rank r holds kv heads [r * kv_local, (r + 1) * kv_local) and exactly the q heads that read them).
+
+It lives in model/ because it names the model's checkpoint tensors: the loader, the engine's
+``build_rank`` and parallel/ all import it from here, so engine/ never imports parallel/.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Rotary position embedding: plain RoPE, static YaRN / linear scaling, and DCA position maps.
 
+A leaf module (it imports only ``qwen1m.config``): the model, the attention backends and the decode
+kernel's reference all rotate with it, so none of them imports another for RoPE.
+
 cos/sin are computed on the fly for the positions of a step (no table): a step touches at most a
 prefill chunk of positions, and a 1M-row table would cost ~0.5 GB in float32. The arithmetic
 (float32 ``position * inv_freq``, then cos/sin cast to the activation dtype) is the one transformers
