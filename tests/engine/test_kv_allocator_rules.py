@@ -61,6 +61,7 @@ class State:
     idle: list[int] = field(default_factory=list)  # idle prefix-cache blocks, first evicted first
     users: dict[int, int] = field(default_factory=dict)  # registered block -> sequences using it
     registered: int | None = None  # registered blocks (idle included); None: users + idle
+    hits: int | None = None  # prompt tokens the GPU prefix cache has served (stats); None: not checked
 
 
 def _run(kv: KVAllocator, script: list) -> None:
@@ -102,6 +103,8 @@ def _run(kv: KVAllocator, script: list) -> None:
             registered = len(step.users) + len(step.idle) if step.registered is None else step.registered
             assert (pc.num_registered if pc is not None else 0) == registered, where
             assert kv.num_available() == len(step.free) + len(step.idle), where
+            if step.hits is not None:
+                assert kv.stats().hit_tokens["gpu"] == step.hits, where
             # every block is free, idle or held by a live sequence, exactly once
             held = [b for s in seqs.values() if s.cache is not None for b in s.cache.blocks]
             assert sorted(step.free + step.idle + list(set(held))) == list(range(kv.block_pool.num_blocks)), where
@@ -165,8 +168,11 @@ PREFIX = [  # with prefix caching, 8 blocks of 4 tokens unless the row says othe
                  id="growth-evicts-idle-blocks-only-when-the-pool-is-empty"),
     pytest.param(8, [Alloc("a", DOC[:9], [0, 1, 2]), Compute("a"), Release("a"),
                      Alloc("b", ALT[:24], [2, 3, 4, 5, 6, 7]), State(free=[], idle=[1, 0]),
-                     Alloc("c", DOC[:13], None), State(free=[], idle=[1, 0])],
-                 id="a-failed-allocation-gives-its-matched-prefix-back"),
+                     Alloc("c", DOC[:13], None), State(free=[], idle=[1, 0], hits=0),
+                     Alloc("c2", DOC[:13], None), State(free=[], idle=[1, 0], hits=0),
+                     Release("b"), Alloc("c3", DOC[:13], [0, 1, 2, 3], cached=8), State(free=[4, 5, 6, 7],
+                                                                                      users={0: 1, 1: 1}, hits=8)],
+                 id="a-failed-allocation-gives-its-matched-prefix-back-and-served-nothing"),
     # admitted together, both compute the same prefix; the second's copies stay private
     pytest.param(8, [Alloc("a", DOC[:9], [0, 1, 2]), Alloc("b", DOC[:9], [3, 4, 5]), Compute("a"), Compute("b"),
                      State(free=[6, 7], users={0: 1, 1: 1}),
