@@ -353,3 +353,27 @@ def test_abort(row: Abort):
         assert seqs[name].cache is None
     for name in set(seqs) - set(row.aborted):
         assert seqs[name].finish_reason is None and not seqs[name].is_finished
+
+
+@pytest.mark.parametrize("running, waiting, called", [
+    pytest.param([P("a", 10, 0), P("b", 10, 4)], [], ["a"], id="a-running-sequence-with-nothing-computed"),
+    pytest.param([D("a", 5)], [W("w", 8)], [], id="not-a-sequence-admitted-in-this-step"),
+    pytest.param([D("a", 5), P("b", 10, 0)], [], ["b"], id="not-a-decode"),
+])
+def test_before_first_chunk(running, waiting, called):
+    """The hook (prefix caching looks again for a cached prefix there) sees a running sequence with
+    nothing computed before its first chunk, and may give it computed tokens: the chunk is what is left.
+    (Admission already gives every admitted sequence tokens, so in the engine today no running
+    sequence has nothing computed; the hook is the scheduler's contract all the same.)"""
+    sched, _, seqs = _build(Step(budget=100, num_blocks=100, running=running, waiting=waiting))
+    seen = []
+
+    def hook(seq: Sequence) -> None:
+        seen.append(seq.request_id)
+        seq.num_computed_tokens = 8  # a cached prefix of two blocks found
+
+    sched.before_first_chunk = hook
+    out = {s.seq.request_id: s.num_tokens for s in sched.schedule()}
+    assert seen == called
+    for name in called:
+        assert out[name] == seqs[name].num_tokens - 8
