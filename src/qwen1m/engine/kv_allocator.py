@@ -170,12 +170,13 @@ class KVAllocator:
         if seq.block_keys is None:
             seq.block_keys = self.prefix_cache.keys(seq.token_ids, seq.num_prompt_tokens // self.block_size)
         reusable = (seq.num_prompt_tokens - 1) // self.block_size
-        shared = self.prefix_cache.match(seq.block_keys[:reusable], self.key_scale(seq.num_prompt_tokens))
-        self.stats().hit_tokens["gpu"] += len(shared) * self.block_size
-        return shared
+        return self.prefix_cache.match(seq.block_keys[:reusable], self.key_scale(seq.num_prompt_tokens))
 
     def _assign(self, seq: Sequence, shared: list[int], own: list[int], loaded: int = 0) -> None:
         """loaded: how many of ``own``'s leading blocks came from a lower tier (computed already)."""
+        # counted here, once the sequence has its blocks: a prompt whose allocation fails is matched
+        # again at every attempt while it waits, and was served nothing
+        self.stats().hit_tokens["gpu"] += len(shared) * self.block_size
         seq.cache = SequenceBlocks(self.kv_cache, shared + own, self.device)
         seq.num_computed_tokens = seq.num_cached_tokens = (len(shared) + loaded) * self.block_size
         seq.num_registered_blocks = len(shared) + loaded
