@@ -221,7 +221,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_redraws_on_a_terminal_and_writes_bounded_lines_elsewhere():
-    from qwen1m.cli import ProgressWriter
+    from qwen1m.cli_common import ProgressWriter
 
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731 - a fake clock: the test sets the time
