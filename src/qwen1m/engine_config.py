@@ -206,8 +206,9 @@ class EngineConfig:
                 _add_dca_args(groups[group])
                 continue
             kind = _cli_type(f.name)
-            if kind is bool:
-                groups[group].add_argument(_flag(f), action="store_true", help=f.metadata["help"])
+            if kind is bool:  # a switch: present turns the option on (every bool option defaults to off)
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                groups[group].add_argument(_flag(f), action=action, default=f.default, help=f.metadata["help"])
             else:
                 groups[group].add_argument(_flag(f), type=kind, default=f.default, choices=f.metadata["choices"],
                                            help=f.metadata["help"])
