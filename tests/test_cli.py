@@ -221,7 +221,7 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_redraws_on_a_terminal_and_writes_bounded_lines_elsewhere():
-    from qwen1m.cli import ProgressWriter
+    from qwen1m.cli_common import ProgressWriter
 
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731 - a fake clock: the test sets the time
@@ -250,3 +250,20 @@ def test_generate_default_max_tokens_is_cut_to_the_room_left(capsys):
     assert main(["generate", "--prompt", prompt, "--max-model-len", "80", "--max-tokens", "256", "--device",
                  "cpu"]) != 0
     assert "max_tokens=256" in capsys.readouterr().err
+
+
+def test_sparse_telemetry_flag_prints_the_report(text_model, tmp_path, capsys):
+    """--sparse-telemetry (LLM's sparse_telemetry) reaches the engine: generate -v prints the density."""
+    from qwen1m.config import load_model_config
+    from qwen1m.sparse_config import SparseConfig
+
+    cfg = load_model_config(text_model)
+    path = tmp_path / "sparse.json"
+    path.write_text(json.dumps(SparseConfig.uniform(cfg.num_hidden_layers, cfg.num_attention_heads, 4, 8).to_json()))
+    argv = ["generate", "--model", str(text_model), "--prompt", "The quick brown fox jumps. " * 6, "--max-tokens", "2",
+            "--device", "cpu", "--sparse-config", str(path), "--sparse-threshold", "1", "-v"]
+    assert main(argv + ["--sparse-telemetry"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"[sparse layer {layer}: density " in err for layer in range(cfg.num_hidden_layers))
+    assert main(argv) == 0
+    assert "[sparse layer" not in capsys.readouterr().err

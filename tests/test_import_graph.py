@@ -27,13 +27,6 @@ LEAVES = {
     "qwen1m.sparse_index",  # the vertical-slash block index types
 }
 
-# Edges that the engine-configuration branch of issue 21 removes (the sub-CLIs import private
-# helpers of cli.py; cli.py imports the sub-CLIs). Emptied when that branch is merged.
-PENDING_OTHER_BRANCH = {
-    ("qwen1m.cli_demo", "qwen1m.cli"),
-    ("qwen1m.eval", "qwen1m.cli"),
-    ("qwen1m.server", "qwen1m.cli"),
-}
 
 # Packages below others: none of them imports any of the packages listed after it.
 NOT_ABOVE = {
@@ -95,7 +88,7 @@ def _package_edges() -> dict[tuple[str, str], list[str]]:
     for src, targets in _module_edges().items():
         for dst in sorted(targets):
             edge = (_node(src), _node(dst))
-            if edge[0] != edge[1] and edge not in PENDING_OTHER_BRANCH:
+            if edge[0] != edge[1]:
                 edges[edge].append(f"{src} -> {dst}")
     return edges
 
@@ -159,13 +152,6 @@ def test_no_cycles_between_packages():
         graph[a].add(b)
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle between packages:\n" + _describe(cycle, edges)
-
-
-def test_pending_edges_still_exist():
-    """Each edge excused for the other branch is real; once it is gone, remove it from the set."""
-    real = {(_node(a), _node(b)) for a, targets in _module_edges().items() for b in targets}
-    gone = PENDING_OTHER_BRANCH - real
-    assert not gone, f"no longer imported, drop from PENDING_OTHER_BRANCH: {sorted(gone)}"
 
 
 def test_leaves_import_only_leaves():

@@ -17,15 +17,16 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "qwen1m.llm", "bundled_model_path": "qwen1m.llm", "SamplingParams": "qwen1m.sampling_params",
     "RequestOutput": "qwen1m.outputs", "CompletionOutput": "qwen1m.outputs", "DCAConfig": "qwen1m.config",
-    "ModelConfig": "qwen1m.config", "Qwen1mError": "qwen1m.errors",
+    "ModelConfig": "qwen1m.config", "Qwen1mError": "qwen1m.errors", "EngineConfig": "qwen1m.engine_config",
 }
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "DCAConfig", "ModelConfig",
-    "Qwen1mError", "bundled_model_path",
+    "Qwen1mError", "bundled_model_path", "EngineConfig",
 ]
 
 if TYPE_CHECKING:
     from qwen1m.config import DCAConfig, ModelConfig
+    from qwen1m.engine_config import EngineConfig
     from qwen1m.errors import Qwen1mError
     from qwen1m.llm import LLM, bundled_model_path
     from qwen1m.outputs import CompletionOutput, RequestOutput

@@ -2,6 +2,11 @@
 
 Every Qwen1mError (bad checkpoint, option or request) ends the command with its one-sentence
 message on stderr and exit status 2; nothing prints a traceback at the user.
+
+This module holds the parser, ``generate`` and ``calibrate``; the other commands live in their own
+modules and register here (``_add_optional_commands``). What the commands share (the model flags of
+``EngineConfig``, ``load_llm``, progress lines) is in ``qwen1m.cli_common``, so none of them imports
+this module.
 """
 
 from __future__ import annotations
@@ -14,83 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from qwen1m.cli_common import load_llm, progress_printer
+from qwen1m.engine_config import EngineConfig
 from qwen1m.errors import Qwen1mError
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder, or a Hugging Face Hub ID such as Qwen/Qwen2.5-7B-Instruct-1M (from the "
-                        "hub cache, else downloaded: config, tokenizer and safetensors files only; default: the "
-                        "bundled model)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
-    p.add_argument("--max-num-batched-tokens", type=int, default=32768, help="tokens per engine step")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="dummy: random weights (config.json only; for speed runs)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8 halves KV memory")
-    p.add_argument("--block-size", type=int, default=None, help="KV cache block size in tokens")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to plan for")
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (overrides the plan)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over N processes/GPUs")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
-    p.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse the KV blocks of earlier prompts that share this prompt's beginning")
-    p.add_argument("--cpu-offload-gb", type=float, default=None,
-                   help="host-memory tier of this many GB under the prefix cache (turns it on)")
-    p.add_argument("--prefix-cache-dir", default=None,
-                   help="disk tier of the prefix cache in this folder: a document is prefilled once, across "
-                        "processes and restarts (turns prefix caching on)")
-    p.add_argument("--prefix-cache-max-gb", type=float, default=None,
-                   help="size cap of --prefix-cache-dir (least recently read files go first)")
-    dca = p.add_argument_group("dual chunk attention (default: as the checkpoint's config.json says)")
-    dca.add_argument("--dca-chunk-size", type=int, default=None, help="turn DCA on with this chunk_size")
-    dca.add_argument("--dca-local-size", type=int, default=None, help="DCA local_size (default chunk/32)")
-    dca.add_argument("--dca-original-max-position-embeddings", type=int, default=None,
-                     help="training length for the YaRN temperature (default: chunk size)")
-    dca.add_argument("--no-dca", action="store_true", help="plain RoPE even if the checkpoint enables DCA")
-    sp = p.add_argument_group("sparse prefill (default: the folder's sparse_attention_config.json if present)")
-    sp.add_argument("--sparse-config", default="auto", help="a sparse_attention_config.json, 'auto' or 'none'")
-    sp.add_argument("--sparse-threshold", type=int, default=None, help="sparse only above this prompt length")
-    sp.add_argument("--sparse-dense-above", type=float, default=None,
-                    help="a region whose index lists more than this share of its pairs runs dense "
-                         "(default 0.6; 1 keeps every region sparse)")
-
-
-def _dca_option(args: argparse.Namespace):
-    from qwen1m.config import DCAConfig
-
-    if args.no_dca:
-        return None
-    if args.dca_chunk_size is None:
-        if args.dca_local_size is not None or args.dca_original_max_position_embeddings is not None:
-            raise Qwen1mError("--dca-local-size and --dca-original-max-position-embeddings need --dca-chunk-size.")
-        return "auto"
-    chunk = args.dca_chunk_size
-    local = args.dca_local_size if args.dca_local_size is not None else max(1, chunk // 32)
-    orig = args.dca_original_max_position_embeddings
-    return DCAConfig(chunk_size=chunk, local_size=local,
-                     original_max_position_embeddings=chunk if orig is None else orig)
-
-
-def _load_llm(args: argparse.Namespace, **overrides):
-    from qwen1m import LLM
-
-    options = dict(dtype=args.dtype, device=args.device, load_format=args.load_format,
-                   dca=_dca_option(args), max_model_len=args.max_model_len,
-                   max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
-                   block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                   kv_cache_memory=args.kv_cache_memory,
-                   sparse_attention_config=None if args.sparse_config == "none" else args.sparse_config,
-                   sparse_threshold=args.sparse_threshold, sparse_dense_above=args.sparse_dense_above,
-                   tensor_parallel_size=args.tensor_parallel_size,
-                   enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching)
-    if args.cpu_offload_gb is not None or args.prefix_cache_dir is not None:
-        options.update(cpu_offload_gb=args.cpu_offload_gb, prefix_cache_dir=args.prefix_cache_dir,
-                       prefix_cache_max_gb=args.prefix_cache_max_gb)
-    options.update(overrides)
-    return LLM(args.model, **options)
-
 
 # flag -> SamplingParams field of the sampling flags that default to the model's generation_config.json
 _MODEL_DEFAULT_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -165,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if getattr(args, "question", None):  # after the document: questions about one file share its prefix
         prompt = f"{prompt}\n\n{args.question}"
     _sampling_params(args)  # a bad flag is refused before the model loads
-    llm = _load_llm(args)
+    llm = load_llm(EngineConfig.from_cli_args(args))
     _check_stop_token_ids(args.stop_token_id, llm.config.vocab_size)
     params = _sampling_params(args, llm.generation_defaults)
     if args.chat:
@@ -183,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{llm.memory_plan}]", file=sys.stderr)
     start = time.monotonic()
     last = None
-    for out in llm.generate_stream(prompt, params, progress=_progress_printer(llm.engine.max_num_batched_tokens)):
+    for out in llm.generate_stream(prompt, params, progress=progress_printer(llm.engine.max_num_batched_tokens)):
         sys.stdout.write(out.new_text[0])
         sys.stdout.flush()
         last = out
@@ -197,7 +128,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"finish_reason={last.outputs[0].finish_reason}]", file=sys.stderr)
         if last.num_cached_tokens:
             print(f"[{last.num_cached_tokens} prompt tokens from the prefix cache]", file=sys.stderr)
+        if llm.engine_config.sparse_telemetry and llm.sparse_config is not None:
+            _print_sparse_report(llm.sparse_report())
     return 0
+
+
+def _print_sparse_report(report: dict) -> None:
+    """--sparse-telemetry: per layer, the share of causal pairs sparse prefill computed and its recall."""
+    for layer, row in report.items():
+        recall = f", recall {sum(row['recall']) / len(row['recall']):.3f}" if row["recall"] else ""
+        print(f"[sparse layer {layer}: density {row['density']:.3f}{recall}]", file=sys.stderr)
 
 
 def _calibration_ids(llm, data: str, length: int, sample: int) -> list[int]:
@@ -231,25 +171,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise Qwen1mError(f"--target-recall must be in (0, 1], got {args.target_recall}.")
     if args.step < 1 or args.max_steps < 0:
         raise Qwen1mError("--step must be positive and --max-steps >= 0.")
-    llm = _load_llm(args, sparse_attention_config=None)
-    cfg = llm.config
+    from dataclasses import replace
+
+    from qwen1m.config import load_model_config
+    from qwen1m.hub import resolve_model
+    from qwen1m.llm import bundled_model_path
+
+    config = EngineConfig.from_cli_args(args, sparse_attention_config=None)
+    cfg = load_model_config(bundled_model_path() if config.model is None else resolve_model(config.model))
     if args.base:
         base = load_sparse_config(args.base, cfg.num_hidden_layers, cfg.num_attention_heads)
     else:
         base = SparseConfig.uniform(cfg.num_hidden_layers, cfg.num_attention_heads, args.base_vertical,
                                     args.base_slash)
-    from dataclasses import replace
-
+    # the probe goes to the attention backend when it is built: every prefill runs dense, and the probe
+    # measures what each head's sparse budgets would have recalled
     probe = RecallProbe(replace(base, threshold=1), args.step, args.max_steps)
-    llm.model.backend.sparse = probe.base
-    llm.model.backend.probe = probe
+    llm = load_llm(config, recall_probe=probe)
     if llm.tokenizer is None and args.data != "synthetic":
         raise Qwen1mError(f"--data needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
     for sample in range(args.samples):
         ids = _calibration_ids(llm, args.data, args.length, sample)
         print(f"calibration sample {sample + 1}/{args.samples}: {len(ids):,} tokens", file=sys.stderr)
         llm.generate([ids], SamplingParams(max_tokens=1, temperature=0),
-                     progress=_progress_printer(llm.engine.max_num_batched_tokens))
+                     progress=progress_printer(llm.engine.max_num_batched_tokens))
     refined, summary = refine(probe, args.target_recall)
     Path(args.out).write_text(json.dumps(refined.to_json(), indent=1))
     print(f"{'layer':>5} {'recall@base':>11} {'recall@chosen':>13} {'raised':>6} {'below':>5}")
@@ -261,47 +206,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.heatmap and save_heatmap(refined, args.heatmap):
         print(f"wrote {args.heatmap}")
     return 0
-
-
-class ProgressWriter:
-    """One progress line on ``stream``: redrawn in place with ``\\r`` on a terminal (at most 5x/s);
-    elsewhere (a log file, a pipe, CI) written as whole lines, at most one per ``line_interval_s``,
-    so a log holds readable lines instead of thousands of carriage returns."""
-
-    def __init__(self, stream=None, line_interval_s: float = 10.0, clock=time.monotonic):
-        self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self.interval = 0.2 if self.tty else line_interval_s
-        self.clock = clock
-        self.last: float | None = None
-
-    def write(self, text: str, finished: bool = False) -> None:
-        now = self.clock()
-        if not finished and self.last is not None and now - self.last < self.interval:
-            return
-        self.last = now
-        if self.tty:
-            self.stream.write(f"\r{text}   " + ("\n" if finished else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-
-def _progress_printer(step_tokens: int, stream=None):
-    """A prefill progress bar on stderr for prompts that take more than one engine step."""
-    writer = ProgressWriter(stream)
-
-    def show(p) -> None:
-        if p.total <= step_tokens:
-            return
-        width = 30
-        filled = int(width * p.done / p.total)
-        eta = f"ETA {p.eta_s:,.0f} s" if p.eta_s is not None and not p.finished else "done"
-        writer.write(f"prefill [{'#' * filled}{'.' * (width - filled)}] {p.done:,}/{p.total:,} tokens "
-                     f"{p.tokens_per_s:,.0f} tok/s {eta}", p.finished)
-
-    return show
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -360,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--system", default=None, help="system message for --chat")
     gen.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings to stderr")
-    _add_model_args(gen)
+    EngineConfig.add_cli_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -376,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-steps", type=int, default=6, help="largest increment tried = step * max-steps")
     cal.add_argument("--out", default="sparse_attention_config.json", help="the refined config's path")
     cal.add_argument("--heatmap", default=None, help="PNG of recall per layer x head (needs matplotlib)")
-    _add_model_args(cal)
+    EngineConfig.add_cli_args(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     _add_optional_commands(sub)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from qwen1m.cli_common import load_llm, progress_printer
+from qwen1m.engine_config import EngineConfig
 from qwen1m.errors import Qwen1mError
 from qwen1m.eval.heldout import FAMILIES as HELDOUT_FAMILIES
 
@@ -28,7 +30,6 @@ def training_length(llm) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from qwen1m import SamplingParams
-    from qwen1m.cli import _load_llm, _progress_printer
     from qwen1m.eval.heldout import passkey_document
     from qwen1m.train.data import passkey_prompt
     from qwen1m.train.scoring import passkey_correct
@@ -36,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.depth <= 100:
         raise Qwen1mError(f"--depth {args.depth:g} must be between 0 and 100 percent.")
     depth = args.depth / 100
-    llm = _load_llm(args)
+    llm = load_llm(EngineConfig.from_cli_args(args))
     if llm.tokenizer is None:
         raise Qwen1mError(f"the demo needs a tokenizer, but {llm.model_path} has no tokenizer.json.")
     train_len = training_length(llm)
@@ -65,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     last = None
     for out in llm.generate_stream(
-        prompt, params, progress=_progress_printer(llm.engine.max_num_batched_tokens)
+        prompt, params, progress=progress_printer(llm.engine.max_num_batched_tokens)
     ):
         last = out
     total = time.monotonic() - start
@@ -84,8 +85,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_command(sub) -> None:
-    from qwen1m.cli import _add_model_args
-
     p = sub.add_parser(
         "demo", help="the main job: a pass key hidden in a long document, answered through DCA"
     )
@@ -104,5 +103,5 @@ def add_demo_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the document and pass key")
     p.add_argument("--max-tokens", type=int, default=16, help="most tokens of the answer")
     p.add_argument("--strict", action="store_true", help="exit 1 when the answer is wrong")
-    _add_model_args(p)
+    EngineConfig.add_cli_args(p)
     p.set_defaults(func=run_demo)

@@ -1,4 +1,5 @@
-"""Option parsing for ``LLM``: each user-facing option validated once, with a sentence naming it."""
+"""``EngineConfig`` options that are resolved against the checkpoint (``engine.builder.build_spec``):
+the sparse config and the KV block size. Checks that need no checkpoint live in ``EngineConfig``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from qwen1m.config import DCAConfig
 from qwen1m.errors import ConfigError
 from qwen1m.sparse_config import SparseConfig, load_sparse_config
+
+DEFAULT_BLOCK_SIZE = 64  # KV block size in tokens, halved until it divides the DCA chunk length
 
 
 def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None,
@@ -44,17 +47,12 @@ def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: i
 
 def block_size_option(block_size: int | None, dca: DCAConfig | None) -> int:
     """DCA regions start at multiples of chunk_len, so chunk_len must be a whole number of blocks."""
+    fit = DEFAULT_BLOCK_SIZE
+    while dca is not None and dca.chunk_len % fit:
+        fit //= 2
     if block_size is None:
-        block_size = 64
-        while dca is not None and dca.chunk_len % block_size:
-            block_size //= 2
-        return block_size
-    if block_size < 1:
-        raise ConfigError(f"block_size must be positive, got {block_size}.")
+        return fit
     if dca is not None and dca.chunk_len % block_size:
-        fit = 64
-        while dca.chunk_len % fit:
-            fit //= 2
         raise ConfigError(
             f"The DCA chunk length chunk_size - local_size = {dca.chunk_len} is not a multiple of "
             f"block_size={block_size}; use a block_size that divides it, e.g. {fit}."

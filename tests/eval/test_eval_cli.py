@@ -16,13 +16,13 @@ from qwen1m.cli import main
 def built(monkeypatch):
     """The LLMs the command builds, by mode, wrapped around the real loader."""
     llms = []
-    real = eval_cli._load_llm
+    real = eval_cli.load_llm
 
-    def load(args, **kw):
-        llms.append(real(args, **kw))
+    def load(config):
+        llms.append(real(config))
         return llms[-1]
 
-    monkeypatch.setattr(eval_cli, "_load_llm", load)
+    monkeypatch.setattr(eval_cli, "load_llm", load)
     return llms
 
 

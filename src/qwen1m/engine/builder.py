@@ -1,4 +1,6 @@
-"""Build one rank's model and KV cache from a picklable spec (the driver and every TP worker use it)."""
+"""Build one rank's model and KV cache from a picklable spec (the driver and every TP worker use it).
+
+``build_spec`` makes the spec from an ``EngineConfig`` and the checkpoint's config.json."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import torch
 
 from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
-from qwen1m.config import ModelConfig
-from qwen1m.model.loader import load_model
+from qwen1m.config import ModelConfig, load_model_config
+from qwen1m.engine_config import EngineConfig
+from qwen1m.errors import ConfigError
+from qwen1m.model.loader import load_model, resolve_dtype
 from qwen1m.model.qwen2 import Qwen2ForCausalLM
-from qwen1m.model.shard import TPShard, local_config, local_sparse
+from qwen1m.model.shard import TPShard, check_divisible, local_config, local_sparse
 from qwen1m.model.wiring import ModelWiring
+from qwen1m.options import block_size_option, sparse_option
 from qwen1m.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
@@ -22,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BuildSpec:
-    """Everything a rank needs to build its part of the engine (pickled to the worker processes)."""
+    """Everything a rank needs to build its part of the engine (pickled to the worker processes):
+    the options of an ``EngineConfig`` resolved against the checkpoint (``build_spec``)."""
 
     folder: Path
     config: ModelConfig  # the whole model's config, DCA resolved
@@ -38,6 +44,33 @@ class BuildSpec:
     gpu_memory_utilization: float
     kv_cache_memory: int | None
     tensor_parallel_size: int = 1
+
+
+def build_spec(engine: EngineConfig, folder: Path, device: torch.device) -> BuildSpec:
+    """Resolve ``engine``'s options against the checkpoint in ``folder``: DCA and sparse configs, dtype,
+    block size and max_model_len, with the checks that need the model's config."""
+    cfg = load_model_config(folder)
+    dca = cfg.dca if engine.dca == "auto" else (engine.dca or None)
+    explicit_len = engine.max_model_len is not None
+    max_model_len = engine.max_model_len if explicit_len else cfg.max_position_embeddings
+    if dca is not None and max_model_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"max_model_len={max_model_len} exceeds max_position_embeddings={cfg.max_position_embeddings} "
+            f"in {folder / 'config.json'}; DCA is only defined up to that length."
+        )
+    dtype = resolve_dtype(engine.dtype, cfg, device)
+    sparse = sparse_option(engine.sparse_attention_config, folder, cfg, dca, engine.sparse_threshold,
+                           engine.sparse_dense_above)
+    check_divisible(cfg, engine.tensor_parallel_size)
+    return BuildSpec(
+        folder=folder, config=replace(cfg, dca=dca), sparse=sparse, dtype=dtype,
+        load_format="dummy" if engine.load_format == "dummy" else "safetensors",
+        fp8=engine.kv_cache_dtype == "fp8", block_size=block_size_option(engine.block_size, dca),
+        max_model_len=max_model_len, explicit_len=explicit_len,
+        max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
+        gpu_memory_utilization=engine.gpu_memory_utilization, kv_cache_memory=engine.kv_cache_memory,
+        tensor_parallel_size=engine.tensor_parallel_size,
+    )
 
 
 @dataclass(slots=True)

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from qwen1m.cli import ProgressWriter, _add_model_args, _dca_option, _load_llm
+from qwen1m.cli_common import ProgressWriter, load_llm
+from qwen1m.engine_config import EngineConfig
 from qwen1m.errors import Qwen1mError
 
 # Qwen2.5-7B/14B-Instruct-1M ship chunk_size 262144 with sparse budgets (1000 vertical, 6096 slash) for
@@ -57,14 +58,20 @@ def add_eval_command(sub) -> None:
         s.add_argument("--out", default=f"eval_results/{s.prog.split()[-1]}", help="output folder")
         s.add_argument("--modes", default="rope,dca,dca+sparse", help="comma list of rope, dca, dca+sparse")
         s.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
-        s.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (= max_num_seqs)")
+        s.add_argument("--batch-size", type=int, default=_default_batch_size(),
+                       help="prompts per generate call (the engine's max_num_seqs)")
         s.add_argument("--families", choices=("heldout", "train"), default="heldout",
                        help="haystacks and wordings: 'heldout' (never trained on; asked in plain words through "
                             "the chat template, the default) or 'train' (the training templates, with their "
                             "answer prefixes)")
-        _add_model_args(s)
+        EngineConfig.add_cli_args(s, exclude=("max_num_seqs",))  # --batch-size sets it
         s.set_defaults(func=run_eval_command)
     p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _default_batch_size() -> int:
+    """A batch is what the engine runs at once by default."""
+    return EngineConfig().max_num_seqs
 
 
 def _modes(text: str) -> list[str]:
@@ -97,28 +104,31 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
-def _mode_options(mode: str, args: argparse.Namespace, cfg) -> dict:
+def _mode_options(mode: str, engine: EngineConfig, cfg) -> dict:
+    """The EngineConfig fields ``mode`` sets over the flags' config ``engine``."""
     if mode == "rope":
         return dict(dca=None, sparse_attention_config=None)
-    dca = _dca_option(args)
+    dca = engine.dca
     if dca == "auto" and cfg.dca is None:
         raise Qwen1mError(f"mode {mode} needs a dual_chunk_attention_config in the checkpoint's config.json "
                           "or --dca-chunk-size.")
     if mode == "dca":
         return dict(dca=dca, sparse_attention_config=None)
-    if args.sparse_config == "none":
+    sparse = engine.sparse_attention_config
+    if sparse is None:
         raise Qwen1mError("mode dca+sparse needs a sparse config; --sparse-config none turns it off.")
-    folder_json = Path(args.model or "") / "sparse_attention_config.json"
-    if args.sparse_config != "auto" or (args.model and folder_json.is_file()):
-        return dict(dca=dca, sparse_attention_config=args.sparse_config, sparse_threshold=args.sparse_threshold)
+    folder_json = Path(engine.model or "") / "sparse_attention_config.json"
+    if sparse != "auto" or (engine.model and folder_json.is_file()):
+        return dict(dca=dca, sparse_attention_config=sparse)
     from dataclasses import replace
 
     cfg_dca = cfg if dca == "auto" else replace(cfg, dca=dca)
-    return dict(dca=dca, sparse_attention_config=default_sparse_config(cfg_dca), sparse_threshold=args.sparse_threshold)
+    return dict(dca=dca, sparse_attention_config=default_sparse_config(cfg_dca))
 
 
-def _describe_sparse(option: dict | None) -> dict | str | None:
-    """The dca+sparse mode's sparse config as the JSON records it: a file path or the uniform budgets."""
+def _describe_sparse(option: dict | None, threshold: int | None) -> dict | str | None:
+    """The dca+sparse mode's sparse config as the JSON records it: a file path or the uniform budgets
+    (``threshold``: --sparse-threshold, over the config's own)."""
     if option is None:
         return None
     sc = option["sparse_attention_config"]
@@ -126,7 +136,7 @@ def _describe_sparse(option: dict | None) -> dict | str | None:
         return sc
     return {"vertical": sorted({v for row in sc.vertical_sizes for v in row}),
             "slash": sorted({v for row in sc.slash_sizes for v in row}),
-            "threshold": option.get("sparse_threshold") or sc.threshold}
+            "threshold": threshold or sc.threshold}
 
 
 def _progress_bar(stream=None):
@@ -185,7 +195,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise Qwen1mError(f"--lengths {length_label(lengths[-1])} is {lengths[-1]} tokens, beyond the model's "
                           f"max_model_len {limit} ({where}).")
     need = lengths[-1]  # a length bounds prompt + answer (runner.prompt_tokens)
-    options = {m: _mode_options(m, args, cfg) for m in modes}  # errors before any model is built
+    engine = EngineConfig.from_cli_args(args, max_model_len=need, max_num_seqs=args.batch_size)
+    options = {m: _mode_options(m, engine, cfg) for m in modes}  # errors before any model is built
     if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
         raise Qwen1mError(f"eval needs the model's tokenizer, but {folder} has no tokenizer.json.")
     qa = {}
@@ -205,13 +216,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     meta = {"suite": args.suite, "model": str(folder.resolve()), "seed": args.seed, "families": args.families,
             "modes": modes,
             "lengths": lengths, "tasks": tasks,
-            "sparse": _describe_sparse(options.get("dca+sparse")),
-            "sparse_dense_above": args.sparse_dense_above}  # None: SparseConfig's default
+            "sparse": _describe_sparse(options.get("dca+sparse"), engine.sparse_threshold),
+            "sparse_dense_above": engine.sparse_dense_above}  # None: SparseConfig's default
     store = ResultStore(out / f"{args.suite}.json", meta)
 
     def make_llm(mode: str):
         print(f"mode {mode}: loading {folder}", file=sys.stderr)
-        return _load_llm(args, max_model_len=need, max_num_seqs=args.batch_size, **options[mode])
+        return load_llm(engine.replace(**options[mode]))
 
     run_suite(jobs, modes, make_llm, ec, store, seed=args.seed, batch_size=args.batch_size,
               progress=_progress_bar())

@@ -13,6 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+from qwen1m.cli_common import load_llm
+from qwen1m.engine_config import EngineConfig
 from qwen1m.errors import Qwen1mError
 from qwen1m.server.limits import (
     BODY_BYTES_PER_TOKEN,
@@ -28,10 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_command(sub) -> None:
-    from qwen1m.cli import _add_model_args
-
     p = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions)")
-    _add_model_args(p)
+    EngineConfig.add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000)
@@ -43,8 +43,6 @@ def add_serve_command(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM; streams still running then "
                         "end with an error event and [DONE]")
-    p.add_argument("--max-num-seqs", type=int, default=64,
-                   help="sequences the engine runs at once (one per completion: n=4 counts 4); more wait")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="max_tokens of a chat request that gives none, when the model's generation_config.json "
                         f"sets no max_new_tokens (default {DEFAULT_MAX_TOKENS}; always cut to the room the prompt "
@@ -106,21 +104,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise Qwen1mError(f"qwen1m serve needs the server extra ({e.name} is missing): "
                           "pip install 'qwen1m[server]'.") from None
-    from qwen1m.cli import _load_llm
-
     if logging.getLogger().level == logging.WARNING:  # the CLI default: still show progress lines
         logging.getLogger("qwen1m.server").setLevel(logging.INFO)
     api_key = resolve_api_key(args)
     if args.api_key:
         logger.warning("--api-key is visible to every user of this machine (ps, /proc); "
                        "set QWEN1M_API_KEY in the environment instead")
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-connections", args.max_connections),
-                        ("--default-max-tokens", args.default_max_tokens)):
+    engine_config = EngineConfig.from_cli_args(args)  # bad model flags are refused before the port check
+    for flag, value in (("--max-connections", args.max_connections), ("--default-max-tokens", args.default_max_tokens)):
         if value < 1:
             raise Qwen1mError(f"{flag} must be at least 1, got {value}.")
     check_port_free(args.host, args.port)
-    llm = _load_llm(args, max_num_seqs=args.max_num_seqs)
-    name = args.served_model_name or ("qwen1m" if args.model is None else Path(args.model).resolve().name)
+    llm = load_llm(engine_config)
+    model = engine_config.model
+    name = args.served_model_name or ("qwen1m" if model is None else Path(model).resolve().name)
     limits = ServerLimits(args.max_request_bytes or default_max_request_bytes(llm.engine.max_model_len),
                           args.max_queued_requests, args.max_prompts_per_request)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="info",

@@ -1,4 +1,5 @@
-"""``qwen1m train --recipe FILE``: registered by ``qwen1m.cli`` through ``add_train_command``."""
+"""``qwen1m train --recipe FILE``: registered by ``qwen1m.cli`` through ``add_train_command``; also
+``python -m qwen1m.train.cli --recipe FILE`` (``main_train``). The trainer imports nothing from here."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def run_train_command(args: argparse.Namespace) -> int:
     print(f"final checkpoint: {final}")
     print(f"log: {out / 'train_log.json'}")
     return 0
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    """``qwen1m train --recipe FILE [--out DIR] [--device cpu|cuda] [--no-resume]`` as a function."""
+    parser = argparse.ArgumentParser(prog="qwen1m")
+    add_train_command(parser.add_subparsers())
+    args = parser.parse_args(["train", *(argv or [])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_train())

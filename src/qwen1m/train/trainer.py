@@ -284,19 +284,3 @@ def _write_log(run: _Run, recipe: Recipe, out: Path, dev: torch.device, seconds:
     (out / "train_log.json").write_text(json.dumps(doc, indent=1) + "\n")
     if not plot_losses(run.entries, out / "loss.png"):
         log.debug("matplotlib is not installed: no loss.png (the JSON log has the curve)")
-
-
-def main_train(argv: list[str] | None = None) -> int:
-    """``qwen1m train --recipe FILE [--out DIR] [--device cpu|cuda] [--no-resume]`` as a function."""
-    import argparse
-
-    from qwen1m.train.cli import add_train_command
-
-    parser = argparse.ArgumentParser(prog="qwen1m")
-    add_train_command(parser.add_subparsers())
-    args = parser.parse_args(["train", *(argv or [])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_train())
