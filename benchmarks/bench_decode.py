@@ -212,7 +212,7 @@ def reduce_ms(batch: int, pieces: int, device: str) -> float:
 
 
 def dca_bounds(context: int, chunk: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """kv_start / kv_end [3, batch] of spec 2.4 for a sequence of `context` keys, n = (context - 1) // chunk:
+    """kv_start / kv_end [3, batch] of design §2.4 for a sequence of `context` keys, n = (context - 1) // chunk:
     intra [n chunk, context), succ [(n - 1) chunk, n chunk), inter [0, (n - 1) chunk); (0, 0) when absent."""
     n = (context - 1) // chunk
     rows = [(n * chunk, context), ((n - 1) * chunk, n * chunk) if n >= 1 else (0, 0),

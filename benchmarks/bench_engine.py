@@ -177,7 +177,7 @@ def _hf_decode_ms(model, ids, steps: int = 32) -> float:
 
 
 def sparse_config(kind: str, layers: int, heads: int):
-    """'uniform': every head at (1000, 6096); '7b-mix': the most common Qwen2.5-7B-1M budgets (spec 3.5:
+    """'uniform': every head at (1000, 6096); '7b-mix': the most common Qwen2.5-7B-1M budgets (design §3.5:
     (1000, 6096) x321, (30, 800) x72, (3048, 8144) x68, then (7244, 12240) x273 and (11340, 16336) x50,
     counts chosen so the mean vertical size is the config's 3,920), spread over layers x heads."""
     from qwen1m.sparse_config import SparseConfig

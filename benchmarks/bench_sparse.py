@@ -4,10 +4,10 @@ Run on the device:  PYTHONPATH=src python3 benchmarks/bench_sparse.py [--out DIR
 Check here:         PYTHONPATH=src python3 benchmarks/bench_sparse.py --cpu-smoke   (TRITON_INTERPRET=1)
 Writes sparse.json under --out (default $OUT or benchmarks/results) and prints a table last.
 
-The chunked-prefill situation (spec 3.4): one chunk of 32768 queries at the END of a context of N keys
+The chunked-prefill situation (design §3.4): one chunk of 32768 queries at the END of a context of N keys
 (N = 128K, 512K, 1M), causal (bottom-right), 28 q / 4 kv heads, head_dim 128, bf16. Every head uses the
 base budget of the shipped config, (vertical 1000, slash 6096) ("uniform" budgets), or per-head budgets
-drawn from the 7B config's statistics (spec 3.5; "7b-mix": the 28 heads of layer 0 of
+drawn from the 7B config's statistics (design §3.5; "7b-mix": the 28 heads of layer 0 of
 ``bench_engine.sparse_config("7b-mix")``), with random-but-realistic indices:
 key columns 0..29 (attention sinks) and diagonals 0..99 (local window) always in, the other columns
 uniform, the other diagonals drawn two ways (one row each): "loguniform" (P(d) ~ 1/d: scores decay
@@ -55,8 +55,8 @@ from qwen1m.kernels.vs_index import build_vertical_slash_index_triton  # noqa: E
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 28, 4, 128  # Qwen2.5-7B-Instruct-1M
 CHUNK = 32768  # queries per prefill chunk
 SIZES = (131072, 524288, 1048576)
-VERTICAL, SLASH = 1000, 6096  # the shipped config's base budget per head (spec 3.5)
-SINKS, LOCAL = 30, 100  # always-kept key columns and diagonals (spec 3.2)
+VERTICAL, SLASH = 1000, 6096  # the shipped config's base budget per head (design §3.5)
+SINKS, LOCAL = 30, 100  # always-kept key columns and diagonals (design §3.2)
 SLASH_DISTS = ("loguniform", "uniform")  # see realistic_indices
 BLOCK = 64  # block_m = block_n of the index, as in vLLM / MInference
 FLOP_FORMULA = "4 * pairs * head_dim * num_heads; dense causal pairs = num_q * (N - num_q) + num_q * (num_q + 1) / 2"
@@ -156,7 +156,7 @@ def computed_pairs(index: VerticalSlashIndex) -> tuple[int, int]:
 
 def torch_lowp(q, k, v, mask, scale):
     """Masked attention in torch at q's precision (scores, probabilities, output rounded to q.dtype):
-    the error the kernel may double (STYLE habit 1)."""
+    the error the kernel may double (design §4.8)."""
     group = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # check only: small
     scores = torch.einsum("qhd,khd->hqk", q, kr).float() * scale
@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="context lengths N, comma separated")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--budgets", default="uniform,7b-mix",
-                    help="'uniform' (every head at (1000, 6096)) and/or '7b-mix' (spec 3.5 per-head budgets)")
+                    help="'uniform' (every head at (1000, 6096)) and/or '7b-mix' (design §3.5 per-head budgets)")
     ap.add_argument("--sweep", type=int, default=0,
                     help="also time the sparse kernel's launch configurations at this N (0: no sweep)")
     args = ap.parse_args()

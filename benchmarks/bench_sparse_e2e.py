@@ -1,4 +1,4 @@
-"""Sparse vs dense prefill end to end (issue #18): the bundled model with its calibrated sparse config,
+"""Sparse vs dense prefill end to end (design §3.6): the bundled model with its calibrated sparse config,
 and a random-weight model with Qwen2.5-7B attention shapes.
 
     PYTHONPATH=src python3 benchmarks/bench_sparse_e2e.py [--lengths 32768,131072,524288,1048576]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Results table for the bundled model (issues 6 and 7), in one device call:
+# The README's Results table for the bundled model, in one device call:
 #   - passkey grid, 1x-32x its 4K training length, depths 0-100% step 10, 10 samples per cell,
 #     rope / dca / dca+sparse;
 #   - single needle (RULER niah_single_1), 100 samples per length 1x-16x, rope / dca;

@@ -50,7 +50,7 @@ def install_ranges() -> None:
     sp.get_sparse_fn = lambda device: _ranged("sparse.attend", get_sparse_fn(device))
     import qwen1m.attention.sparse_batched as sb
 
-    # the batched GPU path (issue #18): its estimate, and the whole step (index + attention + merge inside)
+    # the batched GPU path (design §3.6): its estimate, and the whole step (index + attention + merge inside)
     sb.estimate_vertical_slash_batched = _ranged("sparse.estimate", sb.estimate_vertical_slash_batched)
     sb.sparse_prefill_batched = _ranged("sparse.batched_step", sb.sparse_prefill_batched)
     import qwen1m.attention.backend as be

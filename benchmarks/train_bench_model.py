@@ -1,4 +1,4 @@
-"""Train, calibrate and measure the sparse-prefill test model (issue #18).
+"""Train, calibrate and measure the sparse-prefill test model (design §3).
 
 Random weights have no attention structure (the estimate lists every block, every region falls back
 to dense), the released 7B-1M weights cannot be downloaded here, and the bundled model has 4 heads of

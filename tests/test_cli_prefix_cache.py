@@ -1,4 +1,4 @@
-"""`qwen1m generate --prompt-file BOOK --question Q --prefix-cache-dir DIR` (issue 22): a second question
+"""`qwen1m generate --prompt-file BOOK --question Q --prefix-cache-dir DIR` (design §4.3): a second question
 about the same file, in a new process, takes the book's KV from disk and answers as without a cache."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ chunk_size of the bundled model) of text from a held-out family (``eval.heldout`
 training generator writes; "reports" by default), asks for it in plain words through the chat
 template as ``llm.chat`` does, answers greedily through Dual Chunk Attention and prints the answer,
 whether it is right, the time to first token and the decode speed. ``--families train`` uses the
-spec 6.1 passkey prompt the model was trained on instead.
+design §6.1 passkey prompt the model was trained on instead.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     if args.families == "train":
         prompt, answer = passkey_prompt(llm.tokenizer, length, depth, args.seed)
-        what = "the training template (spec 6.1 filler and wording)"
+        what = "the training template (docs/design.md §6.1 filler and wording)"
     else:  # the same prompt llm.chat([{"role": "user", "content": message}]) sends, streamed here
         message, answer = passkey_document(llm.tokenizer.encode, args.family, length, depth, args.seed)
         prompt = llm.tokenizer.encode(

@@ -1,6 +1,6 @@
 """Model configuration, read once from a checkpoint folder's ``config.json``.
 
-The dataclasses here are the one config contract of the package (STYLE.md point 3): everything
+The dataclasses here are the one config contract of the package (design §1.2): everything
 downstream receives them explicitly; nothing re-reads JSON. Field names follow Hugging Face so the
 mapping stays obvious; values are validated in ``__post_init__`` with errors that name the field.
 """
@@ -21,14 +21,14 @@ _MODEL_TYPE_TO_ARCH = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 @dataclass(frozen=True, slots=True)
 class DCAConfig:
-    """Dual Chunk Attention settings (spec 1.2 and 2.2); notation c, w, s of the spec."""
+    """Dual Chunk Attention settings (design §1.2 and §2.2); notation c, w, s of design §2.1."""
 
     chunk_size: int  # c: the largest relative position DCA ever produces (= pre-training length)
     local_size: int  # w: window in the successive chunk where positions stay exact
     # Training length for the YaRN attention temperature m = max(1, 0.1 ln(L / L0) + 1); 0 disables it
-    # (spec 2.5; vLLM's default is 0 when the key is absent).
+    # (design §2.5; vLLM's default is 0 when the key is absent).
     original_max_position_embeddings: int = 0
-    # Runtime keys vLLM also reads from this object (spec 1.2); None: the sparse config's defaults.
+    # Runtime keys vLLM also reads from this object (design §1.2); None: the sparse config's defaults.
     sparse_attention_threshold: int | None = None
     sparse_attention_last_q: int | None = None
 

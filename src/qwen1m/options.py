@@ -16,7 +16,7 @@ DEFAULT_BLOCK_SIZE = 64  # KV block size in tokens, halved until it divides the 
 def sparse_option(option, folder: Path, cfg, dca: DCAConfig | None, threshold: int | None,
                   dense_above: float | None = None) -> SparseConfig | None:
     """LLM(sparse_attention_config=...): "auto" (the folder's file if present), a path, a SparseConfig,
-    or None/False; the threshold comes from the option, else from the DCA config keys (spec 1.2);
+    or None/False; the threshold comes from the option, else from the DCA config keys (design §1.2);
     dense_above overrides ``SparseConfig.dense_above_density``."""
     if option is None or option is False:
         return None

@@ -8,7 +8,7 @@ prefill chunk of positions, and a 1M-row table would cost ~0.5 GB in float32. Th
 (float32 ``position * inv_freq``, then cos/sin cast to the activation dtype) is the one transformers
 uses, so logits match it bit for bit in float32.
 
-DCA position maps (spec 2.2, vLLM convention: clamp at c). With s = c - w and p' = p mod s:
+DCA position maps (design §2.2, vLLM convention: clamp at c). With s = c - w and p' = p mod s:
 
     key            p'            (stored once, rotated, in the KV cache)
     q_intra        p'            same DCA chunk: true distances

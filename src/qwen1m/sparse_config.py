@@ -3,7 +3,7 @@
 The budgets come from ``sparse_attention_config.json`` in the Qwen/MInference format: a list with one
 entry per layer, each a dict keyed by the head index as a string, each value
 ``[pattern, vertical_size, slash_size, score]``, e.g. ``{"0": ["vertical_and_slash", 1000, 6096, 0.93]}``.
-Only the ``vertical_and_slash`` pattern exists in the released configs (spec 3.5).
+Only the ``vertical_and_slash`` pattern exists in the released configs (design §1.2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class SparseConfig:
     last_q: int = 64  # queries at the end of each piece that estimate the pattern (vLLM/MInference)
     sink_tokens: int = 30  # first key columns always kept (MInference: vertical[..., :30] = inf)
     local_diagonals: int = 100  # nearest diagonals always kept (MInference online path: slash[..., -100:])
-    block_size: int = 64  # query/key block of the index conversion (BLOCK_M = BLOCK_N = 64, spec 3.3)
+    block_size: int = 64  # query/key block of the index conversion (BLOCK_M = BLOCK_N = 64, design §3.3)
     empty_region_columns: int = 5  # a DCA region that gets no index keeps this many even columns (vLLM)
     vertical_remap: tuple[tuple[int, int], ...] = ((30, 130),)  # vLLM bumps vertical_size 30 to 130
     # A region whose index lists more than this share of its visible query-key pairs is attended by

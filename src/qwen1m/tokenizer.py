@@ -3,7 +3,7 @@
 Only "fast" tokenizers are supported: ``tokenizer.json`` is loaded with the ``tokenizers`` library,
 which is what transformers itself runs for Qwen. Everything else transformers layers on top
 (special-token names, EOS ids, the Jinja chat template) is read here from the folder's JSON files
-and reproduced without importing transformers (STYLE.md point 7).
+and reproduced without importing transformers (only tests use it).
 
 The chat template is rendered the way transformers' ``apply_chat_template`` renders it (see
 ``transformers/utils/chat_template_utils.py``): an immutable Jinja sandbox with ``trim_blocks``,

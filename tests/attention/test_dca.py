@@ -1,7 +1,7 @@
-"""DCA attention against plain RoPE (short contexts) and an independent dense oracle (spec 2.2 table).
+"""DCA attention against plain RoPE (short contexts) and an independent dense oracle (design §2.2 table).
 
 The oracle shares no code with ``dca.py``: it builds the relative distance r(i, j) of every (query,
-key) pair from the spec's table, rotates q_i by r in float64 with its own RoPE (RoPE scores depend
+key) pair from design §2.2's table, rotates q_i by r in float64 with its own RoPE (RoPE scores depend
 only on pos_q - pos_k, so <rot(q, r), rot(k, 0)> is the DCA score), and does one softmax per row.
 """
 
@@ -98,7 +98,7 @@ def _rope64(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_oracle(q, k, v, dca: DCAConfig, m: torch.Tensor, rows: list[int] | None = None):
-    """Row-by-row DCA from the spec 2.2 table; q, k, v raw (unrotated); m [num_tokens] YaRN factors.
+    """Row-by-row DCA from the design §2.2 table; q, k, v raw (unrotated); m [num_tokens] YaRN factors.
 
     Returns out [len(rows), num_heads, head_dim] and lse [num_heads, len(rows)], float64.
     """
@@ -211,7 +211,7 @@ def test_64k_tokens_bounded_memory():
 
 
 def test_decode_ranges_leave_out_ranges_empty_for_the_whole_batch():
-    """Spec 2.4 per sequence (intra [n s, L), succ [(n-1) s, n s), inter [0, (n-1) s), n = (L-1) // s),
+    """Design §2.4 per sequence (intra [n s, L), succ [(n-1) s, n s), inter [0, (n-1) s), n = (L-1) // s),
     with only as many ranges as the batch's largest n needs."""
     from types import SimpleNamespace
 

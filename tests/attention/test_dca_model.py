@@ -2,7 +2,7 @@
 
 The oracle is transformers' own Qwen2 forward with its attention function swapped (through its public
 AttentionInterface) for a float64 dense DCA oracle: transformers rotates q_i at i and k_j at j, so the
-DCA score for the pair is <R(r(i,j) - (i - j)) q_rot_i, k_rot_j> with r(i,j) from spec 2.2's table,
+DCA score for the pair is <R(r(i,j) - (i - j)) q_rot_i, k_rot_j> with r(i,j) from design §2.2's table,
 and the YaRN temperature multiplies every logit by m(L)^2. Nothing of qwen1m's DCA code is used.
 """
 

@@ -1,4 +1,4 @@
-"""``sparse_workspace_bytes`` bounds what the batched sparse prefill allocates (issue #18: it ran out of
+"""``sparse_workspace_bytes`` bounds what the batched sparse prefill allocates (it once ran out of
 memory at 1M tokens on an H100 whose KV cache left ~2 GiB).
 
 CPU: allocations are measured with the profiler's memory events (every CPU tensor allocation and free,

@@ -1,4 +1,4 @@
-"""The memory plan reserves sparse prefill's workspace (issue #18) and nothing more when sparse is off."""
+"""The memory plan reserves sparse prefill's workspace (design §3.6) and nothing more when sparse is off."""
 
 from __future__ import annotations
 

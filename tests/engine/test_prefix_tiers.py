@@ -1,4 +1,4 @@
-"""Prefix-cache tiers (issue 22): host memory and disk under the GPU prefix cache.
+"""Prefix-cache tiers (design §4.3): host memory and disk under the GPU prefix cache.
 
 Every test compares greedy float32 outputs with an engine without any cache, on the tiny DCA
 checkpoint (original length 16: the YaRN temperature m > 1 and grows with the prompt length, so the

@@ -186,7 +186,7 @@ def test_decode_prep_rejects_bad_inputs():
 # ---- end to end: decode_prep + paged_decode_attention_multi vs the per-range path of backend.py ----
 
 def dca_ranges(lengths, s):
-    """Spec 2.4 per sequence of length L (new token included), n = (L - 1) // s: intra [n s, L),
+    """Design §2.4 per sequence of length L (new token included), n = (L - 1) // s: intra [n s, L),
     succ [(n-1) s, n s) if n >= 1, inter [0, (n-1) s) if n >= 2, else empty; -> [3, B] starts, ends."""
     starts, ends = [], []
     for length in lengths:

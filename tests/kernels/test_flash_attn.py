@@ -2,7 +2,7 @@
 
 CPU: TRITON_INTERPRET=1 (tests/kernels/conftest.py) at small sizes over awkward shapes.
 GPU (-m gpu): real sizes, head_dim 128, 28 q heads / 4 kv heads, bf16, and the ops dispatcher.
-Error bound (STYLE habit 1): the kernel's max error vs float64 is at most 2x the error of the same
+Error bound (design §4.8): the kernel's max error vs float64 is at most 2x the error of the same
 maths done by torch at the working precision (scores, probabilities and output rounded to it).
 """
 

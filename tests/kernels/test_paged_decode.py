@@ -5,7 +5,7 @@ attended ranges, every unused block and every hole of the block tables is NaN, a
 outputs and workspaces are NaN-poisoned before the launch, so reading a wrong slot or leaving an
 output unwritten fails the test.
 GPU (-m gpu): head_dim 128, 28 q heads / 4 kv heads, 8K-128K keys, batch 1 and 32, bf16 and fp8.
-Error bound (STYLE habit 1): max error vs a float64 reference at most 2x that of the same maths in
+Error bound (design §4.8): max error vs a float64 reference at most 2x that of the same maths in
 torch at the working precision (scores, probabilities and output rounded to q's dtype).
 """
 

@@ -110,7 +110,7 @@ def poisoned(monkeypatch):
 
 
 def dca_ranges(lengths, s):
-    """Spec 2.4 per sequence of length L, n = (L - 1) // s: intra [n s, L), succ [(n-1) s, n s), inter
+    """Design §2.4 per sequence of length L, n = (L - 1) // s: intra [n s, L), succ [(n-1) s, n s), inter
     [0, (n-1) s), empty (0, 0) where they do not exist; returned as ranges[r][b]."""
     rows = []
     for length in lengths:

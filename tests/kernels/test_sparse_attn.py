@@ -3,7 +3,7 @@
 CPU: TRITON_INTERPRET=1 (tests/kernels/conftest.py) at small sizes: odd lengths, num_q < num_kv and
 num_q > num_kv (causal rows without keys), GQA 4 / 2, strided K/V, empty vertical and/or slash sets,
 and "budgets covering every key == dense attend". GPU (-m gpu): Qwen2.5-7B shapes at real sizes.
-Error bound (STYLE habit 1): the kernel's max error vs float64 is at most 2x the error of the same
+Error bound (design §4.8): the kernel's max error vs float64 is at most 2x the error of the same
 masked maths done by torch at the working precision (scores, probabilities and output rounded to it).
 """
 

@@ -1,5 +1,5 @@
-"""Issue 19: no request hurts another request, the engine or the host (defects 1, 2, 5, 6, and the
-engine loop's death). Each case sends the issue's exact request, checks the status and OpenAI's error
+"""Isolation: no request hurts another request, the engine or the host (defects 1, 2, 5, 6, and the
+engine loop's death). Each case sends the defect's exact request, checks the status and OpenAI's error
 shape, that a stream running beside it ends normally, and that a normal request succeeds right after.
 """
 

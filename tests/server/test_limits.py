@@ -1,6 +1,6 @@
-"""Issue 19: input limits before work (defect 3), admission control (defect 4) and exposure (defect 8).
+"""Server limits: input limits before work (defect 3), admission control (defect 4) and exposure (defect 8).
 
-The latency figures asserted here are the issue's explicit targets (413 within 1 s, /health within
+The latency figures asserted here are the server's explicit targets (413 within 1 s, /health within
 100 ms, a 4-token answer within 5 s); everything else waits for conditions, with TIMEOUT as a hang guard.
 """
 

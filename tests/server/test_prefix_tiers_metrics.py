@@ -1,4 +1,4 @@
-"""/metrics and usage.prompt_tokens_details.cached_tokens with the host and disk tiers (issue 22)."""
+"""/metrics and usage.prompt_tokens_details.cached_tokens with the host and disk tiers."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from qwen1m.train.encoding import Encoder
 from qwen1m.train.evaluate import teacher_forced_accuracy
 from qwen1m.train.scoring import passkey_correct
 
-MAX_BYTES = 16_000_000  # issue 6: at most 16 MB on disk
+MAX_BYTES = 16_000_000  # the bundled model's budget: at most 16 MB on disk
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ and values into each sequence's cache and returns the attention output.
     -> out: [num_tokens, num_heads, head_dim]
 
 ``DenseBackend`` is plain causal RoPE attention; ``DCABackend`` is Dual Chunk Attention with the
-YaRN temperature (spec section 2). The attention arithmetic itself (``attend_fn``) is picked per
+YaRN temperature (design §2). The attention arithmetic itself (``attend_fn``) is picked per
 device by ``qwen1m.attention.ops``: the pure-PyTorch reference on CPU, kernels on GPU.
 
 Decoding sequences (one new token each) are handled together on the GPU: one scatter writes their
@@ -73,7 +73,7 @@ class AttentionBackend:
         return 1.0
 
     def _sparse_applies(self, seq: SequenceSlice) -> bool:
-        """Sparse attention in prefill only, for prompts longer than the threshold (spec 3.4)."""
+        """Sparse attention in prefill only, for prompts longer than the threshold (design §3.1)."""
         return (self.sparse is not None and seq.prompt_len > self.sparse.threshold and seq.num_query > 1
                 and seq.num_total <= seq.prompt_len)
 
@@ -252,7 +252,7 @@ class DenseBackend(AttentionBackend):
 
 
 class DCABackend(AttentionBackend):
-    """Dual Chunk Attention (spec 2.2-2.5); equals DenseBackend while the sequence fits one chunk."""
+    """Dual Chunk Attention (design §2.2-§2.5); equals DenseBackend while the sequence fits one chunk."""
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dca: DCAConfig,
                  sparse: SparseConfig | None = None, **wiring):
@@ -289,7 +289,7 @@ class DCABackend(AttentionBackend):
         return self.dca.yarn_scale(prompt_len)
 
     def decode_inputs(self, seqs, device, dtype):
-        """DCA: three key ranges per sequence (spec 2.4) and the YaRN factor of its length (spec 2.5)."""
+        """DCA: three key ranges per sequence (design §2.4) and the YaRN factor of its length (design §2.5)."""
         return _to_device(seqs, _dca_decode_ranges(seqs, self.dca.chunk_len),
                           [self.dca.yarn_scale(s.scale_len) for s in seqs], device, dtype)
 
@@ -307,7 +307,7 @@ class DCABackend(AttentionBackend):
 
 
 def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
-    """Spec 2.4 for each sequence of length L (new token included), n = (L - 1) // s:
+    """Design §2.4 for each sequence of length L (new token included), n = (L - 1) // s:
     intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
     Returns int32 [2 (start, end), R regions (intra, succ, inter), B] on the host, R = 1 + the largest
     n (at most 3): ranges that are empty for every sequence of the batch are left out, so that the

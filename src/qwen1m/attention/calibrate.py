@@ -1,4 +1,4 @@
-"""Sparsity refinement by attention recall (spec 3.5, the report's Algorithm 1).
+"""Sparsity refinement by attention recall (design §3.5, the report's Algorithm 1).
 
 For every layer and head, on long calibration sequences processed in prefill chunks:
 
@@ -8,7 +8,7 @@ is measured for the head's current budget (vertical, slash) and for budgets rais
 both sizes (k = 1 .. max_steps). Each head keeps the smallest budget whose mean recall reaches the
 target. All candidates are measured in one prefill: the model's hidden states flow through *dense*
 attention (so every layer sees the activations it sees in dense inference) while each candidate's
-sparse LSE is computed beside it. The spec infers step = 2048 and base (1000, 6096) from the
+sparse LSE is computed beside it. Design §3.5 infers step = 2048 and base (1000, 6096) from the
 released configs; both are options.
 """
 
@@ -30,7 +30,7 @@ class RecallProbe:
     """Given to an attention backend (``probe=``): measures candidate budgets' recall during dense prefill."""
 
     base: SparseConfig
-    step: int  # budget increment on both vertical and slash (spec 3.5: 2048)
+    step: int  # budget increment on both vertical and slash (design §3.5: 2048)
     max_steps: int  # candidates k = 0 .. max_steps
     # [layer] -> recall sums [num_candidates, num_heads] and the number of queries summed
     sums: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention (spec 2.2-2.4): the attention math, independent of any model or cache.
+"""Dual Chunk Attention (design §2.2-§2.4): the attention math, independent of any model or cache.
 
 The sequence is cut into DCA chunks of s = c - w tokens. Keys are rotated once at p' = p mod s; each
 query comes in three rotations (``rotate_for_dca`` in ``dca_rope.py`` builds them), one per region of
@@ -26,11 +26,11 @@ the last prefill chunk being tokens [11, 13):
 We follow the released vLLM convention (clamp at c: q_succ = min(p'+s, c), q_inter = c), not the
 paper figure's DCA-paper convention that clamps at c - 1; the released model was served with vLLM's.
 
-Queries are walked in *pieces* that never cross a DCA chunk boundary (spec 2.3): a piece starting at
+Queries are walked in *pieces* that never cross a DCA chunk boundary (design §2.3): a piece starting at
 ``piece_begin`` lies in the chunk [chunk_begin, chunk_begin + s), chunk_begin = (piece_begin // s) * s,
 and ends at min(chunk_begin + s, total). Prefill in one go, a prefill chunk that straddles DCA chunks,
 and decode (one query) all go through the same loop. Every region, for every piece, is one call of
-``attend_region`` (STYLE point 5); the parts are combined by the LSE merge.
+``attend_region`` (written once); the parts are combined by the LSE merge.
 
 Design choice, intra split: the intra region of a piece is attended as a non-causal prefix
 [chunk_begin, piece_begin) (rows ``b`` above, present when a prefill chunk started mid-DCA-chunk)
@@ -39,7 +39,7 @@ has num_q == num_kv, where top-left and bottom-right causal masks coincide, so S
 only offer top-left causal (cuDNN, PyTorch flash) can serve every call on GPU. The price is one
 extra call, only for pieces that start mid-chunk. A single-query piece (decode) needs no mask at
 all, so its intra region stays one non-causal call over [chunk_begin, piece_end): decode makes at
-most three calls, the ranges of spec 2.4.
+most three calls, the ranges of design §2.4.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Region(NamedTuple):
 
 def dca_pieces(begin: int, total: int, s: int) -> Iterator[tuple[int, int, int]]:
     """(piece_begin, piece_end, chunk_begin) for queries [begin, total): pieces never cross a DCA
-    chunk boundary; chunk_begin is the start of the piece's chunk (the spec's prev_end)."""
+    chunk boundary; chunk_begin is the start of the piece's chunk (vLLM's prev_end, design §2.3)."""
     piece_begin = begin
     while piece_begin < total:
         chunk_begin = (piece_begin // s) * s
@@ -88,7 +88,7 @@ def intra_regions(chunk_begin: int, piece_begin: int, piece_end: int) -> list[Re
 
 
 def _regions(chunk_begin: int, piece_begin: int, piece_end: int, s: int) -> list[Region]:
-    """The key ranges a piece [piece_begin, piece_end) of one DCA chunk reads (spec 2.3, 2.4)."""
+    """The key ranges a piece [piece_begin, piece_end) of one DCA chunk reads (design §2.3, §2.4)."""
     regions = intra_regions(chunk_begin, piece_begin, piece_end)
     if chunk_begin >= s:
         regions.append(Region("succ", chunk_begin - s, chunk_begin, False))

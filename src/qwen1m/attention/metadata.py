@@ -1,4 +1,4 @@
-"""Per-step attention state, built by the runner and passed into ``model.forward`` (STYLE point 4).
+"""Per-step attention state, built by the runner and passed into ``model.forward`` (no module state).
 
 A step processes a flat run of ``num_tokens`` new tokens that may belong to several sequences;
 each sequence's tokens are contiguous in that run.
@@ -21,7 +21,7 @@ class SequenceSlice:
     query_start: int  # offset of this sequence's new tokens in the step's token dimension
     num_query: int  # new tokens of this sequence in this step (1 for decode)
     num_cached: int  # tokens already in the KV cache before this step (= position of the first new token)
-    scale_len: int  # length L for the YaRN temperature: max(prompt_len, num_cached + num_query) (spec 2.5)
+    scale_len: int  # length L for the YaRN temperature: max(prompt_len, num_cached + num_query) (design §2.5)
     cache: SequenceBlocks  # where this sequence's keys and values live
     prompt_len: int = 0  # the request's prompt length (sparse prefill applies to long prompts only)
 

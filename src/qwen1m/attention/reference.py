@@ -86,7 +86,7 @@ def merge_attn_states(
     """Exact softmax over the union of disjoint key sets from per-part (out, lse).
 
     parts: list of (out [num_q, num_heads, head_dim], lse [num_heads, num_q]).
-    out = sum_p w_p * out_p with w_p = exp(lse_p - LSE), LSE = logsumexp_p lse_p (spec 2.3).
+    out = sum_p w_p * out_p with w_p = exp(lse_p - LSE), LSE = logsumexp_p lse_p (design §2.3).
     Parts with lse = -inf (no keys) get weight 0; if every part is empty the row is 0 / -inf.
     """
     if len(parts) == 1:

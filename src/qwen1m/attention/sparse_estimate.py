@@ -1,4 +1,4 @@
-"""Online vertical-slash pattern estimation for one prefill piece (spec 3.2, 3.4).
+"""Online vertical-slash pattern estimation for one prefill piece (design §3.2, §3.4).
 
 The last ``last_q`` queries of a piece attend (softmax over every key of the sequence so far) and
 the attention mass is summed two ways:

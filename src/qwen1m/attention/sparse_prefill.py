@@ -1,4 +1,4 @@
-"""Sparse prefill: vertical-slash attention estimated per prefill piece, DCA-aware (spec 3.4).
+"""Sparse prefill: vertical-slash attention estimated per prefill piece, DCA-aware (design §3.4).
 
 For each piece of queries (a prefill chunk cut at DCA chunk boundaries, ``dca.dca_pieces``):
 

@@ -1,4 +1,4 @@
-"""Vertical-slash sparse attention (MInference, spec 3.3): the block index and the pure-PyTorch oracles.
+"""Vertical-slash sparse attention (MInference, design §3.3): the block index and the pure-PyTorch oracles.
 
 Coordinates. Queries ``i`` in [0, num_q), keys ``j`` in [0, num_kv), ``offset = num_kv - num_q``: the
 bottom-right alignment of ``reference.attend`` (causal query i sees keys j <= i + offset).

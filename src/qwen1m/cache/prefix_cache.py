@@ -6,7 +6,7 @@ Keys. Block i of a prompt is keyed by SHA-256 chained over the token ids of bloc
 keys and values depend on every earlier token, so its key names the whole prefix up to its end.
 
 Key scale. With DCA the prefill writes each prompt key multiplied by the YaRN attention temperature
-m = yarn_scale(L) of the prompt length L (spec 2.5; ``AttentionBackend.key_scale``), so the blocks
+m = yarn_scale(L) of the prompt length L (design §2.5; ``AttentionBackend.key_scale``), so the blocks
 of a prompt of length L1 hold keys scaled by m(L1), where a new prompt of length L2 would write
 m(L2). A block is reused only if m(L1) / m(L2) - 1 is within ``scale_tolerance``: 0 for a float32
 cache (reuse is then exact), 2^-10 for 16-bit and FP8 caches (a quarter of bfloat16's relative

@@ -1,4 +1,4 @@
-"""Long-context evaluation (spec 6.1): passkey and RULER-style suites generated locally.
+"""Long-context evaluation (design §6.1): passkey and RULER-style suites generated locally.
 
 - ``grid``: length ("4k", "1m") and depth ("0:100:10") strings.
 - ``context``: the sample record and what generators share (tokenizer, the essay corpus).

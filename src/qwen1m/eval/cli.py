@@ -18,7 +18,7 @@ from qwen1m.engine_config import EngineConfig
 from qwen1m.errors import Qwen1mError
 
 # Qwen2.5-7B/14B-Instruct-1M ship chunk_size 262144 with sparse budgets (1000 vertical, 6096 slash) for
-# most heads and sparse_attention_threshold 32768 (spec 1.2, 3.5). The default config keeps those
+# most heads and sparse_attention_threshold 32768 (design §1.2, §3.5). The default config keeps those
 # ratios to the model's DCA chunk size, so a model trained on 4K tokens gets the density Qwen's get at
 # the same multiple of their training length; floors of one 64-key block of verticals and 256
 # diagonals keep a tiny model's budgets from vanishing (they exceed the scaled 16 and 95).

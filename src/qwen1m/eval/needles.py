@@ -1,4 +1,4 @@
-"""Needle tasks: passkey (spec 6.1), RULER's niah_* (niah.py) and variable tracking (vt).
+"""Needle tasks: passkey (design §6.1), RULER's niah_* (niah.py) and variable tracking (vt).
 
 The "essay" haystack is our offline corpus (``EvalContext``: seeded grammar stories) in place of Paul
 Graham's essays; needles go between its paragraphs rather than sentences. ``words`` keys and values

@@ -6,7 +6,7 @@ task's answer prefix, so the model's first generated token starts the answer. Le
 construction: the haystack is cut to the tokens left after the fixed parts (the last filler unit is
 truncated; needles, list items and documents are never split except that last unit).
 
-RULER tasks follow ``synthetic.yaml`` (spec 6.1 table); generators live in ``needles`` (passkey,
+RULER tasks follow ``synthetic.yaml`` (design §6.1); generators live in ``needles`` (passkey,
 niah_*, vt), ``words`` (cwe, fwe) and ``qa`` (qa_1, qa_2), each saying where it departs from RULER.
 """
 

@@ -6,7 +6,7 @@ Paged layout. Logical token t of sequence b lives at ``k_cache[block_tables[b, t
 t % block_size]``; sequence b attends to keys [kv_start[b], kv_end[b]).
 
 Several ranges, one launch (``paged_decode_attention_multi``). DCA decode attends to three disjoint
-ranges (intra / succ / inter, spec 2.4), each with its own query rotation, and merges them by LSE.
+ranges (intra / succ / inter, design §2.4), each with its own query rotation, and merges them by LSE.
 The split kernel takes every range: q is [R, batch, num_heads, head_dim], kv_start / kv_end are
 [R, batch]. The tiles of a sequence's R ranges, concatenated in range order, are cut into
 P = R * num_splits equal pieces, program_id(2) = piece (a piece may end one range and start the

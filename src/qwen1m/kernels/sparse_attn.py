@@ -1,4 +1,4 @@
-"""Vertical-slash sparse attention forward in Triton (MInference / vLLM ``sparse_attn_func``, spec 3.3).
+"""Vertical-slash sparse attention forward in Triton (MInference / vLLM ``sparse_attn_func``, design §3.3).
 
 Oracle: ``qwen1m.attention.vertical_slash.sparse_attend_reference`` (same contract). The index comes
 from ``build_vertical_slash_index``; its module docstring defines exactly which keys each row reads.

@@ -1,4 +1,4 @@
-"""Vertical-slash block index in Triton (MInference's ``convert_vertical_slash_indexes``, spec 3.3).
+"""Vertical-slash block index in Triton (MInference's ``convert_vertical_slash_indexes``, design §3.3).
 
 Same contract as ``qwen1m.attention.vertical_slash.build_vertical_slash_index`` (the oracle, whose module
 docstring defines the covered key set): the counts and the valid entries of ``block_offset`` /

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen3 (dense) causal LM. Module names are the checkpoint keys (STYLE point 7).
+"""Qwen2 / Qwen3 (dense) causal LM. Module names are the checkpoint keys (design §1.1).
 
 Two entry points share the same weights:
 - ``forward(input_ids, meta)``: the engine path. Tokens of one step are flat ([num_tokens]); the

@@ -97,7 +97,7 @@ def _prompt_ctx(tokenizer: Any, with_corpus: bool = False) -> TaskContext:
 
 
 def passkey_prompt(tokenizer: Any, length_tokens: int, depth: float, seed: int) -> tuple[list[int], str]:
-    """The spec 6.1 passkey prompt as ChatML token ids of exactly ``length_tokens`` tokens, ending with
+    """The design §6.1 passkey prompt as ChatML token ids of exactly ``length_tokens`` tokens, ending with
     the answer prefix "The pass key is"; the needle sits at ``depth`` (0 = start, 1 = end) of the
     filler. Returns (ids, the 5-digit pass key). Score with ``passkey_correct(output, key)``.
 

@@ -1,5 +1,5 @@
 """The recipe file: a JSON document listing the model, the data and the stages of progressive
-context extension (spec 5.2). Parsed once into frozen dataclasses; errors name the field.
+context extension (design §5.2). Parsed once into frozen dataclasses; errors name the field.
 
     {"name": "...", "seed": 0,
      "model": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8,
@@ -68,7 +68,7 @@ class Recipe:
     num_workers: int = 0  # DataLoader workers building batches (0: in the training process)
     log_every: int = 10
     save_every: int = 0  # resumable state every n steps (0: at stage ends only)
-    # A Hugging Face folder whose weights start the first stage (continued training, spec 5.2's later
+    # A Hugging Face folder whose weights start the first stage (continued training, design §5.2's later
     # stages start from the previous stage's model); its tokenizer.json replaces tokenizer training.
     init_from: str | None = None
     source: dict[str, Any] = field(default_factory=dict)  # the JSON as read, for the log

@@ -1,4 +1,4 @@
-"""Scorers for the passkey and RULER-style tasks (spec 6.1)."""
+"""Scorers for the passkey and RULER-style tasks (design §6.1)."""
 
 from __future__ import annotations
 

@@ -3,13 +3,13 @@
 Every generator is ``gen(ctx, rng, length) -> Sample``. Tasks are ChatML exchanges whose loss covers
 the answer only; ``lm`` is natural text with the loss on every token. Templates:
 
-- passkey: spec 6.1 / landmark-attention ``test_passkey.py`` (task line, "The grass is green..."
+- passkey: design §6.1 / landmark-attention ``test_passkey.py`` (task line, "The grass is green..."
   filler, "The pass key is N. Remember it. N is the pass key." at a depth, "What is the pass key?"
   with the answer prefix "The pass key is" opening the assistant turn).
 - niah_*: RULER's ``niah.py`` needle, template and answer prefix; haystack "repeat" (the filler),
   "essay" (our corpus in place of Paul Graham's essays) or "needle" (distractor needles).
 - vt: RULER's variable tracking (one chain of 4 hops in the filler).
-- keyword / position / reorder / fim: Qwen2.5-1M's synthetic tasks (spec 5.1) over corpus paragraphs.
+- keyword / position / reorder / fim: Qwen2.5-1M's synthetic tasks (design §5.1) over corpus paragraphs.
 """
 
 from __future__ import annotations

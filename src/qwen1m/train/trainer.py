@@ -1,4 +1,4 @@
-"""The training loop: progressive context extension over the recipe's stages (spec 5.2).
+"""The training loop: progressive context extension over the recipe's stages (design §5.2).
 
 Each stage rebuilds the model with its RoPE base (ABF: only the base changes, weights carry over),
 keeps the AdamW moments, warms up and decays its learning rate on a cosine, and ends by writing a
@@ -125,7 +125,7 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> 
 
 
 class _Run:
-    """One training run's mutable state; kept out of module scope (STYLE point 4)."""
+    """One training run's mutable state; kept out of module scope (no module state)."""
 
     def __init__(self, recipe: Recipe, out_dir: Path, device: torch.device):
         self.recipe, self.out, self.device = recipe, out_dir, device
