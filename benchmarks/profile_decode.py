@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qwen1m import LLM, SamplingParams
+from qwen1m.engine import step_tokens
 
 CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct-1m"
 STEPS = 5
@@ -68,7 +69,7 @@ def host_profile(llm) -> None:
     import cProfile
     import pstats
 
-    runner = llm.engine.graph_runner
+    runner = llm.engine.runner.graph_runner
     spent = {"replay": 0.0, "sample (waits for the GPU)": 0.0}
     if runner is not None:
         for graph in runner.graphs.values():
@@ -79,14 +80,14 @@ def host_profile(llm) -> None:
                 inner()
                 spent["replay"] += time.perf_counter() - t
             graph.graph.replay = timed
-    sample = llm.engine._sample
+    sample = step_tokens.sample_batch  # the host sampler read_tokens calls
 
-    def timed_sample(seqs, logits):
+    def timed_sample(logits, seqs):
         t = time.perf_counter()
-        out = sample(seqs, logits)
+        out = sample(logits, seqs)
         spent["sample (waits for the GPU)"] += time.perf_counter() - t
         return out
-    llm.engine._sample = timed_sample
+    step_tokens.sample_batch = timed_sample
     steps = 30
     torch.cuda.synchronize()
     t0 = time.perf_counter()

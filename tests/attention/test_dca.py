@@ -215,7 +215,7 @@ def test_decode_ranges_leave_out_ranges_empty_for_the_whole_batch():
     with only as many ranges as the batch's largest n needs."""
     from types import SimpleNamespace
 
-    from qwen1m.attention.backend import _dca_decode_ranges
+    from qwen1m.attention.metadata import _dca_decode_ranges
 
     def ranges(*lengths):
         return _dca_decode_ranges([SimpleNamespace(num_total=L) for L in lengths], 10).tolist()

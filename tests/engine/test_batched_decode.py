@@ -55,13 +55,13 @@ def test_kernel_decode_equals_reference_decode(tmp_path, dca, kv_cache_dtype, fu
 def test_kernel_decode_as_dca_ranges_appear(tmp_path, fused):
     """One sequence decoding from inside the first DCA chunk (s = 12) past the third: the decode launch
     has 1, then 2, then 3 key ranges (``_dca_decode_ranges``); every step's logits equal the reference."""
-    from qwen1m.attention import backend as be
+    from qwen1m.attention import metadata as md
 
     folder = save_tiny_checkpoint(tmp_path / "m", seed=42, extra_config={"dual_chunk_attention_config": DCA})
     prompt = torch.randint(0, 97, (5,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=36, temperature=0, ignore_eos=True)
     seen = []
-    ranges = be._dca_decode_ranges
+    ranges = md._dca_decode_ranges
 
     def run(kernel: bool):
         llm = LLM(folder, dtype="float32", device="cpu", block_size=4)
@@ -73,11 +73,11 @@ def test_kernel_decode_as_dca_ranges_appear(tmp_path, fused):
         return llm.generate([prompt], params)[0].outputs[0].token_ids, logits
 
     expected, ref_logits = run(False)
-    be._dca_decode_ranges = lambda seqs, s: seen.append(ranges(seqs, s).shape[1]) or ranges(seqs, s)
+    md._dca_decode_ranges = lambda seqs, s: seen.append(ranges(seqs, s).shape[1]) or ranges(seqs, s)
     try:
         got, got_logits = run(True)
     finally:
-        be._dca_decode_ranges = ranges
+        md._dca_decode_ranges = ranges
     assert got == expected and len(got_logits) == len(ref_logits)
     for a, b in zip(got_logits, ref_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -34,11 +34,11 @@ def test_graph_decode_equals_eager(tmp_path, dca, kv_cache_dtype):
     for eager in (True, False):
         llm = LLM(folder, dtype="float32", device="cuda", kv_cache_dtype=kv_cache_dtype, enforce_eager=eager,
                   max_num_seqs=8, max_model_len=512, kv_cache_memory=256 << 20)
-        assert (llm.engine.graph_runner is None) == eager
+        assert (llm.engine.runner.graph_runner is None) == eager
         runs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         if not eager:
             # three sequences replayed in the bucket of 4 (keys: bucket, key ranges)
-            assert {b for b, _ in llm.engine.graph_runner.graphs} >= {4}
+            assert {b for b, _ in llm.engine.runner.graph_runner.graphs} >= {4}
         del llm
         gc.collect()  # the engine holds reference cycles: free its KV cache before the next LLM plans
         torch.cuda.empty_cache()
@@ -57,7 +57,7 @@ def test_graph_decode_across_dca_chunks(tmp_path):
                   max_model_len=256, kv_cache_memory=64 << 20)
         runs[eager] = llm.generate(prompts, params)[0].outputs[0].token_ids
         if not eager:
-            assert set(llm.engine.graph_runner.graphs) == {(1, 1), (1, 2), (1, 3)}
+            assert set(llm.engine.runner.graph_runner.graphs) == {(1, 1), (1, 2), (1, 3)}
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -152,14 +152,14 @@ def test_sampled_rows_overlap_without_a_host_sync(tmp_path, monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
 
     monkeypatch.setattr(step_tokens, "sample_on_device", no_sync)
-    inner, aheads = llm.engine._launch_ahead, [0]
+    inner, aheads = llm.engine.runner.launch_ahead, [0]
 
-    def counting(step):
-        ahead = inner(step)
+    def counting(step, scheduler):
+        ahead = inner(step, scheduler)
         aheads[0] += ahead is not None
         return ahead
 
-    llm.engine._launch_ahead = counting
+    llm.engine.runner.launch_ahead = counting
     llm.engine.overlap = True
     assert summary(llm.generate(prompts, params)) == want
     assert aheads[0] >= 10, "sampled steps were not launched early"

@@ -145,7 +145,7 @@ def test_outputs_carry_the_prompt_ids_and_the_engine_forgets_finished_requests(d
             assert out.request_id == rid and out.prompt_token_ids == prompt
             seen.append(list(out.outputs[0].token_ids))
     assert [len(t) for t in seen] == [1, 2, 3, 4, 5] and all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
-    assert not engine.requests and not engine._prompt_ids
+    assert not engine.requests and not engine.output._prompt_ids
 
 
 def test_logits_processors_rewrite_the_row_before_sampling(tiny_checkpoint):

@@ -36,15 +36,15 @@ def summary(outputs):
 
 
 def count_aheads(llm) -> list[int]:
-    """Wrap _launch_ahead to count the steps it launched early (so a test cannot pass by never overlapping)."""
+    """Wrap launch_ahead to count the steps it launched early (so a test cannot pass by never overlapping)."""
     launched = [0]
-    inner = llm.engine._launch_ahead
+    inner = llm.engine.runner.launch_ahead
 
-    def counting(step):
-        ahead = inner(step)
+    def counting(step, scheduler):
+        ahead = inner(step, scheduler)
         launched[0] += ahead is not None
         return ahead
-    llm.engine._launch_ahead = counting
+    llm.engine.runner.launch_ahead = counting
     return launched
 
 
@@ -164,20 +164,20 @@ def test_a_failed_early_launch_leaves_no_placeholder(checkpoint):
     for p in ps:
         eng.add_request(p, params)
     eng.step()  # prefill of both (their first tokens) and an early launch of the next step
-    inner, calls = eng._launch, [0]
+    inner, calls = eng.runner.run, [0]
 
     def failing(scheduled, device_ids=None):
         if device_ids is not None:
             calls[0] += 1
             raise RuntimeError("simulated failure")
         return inner(scheduled, device_ids)
-    eng._launch = failing
+    eng.runner.run = failing
     with pytest.raises(RuntimeError, match="simulated"):
         eng.step()
     assert calls[0] == 1
     for seqs in eng.requests.values():
         assert all(t >= 0 for seq in seqs for t in seq.token_ids)
-    eng._launch = inner
+    eng.runner.run = inner
     done = {}
     for _ in range(50):  # bounded: a lost token would leave a sequence never scheduled again
         for out in eng.step():

@@ -53,7 +53,7 @@ def _compare(folder, prompts, params, **opts) -> None:
     torch.cuda.empty_cache()
     two = LLM(folder, device="cuda", tensor_parallel_size=2, **opts)
     try:
-        assert two.engine.graph_runner is None  # TP decodes eagerly
+        assert two.engine.runner.graph_runner is None  # TP decodes eagerly
         assert str(two.engine.device) == "cuda:0" and two.memory_plan.device == "cuda:0"
         logits, tokens = _run(two, prompts, params)
         assert logits.shape == ref_logits.shape

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from qwen1m import LLM  # noqa: E402
-from qwen1m.engine import llm_engine, step_tokens  # noqa: E402
+from qwen1m.engine import step_tokens  # noqa: E402
 from qwen1m.server.app import build_app  # noqa: E402
 from qwen1m.server.limits import ServerLimits  # noqa: E402
 
@@ -128,7 +128,7 @@ def test_a_row_that_cannot_be_sampled_fails_its_request_only(url, monkeypatch):
         return choose
 
     # rows without penalties or processors are chosen on the device (the -1 report), others on the host
-    monkeypatch.setattr(llm_engine, "sample_batch", nan_for_seed_77(llm_engine.sample_batch))
+    monkeypatch.setattr(step_tokens, "sample_batch", nan_for_seed_77(step_tokens.sample_batch))
     monkeypatch.setattr(step_tokens, "sample_on_device", nan_for_seed_77(step_tokens.sample_on_device))
     stream = BackgroundStream(url)
     response = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 0.7, "seed": 77})

@@ -19,12 +19,11 @@ directly (no gather), once per key range (one range dense, up to three under DCA
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from qwen1m.attention.kernel_choice import KernelChoice
-from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.attention.metadata import AttentionMetadata, DecodeInputs, SequenceSlice
 from qwen1m.cache.paged_kv import write_slots
 from qwen1m.config import DCAConfig, ModelConfig
 from qwen1m.rope import RotaryEmbedding, dca_positions
@@ -108,13 +107,11 @@ class AttentionBackend:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         out = torch.empty_like(q)
-        batched = []
-        if self._use_decode_kernel(q.device):
-            batched = [s for s in meta.seqs if s.num_query == 1 and s.num_cached > 0]
+        batched = self.decode_batch(meta.seqs, q.device)
         if batched and len(batched) == q.shape[0]:  # a pure decode step: no row gather or scatter
             return self.forward_decode_batch(layer, q, k, v, meta, batched)
         if batched:
-            rows = _decode_inputs(meta, self, batched, q.dtype).rows
+            rows = _decode(meta).rows
             out[rows] = self.forward_decode_batch(layer, q[rows], k[rows], v[rows], meta, batched)
         for seq in meta.seqs:
             if batched and seq in batched:
@@ -122,6 +119,13 @@ class AttentionBackend:
             rows = slice(seq.query_start, seq.query_start + seq.num_query)
             out[rows] = self.forward_sequence(layer, q[rows], k[rows], v[rows], meta.positions[rows], seq)
         return out
+
+    def decode_batch(self, seqs: list[SequenceSlice], device: torch.device) -> list[SequenceSlice]:
+        """The sequences this backend decodes together (one new token each, on the paged decode
+        kernel); the step's ``meta.decode`` holds their inputs (``metadata.decode_inputs``)."""
+        if not self._use_decode_kernel(device):
+            return []
+        return [s for s in seqs if s.num_query == 1 and s.num_cached > 0]
 
     def forward_sequence(self, layer, q, k, v, positions, seq: SequenceSlice) -> torch.Tensor:
         raise NotImplementedError
@@ -131,7 +135,7 @@ class AttentionBackend:
 
     def forward_decode_batch(self, layer, q, k, v, meta: AttentionMetadata, seqs: list[SequenceSlice]):
         """q: [B, num_heads, head_dim], k, v: [B, num_kv_heads, head_dim], one new token per sequence."""
-        d = _decode_inputs(meta, self, seqs, q.dtype)
+        d = _decode(meta)
         positions = _decode_positions(meta, d, len(seqs))
         cache = seqs[0].cache.cache
         if self.kernels.fused_decode:
@@ -142,53 +146,12 @@ class AttentionBackend:
         """The same maths as ``_fused_decode`` in PyTorch ops and one kernel call per key region."""
         raise NotImplementedError
 
-    def decode_inputs(self, seqs: list[SequenceSlice], device: torch.device, dtype: torch.dtype) -> DecodeInputs:
-        """Dense: one key range [0, L) per sequence, no temperature."""
-        ends = torch.tensor([s.num_total for s in seqs], dtype=torch.int32)
-        return _to_device(seqs, torch.stack([torch.zeros_like(ends), ends])[:, None], None, device, dtype)
 
-
-@dataclass(slots=True)
-class DecodeInputs:
-    """Device tensors of one decode batch, built once per step and read by every layer (or static
-    buffers that a CUDA graph replays with)."""
-
-    rows: torch.Tensor  # [B] int64: the decoding rows in the step's token dimension
-    tables: torch.Tensor  # [B, max_blocks] int32: block tables, zero-padded
-    slots: torch.Tensor  # [B] int64: flat cache row of each new token
-    bounds: torch.Tensor  # [2, R, B] int32: start / end of each of the R key regions (1 dense, 3 DCA)
-    scale: torch.Tensor  # [B, 1, 1]: YaRN factor m multiplying q and the new k (ones without DCA)
-
-    @property
-    def ranges(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per key region: (start [B], end [B]) views of ``bounds``."""
-        return [(self.bounds[0, r], self.bounds[1, r]) for r in range(self.bounds.shape[1])]
-
-
-def _to_device(seqs: list[SequenceSlice], bounds: torch.Tensor, scale: list[float] | None,
-               device: torch.device, dtype: torch.dtype) -> DecodeInputs:
-    """One decode batch's host-built tensors, copied to the device."""
-    tables, slots = _tables_and_slots(seqs)
-    rows = torch.tensor([s.query_start for s in seqs])
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    m = torch.ones(len(seqs), dtype=dtype) if scale is None else torch.tensor(scale, dtype=dtype)
-    return DecodeInputs(to(rows), to(tables), to(slots), to(bounds.contiguous()), to(m)[:, None, None])
-
-
-def _decode_inputs(meta: AttentionMetadata, backend: AttentionBackend, seqs: list[SequenceSlice],
-                   dtype: torch.dtype) -> DecodeInputs:
-    if "decode" not in meta.derived:
-        meta.derived["decode"] = backend.decode_inputs(seqs, meta.positions.device, dtype)
-    return meta.derived["decode"]
-
-
-def _tables_and_slots(seqs: list[SequenceSlice]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.cache.blocks) for s in seqs)
-    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-    for i, s in enumerate(seqs):
-        tables[i, : len(s.cache.blocks)] = s.cache.block_table_cpu
-    slots = torch.tensor([s.cache.slot(s.num_cached) for s in seqs], dtype=torch.int64)
-    return tables, slots
+def _decode(meta: AttentionMetadata) -> DecodeInputs:
+    if meta.decode is None:
+        raise ValueError("AttentionMetadata.decode is None in a step with rows that decode in one batch: "
+                         "build it before the forward (metadata.decode_inputs of decode_batch's sequences).")
+    return meta.decode
 
 
 def _fused_decode(layer, q, k, v, positions, d: DecodeInputs, cache, rotary: RotaryEmbedding,
@@ -201,7 +164,7 @@ def _fused_decode(layer, q, k, v, positions, d: DecodeInputs, cache, rotary: Rot
 
     k_cache, v_cache, k_scale, v_scale = cache.kernel_view(layer)
     direct = not cache.fp8
-    # the batch's non-empty ranges only (``_dca_decode_ranges``): the first R query rotations
+    # the batch's non-empty ranges only (``metadata.decode_inputs``): the first R query rotations
     num_ranges = d.bounds.shape[1]
     q_all, k_rot = decode_prep(q, k, v, positions, rotary.inv_freq_on(q.device), rotary.attention_scaling,
                                d.scale, k_cache if direct else None, v_cache if direct else None, d.slots,
@@ -288,11 +251,6 @@ class DCABackend(AttentionBackend):
     def key_scale(self, prompt_len: int) -> float:
         return self.dca.yarn_scale(prompt_len)
 
-    def decode_inputs(self, seqs, device, dtype):
-        """DCA: three key ranges per sequence (design §2.4) and the YaRN factor of its length (design §2.5)."""
-        return _to_device(seqs, _dca_decode_ranges(seqs, self.dca.chunk_len),
-                          [self.dca.yarn_scale(s.scale_len) for s in seqs], device, dtype)
-
     def decode_per_region(self, layer, q, k, v, positions, d, cache):
         pos = dca_positions(positions, self.dca)
         write_slots(cache, layer, d.slots, self.rotary.rotate(k, pos.key) * d.scale, v)
@@ -304,26 +262,6 @@ class DCABackend(AttentionBackend):
         # kernel LSE is [B, heads]; the merge contract is [heads, num_q]
         out, _ = _merge_fn(q.device)([(o, lse.t()) for o, lse in parts])
         return out
-
-
-def _dca_decode_ranges(seqs: list[SequenceSlice], s: int) -> torch.Tensor:
-    """Design §2.4 for each sequence of length L (new token included), n = (L - 1) // s:
-    intra [n s, L), succ [(n - 1) s, n s) if n >= 1, inter [0, (n - 1) s) if n >= 2 (else empty).
-    Returns int32 [2 (start, end), R regions (intra, succ, inter), B] on the host, R = 1 + the largest
-    n (at most 3): ranges that are empty for every sequence of the batch are left out, so that the
-    decode kernel is launched with fewer ranges and decode_prep computes fewer query rotations (with
-    Qwen2.5-7B-1M every context up to 253,952 tokens has only intra; there a three-range launch took
-    0.0259 ms per layer at 32K where one range took 0.0230 ms, CUDA-graph timing,
-    benchmarks/results/decode_ranges_2026-11-29.json)."""
-    rows, top = [], 0
-    for seq in seqs:
-        length = seq.num_total
-        n = (length - 1) // s
-        top = max(top, n)
-        succ = ((n - 1) * s, n * s) if n >= 1 else (0, 0)
-        inter = (0, (n - 1) * s) if n >= 2 else (0, 0)
-        rows.append((n * s, succ[0], inter[0], length, succ[1], inter[1]))  # starts, then ends
-    return torch.tensor(rows, dtype=torch.int32).t().reshape(2, 3, len(seqs))[:, :min(3, top + 1)]
 
 
 def make_backend(

@@ -4,9 +4,10 @@ launches them all at once.
 
 A graph is captured per batch bucket (1, 2, 4, ...) and number of key ranges (DCA leaves out the
 ranges that are empty for the whole batch: 1 up to one DCA chunk, then 2, then 3) over static
-buffers: token ids, positions, and the attention backend's ``DecodeInputs`` (block tables sized for
-max_model_len, cache slots, key ranges, YaRN factors). A step copies its values into the first n
-rows; padding rows read nothing (empty key ranges) and write their keys into one reserved pad block.
+buffers: token ids, positions, and the metadata's ``DecodeInputs`` (block tables sized for
+max_model_len, cache slots, key ranges, YaRN factors). A step copies the values that the model
+runner built for it into the first n rows; padding rows read nothing (empty key ranges) and write
+their keys into one reserved pad block.
 The graph covers the model and the lm_head, so a replay yields logits [bucket, vocab].
 """
 
@@ -16,8 +17,7 @@ import logging
 
 import torch
 
-from qwen1m.attention.backend import DecodeInputs
-from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.attention.metadata import AttentionMetadata, DecodeInputs, SequenceSlice
 from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class _Graph:
             bounds=torch.zeros(2, num_ranges, bucket, dtype=torch.int32, device=dev),
             scale=torch.ones(bucket, 1, 1, dtype=runner.dtype, device=dev),
         )
-        self.meta = AttentionMetadata(self.positions, seqs, {"decode": self.inputs})
+        self.meta = AttentionMetadata(self.positions, seqs, decode=self.inputs)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -71,7 +71,7 @@ class _Graph:
 
 
 class DecodeGraphRunner:
-    """Replays captured decode steps; ``run`` returns None when a step does not fit a bucket."""
+    """Replays captured decode steps (the model runner dispatches the steps that ``fits``)."""
 
     def __init__(self, model, kv_cache: PagedKVCache, pad_block: int, max_batch: int, max_model_len: int):
         self.model, self.kv_cache, self.pad_block = model, kv_cache, pad_block
@@ -83,13 +83,16 @@ class DecodeGraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
 
-    def run(self, ids: list[int], seqs: list[SequenceSlice], device_ids: torch.Tensor | None = None
-            ) -> torch.Tensor | None:
+    def fits(self, seqs: list[SequenceSlice]) -> bool:
+        """Whether a decode step of these sequences fits a bucket (and the static block tables)."""
+        return len(seqs) <= self.buckets[-1] and all(len(s.cache.blocks) <= self.max_blocks for s in seqs)
+
+    def run(self, ids: list[int], seqs: list[SequenceSlice], fresh: DecodeInputs,
+            device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the step's graph (captured on first use): logits [len(seqs), vocab]. ``fits(seqs)``
+        must hold; fresh: the step's decode inputs (``ModelRunner.decode_inputs``)."""
         n = len(seqs)
-        bucket = next((b for b in self.buckets if b >= n), None)
-        if bucket is None or any(len(s.cache.blocks) > self.max_blocks for s in seqs):
-            return None
-        fresh = self.model.backend.decode_inputs(seqs, self.device, self.dtype)
+        bucket = next(b for b in self.buckets if b >= n)
         key = (bucket, fresh.bounds.shape[1])
         if key not in self.graphs:
             logger.info("capturing a CUDA graph for decode batch %d, %d key ranges", *key)

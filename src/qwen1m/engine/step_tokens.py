@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen1m.engine import logprobs as lp
-from qwen1m.engine.sampler import no_finite_logit, on_device, sample_on_device
+from qwen1m.engine.sampler import no_finite_logit, on_device, sample_batch, sample_on_device
 from qwen1m.engine.sequence import Sequence
 
 
@@ -59,12 +59,12 @@ def choose_on_device(step: LaunchedStep) -> None:
     step.logits = None
 
 
-def read_tokens(step: LaunchedStep, token_text: Callable[[int], str | None],
-                sample: Callable[[list[Sequence], torch.Tensor], list[int | Exception]]
+def read_tokens(step: LaunchedStep, token_text: Callable[[int], str | None]
                 ) -> tuple[list[int | Exception], dict[int, dict]]:
     """Wait for the step's tokens: one per row (or the exception of a row that could not be sampled),
-    and row -> {token id: Logprob} for the rows that asked for logprobs. sample: the host sampler
-    (``sampler.sample_batch``) for a step whose tokens were not chosen on the device."""
+    and row -> {token id: Logprob} for the rows that asked for logprobs. A step whose tokens were not
+    chosen on the device is sampled on the host (``sampler.sample_batch``: plain greedy rows in one
+    argmax and one device->host copy for the batch; a row that raises leaves the others unaffected)."""
     if step.tokens_host is not None:
         if step.ready is not None:
             step.ready.synchronize()
@@ -72,7 +72,7 @@ def read_tokens(step: LaunchedStep, token_text: Callable[[int], str | None],
         # (a row reported -1 had no finite logit: it fails, its logprob entry is never read)
         logprobs = _logprob_dicts(step.logprobs, [max(t, 0) for t in tokens], token_text)
         return [t if t >= 0 else no_finite_logit() for t in tokens], logprobs
-    tokens = sample(step.samplers, step.logits)
+    tokens = sample_batch(step.logits, step.samplers)
     return tokens, _sampled_logprobs(step.samplers, step.logits, tokens, token_text)
 
 

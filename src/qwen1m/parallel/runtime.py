@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice
+from qwen1m.attention.metadata import AttentionMetadata, SequenceSlice, decode_inputs
 from qwen1m.cache.paged_kv import SequenceBlocks
 from qwen1m.errors import Qwen1mError
 from qwen1m.model.wiring import ModelWiring
@@ -171,6 +171,9 @@ def _serve(model, kv_cache, device: torch.device, tiers: TierReplica) -> None:
             slices = [SequenceSlice(s.query_start, s.num_query, s.num_cached, s.scale_len,
                                     SequenceBlocks(kv_cache, s.blocks, device), s.prompt_len) for s in msg.slices]
             meta = AttentionMetadata(torch.tensor(msg.positions, device=device), slices)
+            batched = model.backend.decode_batch(slices, device)
+            if batched:  # as the driver's ModelRunner.metadata: built once, before the forward
+                meta.decode = decode_inputs(batched, device, model.lm_head.weight.dtype, model.dca)
             model(torch.tensor(msg.input_ids, device=device), meta)
 
 
