@@ -46,8 +46,8 @@ class LLMEngine:
         *,
         kv_cache: PagedKVCache,
         max_model_len: int,
-        max_num_batched_tokens: int = 32768,
-        max_num_seqs: int = 64,
+        max_num_batched_tokens: int,  # no defaults here: EngineConfig's are the only ones
+        max_num_seqs: int,
         cuda_graphs: bool = False,
         overlap: bool | None = None,
         prefix_caching: bool = False,
