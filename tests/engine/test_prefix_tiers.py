@@ -354,36 +354,34 @@ _TORCHRUN = textwrap.dedent("""
     stats = llm.engine.kv.stats()
     json.dump({"rows": rows, "disk": stats.hit_tokens["disk"]}, open(out, "w"))
     llm.shutdown()
+    print(sys.argv[5], flush=True)
 """)  # under torchrun the code after LLM(...) is rank 0's: rank 1 serves its steps inside LLM(...)
 
 
-def _torchrun(ckpt, folder: Path, prompts, out: Path) -> dict:
+def _torchrun(ckpt, folder_for, prompts, out: Path) -> tuple[dict, Path]:
+    """Two ranks under torchrun; ``folder_for(attempt)``: the cache folder of each attempt (a launch is
+    repeated once after the known teardown abort, see tests/torchrun.py). Returns its JSON and folder."""
     import json
 
-    from qwen1m.parallel.runtime import free_port
+    from torchrun import DONE, run_torchrun
 
-    script = folder.parent / "tiers_torchrun.py"
+    script = out.parent / "tiers_torchrun.py"
     script.write_text(_TORCHRUN)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(script), str(ckpt), str(folder),
-                           json.dumps(prompts), str(out)],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    attempt = run_torchrun(script, lambda a: [ckpt, folder_for(a), json.dumps(prompts), out, DONE], env=env)
+    return json.loads(out.read_text()), folder_for(attempt)
 
 
 def test_torchrun_tp2_writes_both_ranks_files_and_a_new_launch_reads_them(ckpt, want_tp2, tmp_path):
     """The tiers under a torchrun launch (ranks started by torchrun, not spawned by LLM): the first
     launch writes each rank's shard files; a second launch (a restart) answers follow-ups from disk
     with the tokens of a TP=2 engine without any cache."""
-    folder = tmp_path / "cache"
-    first = _torchrun(ckpt, folder, FIRST, tmp_path / "first.json")
+    first, folder = _torchrun(ckpt, lambda attempt: tmp_path / f"cache{attempt}", FIRST, tmp_path / "first.json")
     assert [row[0] for row in first["rows"]] == [want_tp2[tuple(p)] for p in FIRST]
     assert [row[1] for row in first["rows"]] == [0, 0, 0] and first["disk"] == 0
     folders = _rank_folders(folder)
     assert sorted(folders) == [0, 1] and all(len(_files(f.parent)) >= 3 * 15 for f in folders.values())
-    again = _torchrun(ckpt, folder, FOLLOW, tmp_path / "again.json")
+    again, _ = _torchrun(ckpt, lambda attempt: folder, FOLLOW, tmp_path / "again.json")
     assert [row[0] for row in again["rows"]] == [want_tp2[tuple(p)] for p in FOLLOW]
     assert [row[1] for row in again["rows"]] == [60, 60, 60]  # every document from both ranks' files
     assert again["disk"] == 3 * 60
