@@ -15,6 +15,8 @@ Modes (a mode this commit's SamplingParams cannot express is reported as skipped
     mixed           16 greedy rows + 16 rows temperature 0.8, top_p 0.95, top_k 50, seeded
     sampled         32 sampled rows as above
     mixed_penalties mixed, the sampled rows with presence/frequency/repetition penalties and a logit_bias
+    mixed_top_p     mixed, the sampled rows with top_p 0.95 and no top_k (the OpenAI API's knobs: the
+                    sampler sorts the whole vocabulary for them)
     greedy_logprobs 32 greedy rows asking for 5 top logprobs
 Saves sampling_<tag>_<date>.json under $OUT or benchmarks/results (date, commit, device in "meta").
 """
@@ -65,7 +67,8 @@ def row_params(mode: str, i: int, max_tokens: int) -> SamplingParams:
         extra = dict(logprobs=5) if mode == "greedy_logprobs" else {}
         return SamplingParams(temperature=0, **common, **extra)
     extra = PENALTIES if mode == "mixed_penalties" else {}
-    return SamplingParams(seed=i, **SAMPLED, **common, **extra)
+    sampled = {**SAMPLED, "top_k": -1} if mode == "mixed_top_p" else SAMPLED
+    return SamplingParams(seed=i, **sampled, **common, **extra)
 
 
 def decode_steps(llm: LLM, mode: str, context: int, steps: int) -> dict:
@@ -104,7 +107,7 @@ def main() -> None:
                   dtype="float32" if cpu else "bfloat16", max_model_len=args.context + args.steps + 8,
                   max_num_seqs=BATCH, max_num_batched_tokens=max(2048, BATCH * args.context))
         rows = []
-        for mode in ("greedy", "mixed", "sampled", "mixed_penalties", "greedy_logprobs"):
+        for mode in ("greedy", "mixed", "sampled", "mixed_penalties", "greedy_logprobs", "mixed_top_p"):
             try:
                 row_params(mode, 1, 2)
             except (TypeError, ValueError) as e:  # an older SamplingParams
