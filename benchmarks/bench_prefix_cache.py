@@ -11,7 +11,11 @@ one engine with ``cpu_offload_gb`` (room for the document) and ``prefix_cache_di
        each as a fraction of the full prefill;
     4. with --parts 256k,1m: the same from disk for a ~1M-token document with an FP8 KV cache, if
        the folder's disk has room for its KV (checked first; otherwise skipped with the reason).
-       Dense 1M prefill took 376 s on the H200 (engine_1m_2026-11-29.json): run it alone.
+       Dense 1M prefill took 376 s on the H200 (engine_1m_2026-11-29.json): run it alone, and where
+       one command may not run that long, in two: ``--stage write`` (the full prefill, the files
+       written under --dir, the row saved there as stage_write.json) then ``--stage read`` (a new
+       process: the follow-up from disk). The document is drawn from a seeded generator, so both
+       processes make the same tokens.
 
 CPU (``--device cpu``): the bundled model through the CLI, each run a new process:
     qwen1m generate --prompt-file BOOK --question Q1 --prefix-cache-dir DIR   (prefills the book)
@@ -22,6 +26,8 @@ only at an equal YaRN factor, so Q1 and Q2 are picked to give prompts of equal t
 
     PYTHONPATH=src python benchmarks/bench_prefix_cache.py                       # H200, < 8 min
     PYTHONPATH=src python benchmarks/bench_prefix_cache.py --parts 1m            # the 1M FP8 part alone
+    PYTHONPATH=src python benchmarks/bench_prefix_cache.py --parts 1m --dir D --stage write   # then:
+    PYTHONPATH=src python benchmarks/bench_prefix_cache.py --parts 1m --dir D --stage read
     PYTHONPATH=src python benchmarks/bench_prefix_cache.py --device cpu --tokens 32768
 
 Prints the rows and saves JSON (``prefix_cache_tiers_<date>.json``) under $OUT or benchmarks/results/.
@@ -111,11 +117,28 @@ def _free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
-def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool) -> dict:
+def _document(tokens: int, question: int, vocab: int) -> tuple[list[int], list[list[int]]]:
+    """The document and four questions, the same in every process (a seeded generator)."""
+    g = torch.Generator().manual_seed(tokens)
+    doc = torch.randint(0, vocab, (tokens,), generator=g).tolist()
+    return doc, [torch.randint(0, vocab, (question,), generator=g).tolist() for _ in range(4)]
+
+
+def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool, stage: str = "both") -> dict:
+    """stage: "both" (one process), "write" (the full prefill and the disk writes; the row is saved in
+    the folder) or "read" (the follow-up from disk in this new process, completing that row)."""
+    import json
+
     from qwen1m.config import load_model_config
 
     cfg = load_model_config(CONFIG)
     kv_gb = _kv_gb(cfg, tokens, fp8)
+    host_gb = 1.05 * kv_gb + 0.5
+    saved = folder / "stage_write.json"
+    if stage == "read":
+        row = json.loads(saved.read_text())
+        doc, qs = _document(tokens, question, cfg.vocab_size)
+        return _disk_followup(row, tokens, folder, host_gb, fp8, doc, qs, warm_up=True)
     row: dict = {"document_tokens": tokens, "question_tokens": question, "kv_cache_dtype": "fp8" if fp8 else "bf16",
                  "document_kv_gib": kv_gb}
     free_gb = shutil.disk_usage(folder).free / 2**30
@@ -123,14 +146,12 @@ def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool
         row["skipped"] = f"the disk under {folder} has {free_gb:.1f} GiB free; the document's KV needs {kv_gb:.1f} GiB"
         print(row["skipped"], flush=True)
         return row
-    host_gb = 1.05 * kv_gb + 0.5
     t0 = time.perf_counter()
     llm = _make_llm(tokens, folder, host_gb, fp8)
     row["startup_s"] = time.perf_counter() - t0
     vocab = llm.config.vocab_size
     llm.generate([torch.randint(0, vocab, (8192,)).tolist()], SamplingParams(max_tokens=2, ignore_eos=True))
-    doc = torch.randint(0, vocab, (tokens,)).tolist()
-    qs = [torch.randint(0, vocab, (question,)).tolist() for _ in range(4)]
+    doc, qs = _document(tokens, question, vocab)
     row["full_prefill_ttft_s"], _ = _ttft(llm, doc + qs[0])
     print(f"{tokens:,} tokens: full prefill {row['full_prefill_ttft_s']:.2f} s", flush=True)
     disk = llm.engine.kv.tiers.disk
@@ -151,8 +172,25 @@ def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool
     llm.engine.kv.tiers.flush()
     del llm, disk
     _free_gpu()
+    if stage == "write":
+        saved.write_text(json.dumps(row))
+        print(f"  written: {row['disk_written_gib']:.1f} GiB in {row['disk_write_s']:.1f} s; row saved in {saved}")
+        return row
+    return _disk_followup(row, tokens, folder, host_gb, fp8, doc, qs)
+
+
+def _disk_followup(row: dict, tokens: int, folder: Path, host_gb: float, fp8: bool, doc, qs,
+                   warm_up: bool = False) -> dict:
+    """The follow-up from disk in a fresh LLM (a restart), the page cache dropped first. warm_up: this
+    is a new process, so compile the kernels on an unrelated short prompt first, as the one-process
+    run had done before its fresh LLM (its kernels were compiled already)."""
     row["page_cache_dropped"] = _drop_page_cache(folder)
     fresh = _make_llm(tokens, folder, host_gb, fp8)  # a restart: nothing in GPU or host memory
+    if warm_up:
+        g = torch.Generator().manual_seed(-1)
+        fresh.generate([torch.randint(0, fresh.config.vocab_size, (8192,), generator=g).tolist()],
+                       SamplingParams(max_tokens=2, ignore_eos=True))
+        row["page_cache_dropped"] = _drop_page_cache(folder)  # the warm-up read no document block
     row["disk_followup_s"], row["disk_followup_cached"] = _ttft(fresh, doc + qs[3])
     row["disk_hit_tokens"] = fresh.engine.kv.stats().hit_tokens["disk"]
     fresh.engine.kv.tiers.flush()
@@ -165,7 +203,7 @@ def gpu_part(tokens: int, question: int, folder: Path, fp8: bool, full_run: bool
             row[f"{tier}_followup_fraction"] = s / full
             print(f"  follow-up from {tier}: {s:.3f} s = {s / full:.4f} of the full prefill "
                   f"({cached:,} tokens reused)", flush=True)
-    if full_run:
+    if "decode_step_ms_writer_idle" in row:
         print(f"  decode step {row['decode_step_ms_writer_idle']:.2f} ms with the writer idle, "
               f"{row['decode_step_ms_write_in_flight']:.2f} ms with {row['disk_written_gib']:.1f} GiB being written "
               f"(the writes took {row['disk_write_s']:.1f} s)", flush=True)
@@ -233,9 +271,15 @@ def main() -> None:
     ap.add_argument("--parts", default="256k", help="GPU parts, comma separated: 256k (bf16, all tiers), "
                     "1m (FP8, from disk)")
     ap.add_argument("--dir", default=None, help="prefix cache folder (default: a temporary folder, removed after)")
+    ap.add_argument("--config", default=None,
+                    help="model config folder (dummy weights; default: Qwen2.5-7B-Instruct-1M)")
+    ap.add_argument("--stage", default="both", choices=["both", "write", "read"],
+                    help="the 1m part in two processes: write (full prefill, files under --dir), then read")
     ap.add_argument("--read-threads", type=int, default=None,
                     help="disk block reads in parallel (default: the engine's kv_tiers.READ_THREADS)")
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = Path(args.config) if args.config else CONFIG
     import qwen1m.cache.kv_tiers as kv_tiers
 
     if args.read_threads:
@@ -252,8 +296,11 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             if part == "256k":
                 rows.append(gpu_part(args.tokens or 262144, args.question, folder, fp8=False, full_run=True))
-            elif part == "1m":
-                rows.append(gpu_part(1_000_000, args.question, folder, fp8=True, full_run=False))
+            elif part == "1m":  # --tokens, if given, replaces 1M (a small check of the two stages)
+                if args.stage != "both" and not args.dir:
+                    raise SystemExit("--stage write / read needs --dir (the files outlive the process)")
+                rows.append(gpu_part(args.tokens or 1_000_000, args.question, folder, fp8=True, full_run=False,
+                                     stage=args.stage))
             else:
                 raise SystemExit(f"--parts: unknown part {part!r} (256k, 1m)")
             save("prefix_cache_tiers", {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16), DCA on",

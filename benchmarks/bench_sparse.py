@@ -306,6 +306,13 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
             q, k, v, index, softmax_scale=scale, causal=True, out=out, lse=lse))
         row["sparse_tflops_eff"] = flops_per_pair * pairs / row["sparse_ms"] / 1e9
         row["dense_tflops"] = flops_per_pair * dense_pairs / dense_ms / 1e9
+        # the rate per computed pair against our dense kernel's and cuDNN's (issue target: >= 0.8x ours)
+        row["pair_rate_vs_dense"] = row["sparse_tflops_eff"] / row["dense_tflops"]
+        if cudnn_ms:
+            row["pair_rate_vs_cudnn"] = row["sparse_tflops_eff"] / (flops_per_pair * dense_pairs / cudnn_ms / 1e9)
+        # the same kernel with every tile masked (before clear tiles ran unmasked), in the same run
+        row["sparse_ms_all_masked"] = ms(lambda index=index: vertical_slash_attention(
+            q, k, v, index, softmax_scale=scale, causal=True, out=out, lse=lse, config={"split_masks": False}))
         row["speedup_vs_dense"] = dense_ms / row["sparse_ms"]
         # the Triton builder is the one used on CUDA (sparse_prefill._region_index)
         row["speedup_vs_dense_incl_index"] = dense_ms / (row["sparse_ms"] + row["index_triton_ms"])
@@ -317,7 +324,7 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
 
 
 SWEEP = [dict(num_warps=w, num_stages=st, heads_first=hf) for hf in (False, True)
-         for w, st in ((4, 3), (4, 2), (4, 4), (8, 2), (8, 3))]
+         for w, st in ((4, 3), (4, 2), (4, 4), (8, 2), (8, 3))] + [dict(split_masks=False)]
 
 
 def sweep(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, device, ms, g, configs) -> list[dict]:
@@ -410,14 +417,16 @@ def main() -> None:
           f"FLOPs = {FLOP_FORMULA}")
     print(f"{'N':>8} {'budgets':>8} {'slashes':>10} {'density':>8} {'tiles':>7} {'idx torch':>9} {'idx triton':>10} "
           f"{'sparse ms':>10} {'dense ms':>9} "
-          f"{'cudnn ms':>9} {'x dense':>8} {'x incl idx':>10} {'eff TF/s':>9} {'dense TF/s':>10}")
+          f"{'cudnn ms':>9} {'x dense':>8} {'x incl idx':>10} {'eff TF/s':>9} {'dense TF/s':>10} {'rate':>5} "
+          f"{'masked ms':>9}")
     for r in res["rows"]:
         cudnn = f"{r['sdpa_cudnn_ms']:9.2f}" if r["sdpa_cudnn_ms"] is not None else f"{'n/a':>9}"
         print(f"{r['N']:>8} {r['budgets']:>8} {r['slash_dist']:>10} {r['density']:8.4f} {r['tile_density']:7.4f} "
               f"{r['index_ms']:9.2f} "
               f"{r['index_triton_ms']:10.3f} "
               f"{r['sparse_ms']:10.2f} {r['dense_ms']:9.2f} {cudnn} {r['speedup_vs_dense']:8.2f} "
-              f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f}")
+              f"{r['speedup_vs_dense_incl_index']:10.2f} {r['sparse_tflops_eff']:9.1f} {r['dense_tflops']:10.1f} "
+              f"{r['pair_rate_vs_dense']:5.2f} {r['sparse_ms_all_masked']:9.2f}")
     for r in res.get("sweep", []):
         print(f"sweep N={r['N']} warps {r['num_warps']} stages {r['num_stages']} heads_first {r['heads_first']!s:5}: "
               + (f"{r['ms']:.2f} ms, {r['tflops_eff']:.1f} TFLOP/s, same result {r['same_result']}" if "ms" in r

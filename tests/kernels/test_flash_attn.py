@@ -168,3 +168,42 @@ def test_get_attend_fn_gpu(num_q, num_kv, causal):
     out, lse = fn(q, k, v, softmax_scale=128**-0.5, causal=causal)
     assert out.shape == q.shape and lse.shape == (28, num_q) and lse.dtype == torch.float32
     _gpu_window_check(out, lse, q, k, v, softmax_scale=128**-0.5, causal=causal, rows=min(32, num_q))
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_problems_kernel_attends_the_dense_problems_and_leaves_the_others(dtype):
+    """flash_attn_problems (the sparse step's dense regions): each problem marked dense writes its rows
+    of its output slot as flash_attn over its key range would (causal bottom-right or not, query rows
+    past the keys, a range with no keys); rows of problems not marked dense stay as they were."""
+    from qwen1m.kernels.flash_attn import flash_attn_problems
+
+    num_tokens, num_heads, num_kv_heads, head_dim, total_keys = 45, 4, 2, 32, 130
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, num_tokens, num_heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(total_keys, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(total_keys, num_kv_heads, head_dim, generator=g).to(dtype)
+    # (q slot, first row, first key, num_q, num_kv, causal, dense, out slot)
+    table = [
+        (0, 0, 0, 20, 70, 1, 1, 0),  # causal, keys past the queries
+        (1, 0, 70, 20, 33, 0, 1, 1),  # non-causal, another q slot and key range
+        (0, 20, 100, 25, 9, 1, 1, 0),  # causal with more queries than keys: early rows see nothing
+        (1, 20, 0, 25, 0, 0, 1, 1),  # no keys at all
+        (0, 0, 5, 45, 50, 1, 0, 2),  # not dense: untouched
+    ]
+    out = torch.full((3, num_tokens, num_heads, head_dim), float("nan"), dtype=dtype)
+    lse = torch.full((3, num_heads, num_tokens), float("nan"))
+    flash_attn_problems(q, k, v, torch.tensor(table, dtype=torch.int32), out, lse, softmax_scale=0.2,
+                        max_num_q=max(row[3] for row in table), config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                                                            num_stages=1))
+    for q_slot, row0, key0, num_q, num_kv, causal, dense, out_slot in table:
+        rows = slice(row0, row0 + num_q)
+        if not dense:
+            assert out[out_slot, rows].isnan().all() and lse[out_slot, :, rows].isnan().all()
+            continue
+        got_out, got_lse = out[out_slot, rows], lse[out_slot, :, rows]
+        if num_kv == 0:
+            assert (got_out == 0).all() and torch.isneginf(got_lse).all()
+            continue
+        check_against_reference(got_out, got_lse, q[q_slot, rows], k[key0:key0 + num_kv], v[key0:key0 + num_kv],
+                                softmax_scale=0.2, causal=bool(causal))

@@ -172,6 +172,45 @@ def test_columns_only_equals_dense():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def tile_kinds(index, num_q: int, num_kv: int, causal: bool) -> dict[str, int]:
+    """Listed tiles by kind, counted in Python the way the kernel splits them: dense blocks and whole
+    groups of block_n columns that every row of their query block sees in full ("clear") or not."""
+    bm, bn = index.block_m, index.block_n
+    kinds = dict.fromkeys(("clear_blocks", "masked_blocks", "clear_columns", "masked_columns"), 0)
+    for h in range(index.num_heads):
+        for b in range(-(-num_q // bm)):
+            end = min(num_kv, b * bm + num_kv - num_q + 1) if causal else num_kv
+            offsets = index.block_offset[h, b, : index.block_count[h, b]].tolist()
+            cols = index.column_index[h, b, : index.column_count[h, b]].tolist()
+            n_clear = sum(o + bn <= end for o in offsets)
+            clear_groups = sum(c < end for c in cols) // bn
+            kinds["clear_blocks"] += n_clear
+            kinds["masked_blocks"] += len(offsets) - n_clear
+            kinds["clear_columns"] += clear_groups
+            kinds["masked_columns"] += -(-len(cols) // bn) - clear_groups
+    return kinds
+
+
+@cpu_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_clear_tiles_run_unmasked_with_the_same_result(causal):
+    """Tiles every row sees run without masks; masking every tile (split_masks=False, the kernel
+    before the split) gives the same bits, and both are the reference. The case has clear and
+    masked tiles of both sorts (blocks and column groups), so every path runs."""
+    from qwen1m.kernels.sparse_attn import vertical_slash_attention
+
+    num_q, num_kv = 37, 300
+    q, k, v = make_inputs(num_q, num_kv, 4, 2, 32, torch.float32, True, seed=11)
+    index = make_index(4, 100, 4, num_q, num_kv, causal=causal, block_m=16, block_n=16, seed=12)
+    kinds = tile_kinds(index, num_q, num_kv, causal)
+    assert all(kinds.values()), kinds
+    out, lse = run_kernel(q, k, v, index, softmax_scale=0.2, causal=causal)
+    check_against_reference(out, lse, q, k, v, index, softmax_scale=0.2, causal=causal)
+    out2, lse2 = vertical_slash_attention(q, k, v, index, softmax_scale=0.2, causal=causal,
+                                          config={"split_masks": False})
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
 @cpu_only
 def test_rejects_mismatched_index():
     from qwen1m.kernels.sparse_attn import vertical_slash_attention

@@ -12,10 +12,12 @@ every (piece, region) *problem* of the step at once:
     2. re-base for every problem in one set of tensor ops (``_rebase``);
     3. one index launch for all problems (``build_vertical_slash_index_batched``);
     4. the dense decision on the device: a problem whose index lists more than
-       ``cfg.dense_above_density`` of its visible pairs gets dense = 1 in the problem table, and the
-       attention kernel then reads every visible key of its range (exact attention) instead of the index;
-    5. one attention launch for all problems (``vertical_slash_attention_batched``), each writing its
-       rows of a per-region output slot (intra 0, succ 1, inter 2), and one LSE merge of the slots.
+       ``cfg.dense_above_density`` of its visible pairs gets dense = 1 in the problem table;
+    5. one sparse attention launch for the problems with dense = 0 (``vertical_slash_attention_batched``)
+       and two dense launches (causal, non-causal) for those with dense = 1 (``flash_attn_problems``:
+       every visible key, exact, at the dense kernel's rate and with its packed GQA; the programs of the
+       other problems return at once), each writing its rows of a per-region output slot (intra 0,
+       succ 1, inter 2), and one LSE merge of the slots.
 
 Problem tables (sizes, piece of each problem, fallback columns) are built on the host from shapes
 and copied once, asynchronously, from pinned memory. Density telemetry stays on the device
@@ -142,7 +144,7 @@ def sparse_prefill_batched(
     """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
 
     dense_regions: whether regions above ``cfg.dense_above_density`` run dense (the caller had an
-    ``attend_fn``); here they run in the same launch, through the kernel's dense mode.
+    ``attend_fn``); here they run through ``flash_attn_problems``, decided on the device.
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
     kernels: the backend's kernel choice, for the estimate's Triton sums (None: a fresh one).
     """
@@ -219,6 +221,7 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_s
     and the attention problem table; slots: (q_all, out_all, lse_all), out_all / lse_all written in
     place. Returns the computed pairs (a 0-dim device tensor) if with_stats, else None.
     """
+    from qwen1m.kernels.flash_attn import flash_attn_problems
     from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
     from qwen1m.kernels.vs_index import build_vertical_slash_index_batched
     from qwen1m.transfer import host_to_device
@@ -235,6 +238,9 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_s
         prob = prob.clone()
         prob[:, 6] = dense
     vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale)
+    if dense_on:
+        flash_attn_problems(q_all, k, v, prob, out_all, lse_all, softmax_scale=softmax_scale,
+                            max_num_q=max(shape[0] for shape in shapes[group]))
     if not with_stats:
         return None
     full = torch.tensor([num_heads * _pairs(*shape) for shape in shapes[group]], dtype=torch.int64)

@@ -165,8 +165,8 @@ def sparse_prefill_attention(
       Triton kernels, so CUDA or TRITON_INTERPRET=1): None = on CUDA when the kernels take the shapes
       and ``kernels`` has it on; if it runs out of memory this call takes the per-region path (the next
       tries again), if it cannot be built (``kernel_choice``) ``kernels`` turns it off; True raises
-      either. Any other error propagates. There a dense region runs in the sparse kernel's dense mode
-      instead of ``attend_fn``.
+      either. Any other error propagates. There a dense region runs in ``flash_attn_problems`` (the
+      dense kernel, decided on the device) instead of ``attend_fn``.
     kernels: the calling backend's kernel choice (None: a fresh one, for this call only).
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """

@@ -83,9 +83,9 @@ def _attn_fwd_inner(
 
 
 @triton.jit
-def _flash_attn_fwd_kernel(
+def _attn_rows(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    num_q, num_kv, qk_scale,
+    pid_m, kv_head, num_q, num_kv, qk_scale,
     stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
@@ -94,12 +94,8 @@ def _flash_attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    if CAUSAL:  # heavy tiles first: the last tokens see the most keys
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-    kv_head = tl.program_id(1)
-
+    """One program's work: flattened rows [pid_m * BLOCK_M, +BLOCK_M) of kv head ``kv_head`` attend
+    keys [0, num_kv); q / out / lse point at query row 0, k / v at key 0 (one problem of either kernel)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened (token, head-in-group) rows
     tok = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -145,7 +141,7 @@ def _flash_attn_fwd_kernel(
     if CAUSAL:  # rows before the first key (num_q > num_kv) see nothing
         no_key = q_lim < 0
     else:
-        no_key = tok < 0  # all False: num_kv > 0 here
+        no_key = (tok < 0) | (num_kv <= 0)  # no keys at all (possible in the problem kernel's table)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     out = tl.where(no_key[:, None], 0.0, out)
@@ -154,6 +150,73 @@ def _flash_attn_fwd_kernel(
     out_ptrs = out_ptr + tok64[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :] * stride_od
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + head * stride_lh + tok64 * stride_lm, lse, mask=row_ok)
+
+
+@triton.jit
+def _flash_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    num_q, num_kv, qk_scale,
+    stride_qm, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_om, stride_oh, stride_od,
+    stride_lh, stride_lm,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    if CAUSAL:  # heavy tiles first: the last tokens see the most keys
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    _attn_rows(
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pid_m, tl.program_id(1), num_q, num_kv, qk_scale,
+        stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+        stride_om, stride_oh, stride_od, stride_lh, stride_lm,
+        GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+    )
+
+
+# the problem table and the per-step sizes change with every prefill step: not specialised on
+@triton.jit(do_not_specialize=["num_m_blocks", "stride_qs", "stride_os", "stride_ls"])
+def _flash_attn_problems_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, prob_ptr,
+    num_m_blocks, qk_scale,
+    stride_qs, stride_qm, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_os, stride_om, stride_oh, stride_od,
+    stride_ls, stride_lh, stride_lm,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # grid (row blocks, kv heads, problems); a problem is a row of the sparse kernel's table (q slot,
+    # first query row, first key, num_q, num_kv, causal, dense, out slot: kernels/sparse_attn.py).
+    # Only problems marked dense whose causal flag is CAUSAL run here; the programs of the others
+    # return at once, so the decision (made on the device) needs no host sync.
+    prob = prob_ptr + tl.program_id(2) * 8
+    num_q = tl.load(prob + 3)
+    is_causal = tl.load(prob + 5) != 0
+    mine = tl.load(prob + 6) != 0
+    if CAUSAL:
+        mine = mine & is_causal
+    else:
+        mine = mine & (is_causal == 0)
+    pid_m = num_m_blocks - 1 - tl.program_id(0)  # heavy tiles first when causal
+    if mine & (pid_m * BLOCK_M < num_q * GROUP):
+        q_row0 = tl.load(prob + 1).to(tl.int64)
+        key_begin = tl.load(prob + 2).to(tl.int64)
+        q_base = q_ptr + tl.load(prob).to(tl.int64) * stride_qs + q_row0 * stride_qm
+        out_slot = tl.load(prob + 7).to(tl.int64)
+        _attn_rows(
+            q_base, k_ptr + key_begin * stride_kn, v_ptr + key_begin * stride_vn,
+            out_ptr + out_slot * stride_os + q_row0 * stride_om, lse_ptr + out_slot * stride_ls + q_row0 * stride_lm,
+            pid_m, tl.program_id(1), num_q, tl.load(prob + 4), qk_scale,
+            stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
+            stride_om, stride_oh, stride_od, stride_lh, stride_lm,
+            GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+        )
 
 
 def _default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
@@ -279,4 +342,54 @@ def flash_attn(
     )
 
 
-__all__ = ["flash_attn", "flash_attn_with_config"]
+def flash_attn_problems(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    problems: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    softmax_scale: float,
+    max_num_q: int,
+    config: dict[str, int] | None = None,
+) -> None:
+    """The problems of a sparse step's table that are marked dense, attended densely, in place.
+
+    The sparse path decides on the device which (piece, DCA region) problems are dense enough to be
+    faster with every key (``attention/sparse_batched.py``). Those run here, at this kernel's rate and
+    with its packed GQA, and the sparse kernel skips them: two launches (causal, non-causal), no host
+    sync. q: [num_slots, num_tokens, num_heads, head_dim]; k, v: [total_keys, num_kv_heads, head_dim];
+    problems: int32 [P, 8] as ``kernels.sparse_attn.vertical_slash_attention_batched`` takes it; out
+    [num_out_slots, num_tokens, num_heads, head_dim], lse [num_out_slots, num_heads, num_tokens];
+    max_num_q: the largest num_q of the table (host int: the grid). Rows of other problems are left
+    as they were.
+    """
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    num_kv_heads = k.shape[1]
+    if q.dim() != 4 or num_heads % num_kv_heads or k.shape[2] != head_dim or v.shape != k.shape:
+        raise ValueError(f"flash_attn_problems: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not match.")
+    if not problems.shape[0] or max_num_q <= 0:
+        return
+    group = num_heads // num_kv_heads
+    config = config or _default_config(head_dim, q.dtype, q.device)
+    block_m = config["BLOCK_M"]
+    num_m_blocks = triton.cdiv(max_num_q * group, block_m)
+    grid = (num_m_blocks, num_kv_heads, problems.shape[0])
+    for causal in (True, False):
+        _flash_attn_problems_kernel[grid](
+            q, k, v, out, lse, problems, num_m_blocks, softmax_scale * _LOG2E,
+            stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
+            stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
+            stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
+            stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
+            stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+            GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+
+
+__all__ = ["flash_attn", "flash_attn_problems", "flash_attn_with_config"]

@@ -10,10 +10,12 @@ consecutive keys each, at arbitrary, not BLOCK_N-aligned, starts), then over its
 kernel the query heads of one kv group cannot share K/V tiles; GQA is a head -> kv head mapping in the
 pointer arithmetic (K/V are read in place, any strides, never copied per query head).
 
-Masks. Every tile is masked: key < num_kv (the last block of a group may run past it, and padded
-column slots) and, when causal, key <= i + num_kv - num_q (bottom-right). Masked scores are -inf and
-the running max is made safe (0 when still -inf), so a row that reads no key at all ends with
-l_i == 0 and is written as out = 0, lse = -inf. Softmax in base 2 (scores scaled by
+Masks. A tile near the causal diagonal or past the keys is masked: key < num_kv (the last block of a
+group may run past it, and padded column slots) and, when causal, key <= i + num_kv - num_q
+(bottom-right). Tiles whose keys every row of the block sees ("clear": all of them below the first
+row's limit) run without masks; offsets and columns ascend, so they are a prefix, found by binary
+search. Masked scores are -inf and the running max is made safe (0 when still -inf), so a row
+that reads no key at all ends with l_i == 0 and is written as out = 0, lse = -inf. Softmax in base 2 (scores scaled by
 softmax_scale * log2(e)), LSE converted back to natural log.
 """
 
@@ -38,33 +40,63 @@ _MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16 on the GPU
 def _attend_keys(
     acc, l_i, m_i, q, keys, key_ok, q_lim,
     k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One online-softmax step over the BLOCK_N keys ``keys`` (any indices; ``key_ok`` = real keys)."""
+    """One online-softmax step over the BLOCK_N keys ``keys`` (any indices; ``key_ok`` = real keys).
+
+    MASKED=False: the caller guarantees every key is real and visible to every row of the block (a
+    "clear" tile), so no mask is built or applied and the loads are unpredicated; ``key_ok`` and
+    ``q_lim`` are then unused. The running max stays finite after a clear tile, so no -inf guard.
+    """
     offs_d = tl.arange(0, HEAD_DIM)
     keys64 = keys.to(tl.int64)
     # K read transposed [HEAD_DIM, BLOCK_N], V as [BLOCK_N, HEAD_DIM]: 2 * BLOCK_N * HEAD_DIM elements
-    k = tl.load(k_head_ptr + keys64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=key_ok[None, :], other=0.0)
+    k_ptrs = k_head_ptr + keys64[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     if UPCAST_DOT:
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    visible = key_ok[None, :] & (keys[None, :] <= q_lim[:, None])  # q_lim >= num_kv when not causal
-    qk = tl.where(visible, qk * qk_scale, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no visible key yet: p = alpha = 0
+    if MASKED:
+        visible = key_ok[None, :] & (keys[None, :] <= q_lim[:, None])  # q_lim >= num_kv when not causal
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no visible key yet: p = alpha = 0
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale
+        m_safe = m_ij
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(v_head_ptr + keys64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_ok[:, None], other=0.0)
+    v_ptrs = v_head_ptr + keys64[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     if UPCAST_DOT:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def _count_at_most(ptr, stride, n, bound):
+    """How many of the n ascending int32 values ptr[0], ptr[stride], ... are <= bound (binary search:
+    ~log2(n) scalar loads, against n tile loads it saves the masks of)."""
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(ptr + mid * stride) <= bound
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
 
 
 # index widths, query counts (strides of out / lse / q slots) change with every step: not specialised on
@@ -86,14 +118,15 @@ def _sparse_attn_fwd_kernel(
     stride_cip, stride_cih, stride_cim, stride_cic,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # grid (query blocks, heads, problems), or (heads, query blocks, problems) with HEADS_FIRST: the
     # heads of one query block then run side by side, and a kv group's query heads read overlapping
     # K / V from L2. A problem (``prob_ptr``, int32 [P, PROB_FIELDS]) is one query range attending one
     # key range: query copy (slot of q), first query row, first key, num_q, num_kv, causal, dense, and
     # the output slot (of out / lse) it writes rows q_row0 ... of. Sizes are read at run time: a new
-    # region length compiles nothing. dense = 1: every visible key block of the range, no index.
+    # region length compiles nothing. dense = 1: the problem is skipped (``flash_attn_problems``
+    # attends it with every key, at the dense kernel's rate).
     AXIS_M: tl.constexpr = 1 if HEADS_FIRST else 0
     problem = tl.program_id(2)
     prob = prob_ptr + problem * 8
@@ -103,11 +136,11 @@ def _sparse_attn_fwd_kernel(
     num_q = tl.load(prob + 3)
     num_kv = tl.load(prob + 4)
     causal = tl.load(prob + 5) != 0
-    dense = tl.load(prob + 6)  # int: 0 sparse, 1 dense
+    dense = tl.load(prob + 6)  # int: 0 sparse, 1 dense (skipped here)
     out_slot = tl.load(prob + 7)
     # late query blocks read the most keys when causal (more visible columns): launch them first
     pid_m = num_m_blocks - 1 - tl.program_id(AXIS_M)
-    if pid_m * BLOCK_M < num_q:
+    if (pid_m * BLOCK_M < num_q) & (dense == 0):
         head = tl.program_id(1 - AXIS_M)
         kv_head = head // GROUP
 
@@ -130,34 +163,57 @@ def _sparse_attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        # dense key blocks: BLOCK_N consecutive keys from each offset (dense problems: all of them)
+        # Keys [0, clear_end) are visible to every row of the block (causal: the first row's limit).
+        # Offsets and columns ascend, so the "clear" tiles, wholly inside it, come first: they run
+        # without masks (MASKED=False), and only the tiles near the diagonal or past num_kv pay for
+        # them (as the dense kernel's causal split does). SPLIT=False masks every tile (A/B in benchmarks).
+        if SPLIT:
+            clear_end = tl.where(causal, tl.minimum(num_kv, pid_m * BLOCK_M + (num_kv - num_q) + 1), num_kv)
+        else:
+            clear_end = num_kv * 0 - BLOCK_N  # no tile is clear
+
+        # dense key blocks: BLOCK_N consecutive keys from each offset
         problem64 = problem.to(tl.int64)
-        n_listed = tl.load(block_count_ptr + problem64 * stride_bcp + head * stride_bch + pid_m * stride_bcm)
-        last_key = tl.minimum(num_kv, tl.max(tl.where(row_ok, q_lim, 0)) + 1)  # the block sees [0, last_key)
-        n_blocks = tl.where(dense != 0, tl.cdiv(last_key, BLOCK_N), n_listed)
+        n_blocks = tl.load(block_count_ptr + problem64 * stride_bcp + head * stride_bch + pid_m * stride_bcm)
         offset_ptr = (block_offset_ptr + problem64 * stride_bop + head.to(tl.int64) * stride_boh
                       + pid_m.to(tl.int64) * stride_bom)
-        for t in range(0, n_blocks):
-            start_n = tl.load(offset_ptr + t * stride_bob, mask=dense == 0, other=0) + dense * t * BLOCK_N
+        n_clear = _count_at_most(offset_ptr, stride_bob, n_blocks, clear_end - BLOCK_N)
+        for t in range(0, n_clear):
+            start_n = tl.load(offset_ptr + t * stride_bob)
+            acc, l_i, m_i = _attend_keys(
+                acc, l_i, m_i, q, start_n + offs_n, offs_n < BLOCK_N, q_lim,
+                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=False,
+            )
+        for t in range(n_clear, n_blocks):
+            start_n = tl.load(offset_ptr + t * stride_bob)
             keys = start_n + offs_n
             acc, l_i, m_i = _attend_keys(
                 acc, l_i, m_i, q, keys, keys < num_kv, q_lim,
                 k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=True,
             )
 
         # single columns, gathered BLOCK_N at a time; padding slots are masked
         n_cols = tl.load(column_count_ptr + problem64 * stride_ccp + head * stride_cch + pid_m * stride_ccm)
-        n_cols = tl.where(dense != 0, 0, n_cols)
         column_ptr = (column_index_ptr + problem64 * stride_cip + head.to(tl.int64) * stride_cih
                       + pid_m.to(tl.int64) * stride_cim)
-        for start_c in range(0, n_cols, BLOCK_N):
+        # whole groups of BLOCK_N clear columns (real slots, every column < clear_end) run unmasked
+        clear_cols = (_count_at_most(column_ptr, stride_cic, n_cols, clear_end - 1) // BLOCK_N) * BLOCK_N
+        for start_c in range(0, clear_cols, BLOCK_N):
+            keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic)
+            acc, l_i, m_i = _attend_keys(
+                acc, l_i, m_i, q, keys, offs_n < BLOCK_N, q_lim,
+                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=False,
+            )
+        for start_c in range(clear_cols, n_cols, BLOCK_N):
             slot_ok = (start_c + offs_n) < n_cols
             keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic, mask=slot_ok, other=0)
             acc, l_i, m_i = _attend_keys(
                 acc, l_i, m_i, q, keys, slot_ok, q_lim,
                 k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=True,
             )
 
         no_key = l_i == 0.0  # every read key has p = 1 at the running max, so l_i >= 1 otherwise
@@ -241,8 +297,9 @@ def vertical_slash_attention(
     the same num_q, num_kv, num_heads and causal, block_m / block_n powers of two >= 16.
     Returns out [num_q, num_heads, head_dim] in q's dtype and lse [num_heads, num_q] float32 (natural
     log); rows that read no key get out = 0, lse = -inf. out / lse, if given, are written in place.
-    config: num_warps / num_stages / heads_first (grid order) overriding ``_launch_config`` (for
-    benchmarks/bench_sparse.py --sweep; the result does not depend on it).
+    config: num_warps / num_stages / heads_first (grid order) / split_masks (False: mask every tile,
+    the kernel before clear tiles ran unmasked) overriding ``_launch_config`` (for
+    benchmarks/bench_sparse.py --sweep; the result does not depend on it beyond float rounding).
     """
     _check_inputs(q, k, v, index, causal)
     num_q, num_heads, head_dim = q.shape
@@ -287,9 +344,10 @@ def vertical_slash_attention_batched(
     k, v: [total_keys, num_kv_heads, head_dim]; index: problem p's index in slot p;
     problems: int32 [P, PROB_FIELDS] on q's device, per problem (q slot, first query row, first key,
     num_q, num_kv, causal, dense, out slot): rows [row0, row0 + num_q) of q[q slot] attend keys
-    [first key, first key + num_kv) as ``vertical_slash_attention`` does with index.problem(p), or
-    densely (every visible key) when dense = 1; they write the same rows of out[out slot]
+    [first key, first key + num_kv) as ``vertical_slash_attention`` does with index.problem(p) and
+    write the same rows of out[out slot]
     ([num_out_slots, num_tokens, num_heads, head_dim]) and lse[out slot] ([.., num_heads, num_tokens]).
+    Problems with dense = 1 are skipped: ``kernels.flash_attn.flash_attn_problems`` attends them.
     Rows that no problem writes are left as they were. No host synchronisation.
     """
     if q.dim() != 4 or q.shape[2] % k.shape[1] or index.block_count.shape[1] != q.shape[2]:
@@ -308,8 +366,10 @@ def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, co
     """One launch over (query blocks, heads, problems); q / out [slots, tokens, heads, dim], lse
     [slots, heads, tokens], index tensors [problems, heads, m blocks, ...]."""
     num_heads, head_dim = q.shape[2], q.shape[3]
-    launch = {"heads_first": False, **_launch_config(head_dim, q.dtype, q.device), **(config or {})}
+    launch = {"heads_first": False, "split_masks": True, **_launch_config(head_dim, q.dtype, q.device),
+              **(config or {})}
     heads_first = bool(launch.pop("heads_first"))
+    split = bool(launch.pop("split_masks"))
     num_problems = prob.shape[0]
     grid = (num_heads, num_m_blocks, num_problems) if heads_first else (num_m_blocks, num_heads, num_problems)
     _sparse_attn_fwd_kernel[grid](
@@ -332,7 +392,7 @@ def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, co
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py)
         UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        HEADS_FIRST=heads_first, **launch,
+        HEADS_FIRST=heads_first, SPLIT=split, **launch,
     )
 
 
