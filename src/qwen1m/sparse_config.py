@@ -40,6 +40,12 @@ class SparseConfig:
     # 128K prompt with the 7B budgets lists ~86%. 1.0 keeps every region sparse (the method alone).
     # Under tensor parallelism each rank decides from its own heads.
     dense_above_density: float = 0.6
+    # A layer whose regions all went dense in a prefill step skips the sparse path (estimate, index)
+    # in the next steps of that prompt and runs dense DCA (cuDNN on CUDA), until its keys have grown
+    # past this factor of the keys it was measured at; then it measures again. Budgets are fixed, so
+    # density falls as keys grow: the hint errs toward dense (exact, never slower than dense).
+    # 0 measures every step (``attention/dense_hint.py``).
+    dense_hint_growth: float = 4.0
 
     def __post_init__(self) -> None:
         for name in ("threshold", "last_q", "block_size"):
@@ -48,6 +54,9 @@ class SparseConfig:
         if not 0.0 < self.dense_above_density <= 1.0:
             raise ConfigError("sparse config field 'dense_above_density' must be in (0, 1] (1 keeps every "
                               f"region sparse), got {self.dense_above_density}.")
+        if self.dense_hint_growth != 0 and self.dense_hint_growth < 1:
+            raise ConfigError("sparse config field 'dense_hint_growth' must be 0 (off) or >= 1, got "
+                              f"{self.dense_hint_growth}.")
         for name in ("sink_tokens", "local_diagonals", "empty_region_columns"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"sparse config field '{name}' must be >= 0, got {getattr(self, name)}.")

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from qwen1m.attention.dense_hint import DenseHints
 from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.metadata import AttentionMetadata, DecodeInputs, SequenceSlice
 from qwen1m.cache.paged_kv import write_slots
@@ -65,6 +66,7 @@ class AttentionBackend:
         self.telemetry = telemetry
         self.probe = probe
         self._attend_fns: dict[torch.device, object] = {}
+        self._dense_hints: tuple[SparseConfig, DenseHints] | None = None  # for the config they were made under
 
     def key_scale(self, prompt_len: int) -> float:
         """The factor a prompt's keys are written with in prefill (prefix caching compares it): 1
@@ -77,6 +79,7 @@ class AttentionBackend:
                 and seq.num_total <= seq.prompt_len)
 
     def _sparse_attention(self, layer, queries, keys, values, seq, chunk_len, scale, dense_fn):
+        from qwen1m.attention.sparse_batched import causal_pairs
         from qwen1m.attention.sparse_prefill import get_sparse_fn, sparse_prefill_attention
 
         if self.probe is not None:
@@ -84,15 +87,35 @@ class AttentionBackend:
             self.probe.measure(layer, queries, keys, values, seq, chunk_len, scale, full_lse, self.kernels)
             return out
         device = keys.device
+        hints = self._hints()
+        recall = self.telemetry is not None and self.telemetry.measure_recall
+        if not recall and hints.all_dense(layer, seq):  # every region was dense a step ago (dense_hint)
+            out, lse = dense_fn(queries, keys, values)
+            if self.telemetry is not None:
+                pairs = causal_pairs(seq.num_cached, seq.num_total, chunk_len, queries["intra"].shape[1])
+                self.telemetry.record(layer, {"computed": pairs, "causal": pairs}, lse, queries, keys, values,
+                                      dense_fn)
+            return out
         v_sizes, s_sizes = self.sparse.budgets(layer)
         stats = {} if self.telemetry is not None else None
+        decisions: dict = {}
         out, lse = sparse_prefill_attention(
             queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
             vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.sparse, sparse_fn=get_sparse_fn(device),
-            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats, kernels=self.kernels)
+            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats, kernels=self.kernels,
+            decisions=decisions)
+        if "dense" in decisions:
+            hints.record(layer, seq, decisions["dense"])
         if self.telemetry is not None:
             self.telemetry.record(layer, stats, lse, queries, keys, values, dense_fn)
         return out
+
+    def _hints(self) -> DenseHints:
+        """The dense hints of the current sparse config (a new config, e.g. a benchmark's switch,
+        starts afresh)."""
+        if self._dense_hints is None or self._dense_hints[0] is not self.sparse:
+            self._dense_hints = (self.sparse, DenseHints(self.sparse.dense_hint_growth))
+        return self._dense_hints[1]
 
     def attend_fn(self, device: torch.device):
         if device not in self._attend_fns:

@@ -140,6 +140,7 @@ def sparse_prefill_batched(
     dense_regions: bool,
     stats: dict | None = None,
     kernels: KernelChoice | None = None,
+    decisions: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
 
@@ -147,6 +148,8 @@ def sparse_prefill_batched(
     ``attend_fn``); here they run through ``flash_attn_problems``, decided on the device.
     stats: receives "computed" (a 0-dim device tensor, added to what is there) and "causal" (int).
     kernels: the backend's kernel choice, for the estimate's Triton sums (None: a fresh one).
+    decisions: with dense regions on, receives "dense": int32 [P] on the device, 1 where problem p
+    (piece, region) ran dense (``dense_hint`` reads it a step later).
     """
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
     from qwen1m.kernels.vs_index import index_widths
@@ -196,30 +199,34 @@ def sparse_prefill_batched(
     shapes = [(pieces[p][1] - pieces[p][0], b - a, causal) for p, _, _, a, b, causal in problems]
     widths = [index_widths(nv, ns, q, kv, causal=c, block_m=bm, block_n=bn) for q, kv, c in shapes]
     dense_on = dense_regions and cfg.dense_above_density < 1.0
-    computed = []
+    computed, dense_flags = [], []
     for first, stop in _groups(shapes, widths, num_heads, bm):
         # 2.-5. the group's problems together; its temporaries are freed before the next group's
-        pairs = _attend_group(slice(first, stop), shapes, picks=(v_idx, s_idx), tables=(table, attn_table),
-                              slots=(q_all, out_all, lse_all), k=k, v=v, softmax_scale=softmax_scale, cfg=cfg,
-                              dense_on=dense_on, with_stats=stats is not None)
+        pairs, dense = _attend_group(slice(first, stop), shapes, picks=(v_idx, s_idx), tables=(table, attn_table),
+                                     slots=(q_all, out_all, lse_all), k=k, v=v, softmax_scale=softmax_scale,
+                                     cfg=cfg, dense_on=dense_on, with_stats=stats is not None)
         if pairs is not None:
             computed.append(pairs)
+        dense_flags.append(dense)
     out, lse = out_all[0], lse_all[0]
     if len(kinds) > 1:
         out, lse = merge_fn([(out_all[r], lse_all[r]) for r in range(len(kinds))])
     if stats is not None:  # last: a call that fails (e.g. out of memory) leaves stats as they were
         stats["computed"] = stats.get("computed", 0) + torch.stack(computed).sum()
         stats["causal"] = stats.get("causal", 0) + sum(num_heads * _pairs(*shape) for shape in shapes)
+    if decisions is not None and dense_on:
+        decisions["dense"] = torch.cat(dense_flags)
     return out, lse
 
 
 def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_scale: float, cfg: SparseConfig,
-                  dense_on: bool, with_stats: bool) -> torch.Tensor | None:
+                  dense_on: bool, with_stats: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Steps 2.-5. for the problems ``group``: re-base, index, dense decision, attention.
 
     picks: (v_idx, s_idx) of the pieces; tables: the problem table (``_rebase``'s, + fallback columns)
     and the attention problem table; slots: (q_all, out_all, lse_all), out_all / lse_all written in
-    place. Returns the computed pairs (a 0-dim device tensor) if with_stats, else None.
+    place. Returns (the computed pairs, a 0-dim device tensor, if with_stats, else None; the dense
+    flags of the group's problems, int32 on the device).
     """
     from qwen1m.kernels.flash_attn import flash_attn_problems
     from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
@@ -242,9 +249,16 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_s
         flash_attn_problems(q_all, k, v, prob, out_all, lse_all, softmax_scale=softmax_scale,
                             max_num_q=max(shape[0] for shape in shapes[group]))
     if not with_stats:
-        return None
+        return None, dense
     full = torch.tensor([num_heads * _pairs(*shape) for shape in shapes[group]], dtype=torch.int64)
-    return _computed_pairs(index, sizes, dense, host_to_device(full, prob.device))
+    return _computed_pairs(index, sizes, dense, host_to_device(full, prob.device)), dense
+
+
+def causal_pairs(begin: int, total: int, chunk_len: int | None, num_heads: int) -> int:
+    """Visible query-key pairs of a prefill step over every piece and region (telemetry of a step that
+    ran dense: its computed pairs)."""
+    pieces, problems = _problems(begin, total, chunk_len)
+    return sum(num_heads * _pairs(pieces[p][1] - pieces[p][0], b - a, c) for p, _, _, a, b, c in problems)
 
 
 def _pairs(num_q: int, num_kv: int, causal: bool) -> int:

@@ -151,6 +151,7 @@ def sparse_prefill_attention(
     stats: dict | None = None,
     batched: bool | None = None,
     kernels: KernelChoice | None = None,
+    decisions: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
 
@@ -168,6 +169,8 @@ def sparse_prefill_attention(
       either. Any other error propagates. There a dense region runs in ``flash_attn_problems`` (the
       dense kernel, decided on the device) instead of ``attend_fn``.
     kernels: the calling backend's kernel choice (None: a fresh one, for this call only).
+    decisions: the batched path's per-region dense decisions go here ("dense", see ``sparse_batched``);
+      the per-region path leaves it empty.
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
     from qwen1m.attention.sparse_batched import sparse_prefill_batched
@@ -182,7 +185,7 @@ def sparse_prefill_attention(
             return sparse_prefill_batched(
                 queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
                 vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
-                dense_regions=attend_fn is not None, stats=stats, kernels=kernels)
+                dense_regions=attend_fn is not None, stats=stats, kernels=kernels, decisions=decisions)
         except torch.OutOfMemoryError as e:
             if not auto:
                 raise
