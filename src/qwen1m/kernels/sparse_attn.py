@@ -87,16 +87,16 @@ def _attend_keys(
 
 @triton.jit
 def _count_at_most(ptr, stride, n, bound):
-    """How many of the n ascending int32 values ptr[0], ptr[stride], ... are <= bound (binary search:
-    ~log2(n) scalar loads, against n tile loads it saves the masks of)."""
-    lo = n * 0
-    hi = n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        below = tl.load(ptr + mid * stride) <= bound
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(below, hi, mid)
-    return lo
+    """How many of the n ascending int32 values ptr[0], ptr[stride], ... are <= bound, counted from the
+    end: the values past ``bound`` are the few tiles at the causal diagonal (at most about BLOCK_M +
+    BLOCK_N keys' worth), so this takes one to a few dependent scalar loads where a binary search would
+    take ~log2(n) (each ~0.5 us of latency before the first tile)."""
+    cnt = n
+    last = tl.load(ptr + tl.maximum(cnt - 1, 0) * stride, mask=cnt > 0, other=0)
+    while (cnt > 0) & (last > bound):
+        cnt -= 1
+        last = tl.load(ptr + tl.maximum(cnt - 1, 0) * stride, mask=cnt > 0, other=0)
+    return cnt
 
 
 # index widths, query counts (strides of out / lse / q slots) change with every step: not specialised on
@@ -167,17 +167,22 @@ def _sparse_attn_fwd_kernel(
         # Offsets and columns ascend, so the "clear" tiles, wholly inside it, come first: they run
         # without masks (MASKED=False), and only the tiles near the diagonal or past num_kv pay for
         # them (as the dense kernel's causal split does). SPLIT=False masks every tile (A/B in benchmarks).
-        if SPLIT:
-            clear_end = tl.where(causal, tl.minimum(num_kv, pid_m * BLOCK_M + (num_kv - num_q) + 1), num_kv)
-        else:
-            clear_end = num_kv * 0 - BLOCK_N  # no tile is clear
-
-        # dense key blocks: BLOCK_N consecutive keys from each offset
+        # the dense key blocks (BLOCK_N consecutive keys from each offset), then the single columns
         problem64 = problem.to(tl.int64)
         n_blocks = tl.load(block_count_ptr + problem64 * stride_bcp + head * stride_bch + pid_m * stride_bcm)
         offset_ptr = (block_offset_ptr + problem64 * stride_bop + head.to(tl.int64) * stride_boh
                       + pid_m.to(tl.int64) * stride_bom)
-        n_clear = _count_at_most(offset_ptr, stride_bob, n_blocks, clear_end - BLOCK_N)
+        n_cols = tl.load(column_count_ptr + problem64 * stride_ccp + head * stride_cch + pid_m * stride_ccm)
+        column_ptr = (column_index_ptr + problem64 * stride_cip + head.to(tl.int64) * stride_cih
+                      + pid_m.to(tl.int64) * stride_cim)
+        if SPLIT:
+            clear_end = tl.where(causal, tl.minimum(num_kv, pid_m * BLOCK_M + (num_kv - num_q) + 1), num_kv)
+            n_clear = _count_at_most(offset_ptr, stride_bob, n_blocks, clear_end - BLOCK_N)
+            # whole groups of BLOCK_N clear columns (real slots, every column < clear_end) run unmasked
+            clear_cols = (_count_at_most(column_ptr, stride_cic, n_cols, clear_end - 1) // BLOCK_N) * BLOCK_N
+        else:  # every tile masked
+            n_clear = n_blocks * 0
+            clear_cols = n_cols * 0
         for t in range(0, n_clear):
             start_n = tl.load(offset_ptr + t * stride_bob)
             acc, l_i, m_i = _attend_keys(
@@ -195,11 +200,6 @@ def _sparse_attn_fwd_kernel(
             )
 
         # single columns, gathered BLOCK_N at a time; padding slots are masked
-        n_cols = tl.load(column_count_ptr + problem64 * stride_ccp + head * stride_cch + pid_m * stride_ccm)
-        column_ptr = (column_index_ptr + problem64 * stride_cip + head.to(tl.int64) * stride_cih
-                      + pid_m.to(tl.int64) * stride_cim)
-        # whole groups of BLOCK_N clear columns (real slots, every column < clear_end) run unmasked
-        clear_cols = (_count_at_most(column_ptr, stride_cic, n_cols, clear_end - 1) // BLOCK_N) * BLOCK_N
         for start_c in range(0, clear_cols, BLOCK_N):
             keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic)
             acc, l_i, m_i = _attend_keys(
