@@ -62,16 +62,23 @@ def test_a_new_record_replaces_the_last_and_reuses_its_buffer():
 DCA = {"chunk_size": 32, "local_size": 8, "original_max_position_embeddings": 32}
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the batched path's Triton kernels: TRITON_INTERPRET=1")
-@pytest.mark.parametrize("growth", [4.0, 0.0])
-def test_a_dense_layer_skips_the_sparse_path_until_its_keys_grow(tmp_path, monkeypatch, growth):
+def _cases():
+    cpu = pytest.mark.skipif(not INTERPRET, reason="the batched path's Triton kernels: TRITON_INTERPRET=1")
+    return [pytest.param("cpu", 4.0, marks=cpu), pytest.param("cpu", 0.0, marks=cpu),
+            pytest.param("cuda", 4.0, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,growth", _cases())
+def test_a_dense_layer_skips_the_sparse_path_until_its_keys_grow(tmp_path, monkeypatch, device, growth):
     """Budgets that list every key: the batched path decides every region dense. With hints, each
     layer measures at the first sparse step and again only once its keys passed 4x; without (0) it
-    measures every step. The logits are dense DCA's either way."""
+    measures every step. The logits are dense DCA's either way. On CUDA the batched path is the
+    default; on the CPU it is forced (its Triton kernels under the interpreter)."""
     import qwen1m.attention.sparse_batched as sb
     import qwen1m.attention.sparse_prefill as sp
 
-    monkeypatch.setattr(sp, "_use_batched", lambda *a: True)  # the CUDA path, here under the interpreter
+    if device == "cpu":
+        monkeypatch.setattr(sp, "_use_batched", lambda *a: True)
     calls, batched = [], sb.sparse_prefill_batched
 
     def counting(queries, k, v, *, begin, **kw):
@@ -80,10 +87,10 @@ def test_a_dense_layer_skips_the_sparse_path_until_its_keys_grow(tmp_path, monke
     monkeypatch.setattr(sb, "sparse_prefill_batched", counting)
     folder = save_tiny_checkpoint(tmp_path / "m", seed=55, extra_config={"dual_chunk_attention_config": DCA})
     ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(3)).tolist()
-    dense = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=20).logits(ids)
+    opts = dict(dtype="float32", device=device, max_num_batched_tokens=20, enforce_eager=True)
+    dense = LLM(folder, **opts).logits(ids)
     cfg = SparseConfig.uniform(2, 4, 4096, 4096, threshold=16, last_q=8, block_size=16, dense_above_density=0.6)
-    llm = LLM(folder, dtype="float32", device="cpu", max_num_batched_tokens=20,
-              sparse_attention_config=dataclasses.replace(cfg, dense_hint_growth=growth))
+    llm = LLM(folder, sparse_attention_config=dataclasses.replace(cfg, dense_hint_growth=growth), **opts)
     assert torch.allclose(llm.logits(ids), dense, atol=1e-5)
     steps = list(range(20, 201, 20))  # keys at the end of each prefill step
     if growth:  # 2 layers measure at 20 keys, then past 80 (100), then past 400 (never)
