@@ -176,7 +176,10 @@ def test_problems_kernel_attends_the_dense_problems_and_leaves_the_others(dtype)
     """flash_attn_problems (the sparse step's dense regions): each problem marked dense writes its rows
     of its output slot as flash_attn over its key range would (causal bottom-right or not, query rows
     past the keys, a range with no keys); rows of problems not marked dense stay as they were."""
-    from qwen1m.kernels.flash_attn import flash_attn_problems
+    from qwen1m.kernels.flash_attn import _PROB_FIELDS, flash_attn_problems
+    from qwen1m.kernels.sparse_attn import PROB_FIELDS
+
+    assert _PROB_FIELDS == PROB_FIELDS  # both kernels read one table
 
     num_tokens, num_heads, num_kv_heads, head_dim, total_keys = 45, 4, 2, 32, 130
     g = torch.Generator().manual_seed(21)
@@ -207,3 +210,5 @@ def test_problems_kernel_attends_the_dense_problems_and_leaves_the_others(dtype)
             continue
         check_against_reference(got_out, got_lse, q[q_slot, rows], k[key0:key0 + num_kv], v[key0:key0 + num_kv],
                                 softmax_scale=0.2, causal=bool(causal))
+    with pytest.raises(ValueError, match="int32"):
+        flash_attn_problems(q, k, v, torch.tensor(table)[:, :7], out, lse, softmax_scale=0.2, max_num_q=45)

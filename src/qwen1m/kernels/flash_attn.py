@@ -29,6 +29,7 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PROB_FIELDS = 8  # a problem-table row, as kernels/sparse_attn.py's PROB_FIELDS (a test checks they agree)
 
 
 @triton.jit
@@ -189,12 +190,13 @@ def _flash_attn_problems_kernel(
     stride_ls, stride_lh, stride_lm,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PROB_FIELDS: tl.constexpr,
 ):
     # grid (row blocks, kv heads, problems); a problem is a row of the sparse kernel's table (q slot,
     # first query row, first key, num_q, num_kv, causal, dense, out slot: kernels/sparse_attn.py).
     # Only problems marked dense whose causal flag is CAUSAL run here; the programs of the others
     # return at once, so the decision (made on the device) needs no host sync.
-    prob = prob_ptr + tl.program_id(2) * 8
+    prob = prob_ptr + tl.program_id(2) * PROB_FIELDS
     num_q = tl.load(prob + 3)
     is_causal = tl.load(prob + 5) != 0
     mine = tl.load(prob + 6) != 0
@@ -370,6 +372,9 @@ def flash_attn_problems(
     if q.dim() != 4 or num_heads % num_kv_heads or k.shape[2] != head_dim or v.shape != k.shape:
         raise ValueError(f"flash_attn_problems: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "do not match.")
+    if problems.dim() != 2 or problems.shape[1] != _PROB_FIELDS or problems.dtype != torch.int32:
+        raise ValueError(f"flash_attn_problems: problems must be int32 [P, {_PROB_FIELDS}], got "
+                         f"{problems.dtype} {tuple(problems.shape)}.")
     if not problems.shape[0] or max_num_q <= 0:
         return
     group = num_heads // num_kv_heads
@@ -387,7 +392,7 @@ def flash_attn_problems(
             stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
             GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
+            UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1", PROB_FIELDS=_PROB_FIELDS,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
 

@@ -13,10 +13,11 @@ pointer arithmetic (K/V are read in place, any strides, never copied per query h
 Masks. A tile near the causal diagonal or past the keys is masked: key < num_kv (the last block of a
 group may run past it, and padded column slots) and, when causal, key <= i + num_kv - num_q
 (bottom-right). Tiles whose keys every row of the block sees ("clear": all of them below the first
-row's limit) run without masks; offsets and columns ascend, so they are a prefix, found by binary
-search. Masked scores are -inf and the running max is made safe (0 when still -inf), so a row
-that reads no key at all ends with l_i == 0 and is written as out = 0, lse = -inf. Softmax in base 2 (scores scaled by
-softmax_scale * log2(e)), LSE converted back to natural log.
+row's limit) run without masks; offsets and columns ascend, so they are a prefix, counted from its
+end (the few tiles at the diagonal). Masked scores are -inf and the running max is made safe (0
+when still -inf), so a row that reads no key at all ends with l_i == 0 and is written as out = 0,
+lse = -inf. Softmax in base 2 (scores scaled by softmax_scale * log2(e)), LSE converted back to
+natural log.
 """
 
 from __future__ import annotations
