@@ -29,22 +29,41 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+P_SCALE = tl.constexpr(256.0)  # FP8: P.V operands reach at most this (module docstring)
 _PROB_FIELDS = 8  # a problem-table row, as kernels/sparse_attn.py's PROB_FIELDS (a test checks they agree)
 
 
 @triton.jit
+def _round_e4m3(x):
+    """x >= 0 rounded to the nearest e4m3 value (3 mantissa bits; subnormal step 2^-9), in float32:
+    what the GPU's cast does (ties aside), for the interpreter, whose cast to float8e4nv drops the
+    carry into the exponent (127 becomes 64; triton 3.9)."""
+    e = tl.floor(tl.log2(tl.maximum(x, 1.0e-30)))
+    step = tl.exp2(tl.maximum(e, -6.0) - 3.0)
+    return tl.floor(x / step + 0.5) * step
+
+
+@triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q,
-    k_ptrs, v_ptrs,
+    acc, l_i, m_i, q, c_i,
+    k_ptrs, v_ptrs, ks_ptrs, vs_ptrs,
     start, end, q_lim, num_kv,
-    stride_kn, stride_vn, qk_scale,
+    stride_kn, stride_vn, stride_ksn, stride_vsn, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FP8: tl.constexpr,
 ):
-    """Online softmax over keys [start, end) in BLOCK_N steps; k_ptrs / v_ptrs point at key 0."""
+    """Online softmax over keys [start, end) in BLOCK_N steps; k_ptrs / v_ptrs point at key 0.
+
+    FP8 (module docstring, "FP8"): q, K and V are e4m3 with one scale per (token, head); qk_scale is
+    then a [BLOCK_M] vector (the query rows' scales times softmax_scale * log2 e), ks_ptrs / vs_ptrs
+    point at key 0's K / V scales, and acc is kept in units of c_i, the current tile's P.V scale.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs += tl.cast(start, tl.int64) * stride_kn
     v_ptrs += tl.cast(start, tl.int64) * stride_vn
+    if FP8:
+        ks_ptrs += tl.cast(start, tl.int64) * stride_ksn
+        vs_ptrs += tl.cast(start, tl.int64) * stride_vsn
     for start_n in range(start, end, BLOCK_N):
         if MASKED:
             key_ok = (start_n + offs_n) < num_kv
@@ -55,11 +74,24 @@ def _attn_fwd_inner(
             qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
             qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if FP8:  # the keys' scales per column; the rows' (with softmax_scale) below
+            if MASKED:
+                k_sc = tl.load(ks_ptrs, mask=key_ok, other=0.0)
+            else:
+                k_sc = tl.load(ks_ptrs)
+            qk = qk * k_sc[None, :]
+            row_scale = qk_scale[:, None]
+        else:
+            row_scale = qk_scale
         if MASKED:
             visible = key_ok[None, :]
             if CAUSAL:
                 visible = visible & ((start_n + offs_n)[None, :] <= q_lim[:, None])
-            qk = qk * qk_scale + tl.where(visible, 0.0, -1.0e6)
+            qk = qk * row_scale + tl.where(visible, 0.0, -1.0e6)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk -= m_ij[:, None]
+        elif FP8:
+            qk = qk * row_scale
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             qk -= m_ij[:, None]
         else:
@@ -68,35 +100,58 @@ def _attn_fwd_inner(
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
         if MASKED:
             v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        if UPCAST_DOT:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        if FP8:
+            # P.V in e4m3: each key's V scale goes into P (P' = P * v_scale / c, c = the tile's largest
+            # V scale / P_SCALE, so P' <= P_SCALE < 448), and acc, kept in units of c, is rescaled by
+            # c_old / c_new with alpha: no extra pass over acc
+            if MASKED:
+                v_sc = tl.load(vs_ptrs, mask=key_ok, other=0.0)
+            else:
+                v_sc = tl.load(vs_ptrs)
+            c_new = tl.maximum(tl.max(v_sc, 0), 1.0e-30) / P_SCALE
+            acc = acc * (alpha * (c_i / c_new))[:, None]
+            p_v = p * (v_sc / c_new)[None, :]
+            if UPCAST_DOT:  # the interpreter's float32 -> e4m3 cast is wrong near powers of two
+                p_v = _round_e4m3(p_v)
+            else:
+                p_v = p_v.to(v.dtype)
+            c_i = c_new
+            ks_ptrs += BLOCK_N * stride_ksn
+            vs_ptrs += BLOCK_N * stride_vsn
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None]
+            p_v = p.to(v.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(p_v.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p_v, v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-    return acc, l_i, m_i
+    return acc, l_i, m_i, c_i
 
 
 @triton.jit
 def _attn_rows(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr,
     pid_m, kv_head, num_q, num_kv, qk_scale,
     stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_om, stride_oh, stride_od,
-    stride_lh, stride_lm,
+    stride_lh, stride_lm, stride_qsm, stride_qsh, stride_sn, stride_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One program's work: flattened rows [pid_m * BLOCK_M, +BLOCK_M) of kv head ``kv_head`` attend
-    keys [0, num_kv); q / out / lse point at query row 0, k / v at key 0 (one problem of either kernel)."""
+    keys [0, num_kv); q / out / lse point at query row 0, k / v at key 0 (one problem of either kernel).
+    FP8: qs / ks / vs point at the scales of query row 0 ([num_q, num_heads]) and of key 0 (K and V
+    scales [num_kv, num_kv_heads] with equal strides); unused otherwise."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # flattened (token, head-in-group) rows
     tok = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -115,9 +170,19 @@ def _attn_rows(
     k_ptrs = k_ptr + kv_head * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = v_ptr + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
+    if FP8:  # the query rows' scales join softmax_scale: one factor per row
+        ks_ptrs = ks_ptr + kv_head * stride_sh + offs_n * stride_sn
+        vs_ptrs = vs_ptr + kv_head * stride_sh + offs_n * stride_sn
+        q_sc = tl.load(qs_ptr + tok64 * stride_qsm + head * stride_qsh, mask=row_ok, other=0.0)
+        qk_scale = q_sc * qk_scale
+    else:
+        ks_ptrs = k_ptr
+        vs_ptrs = v_ptr
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    c_i = 1.0  # FP8: acc's unit (the last tile's P.V scale)
 
     if CAUSAL:
         tok_lo = (pid_m * BLOCK_M) // GROUP
@@ -128,15 +193,17 @@ def _attn_rows(
     else:
         unmasked_end = (num_kv // BLOCK_N) * BLOCK_N
         masked_end = num_kv
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, unmasked_end, q_lim, num_kv, stride_kn, stride_vn, qk_scale,
+    acc, l_i, m_i, c_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, c_i, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, 0, unmasked_end, q_lim, num_kv,
+        stride_kn, stride_vn, stride_sn, stride_sn, qk_scale,
         MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-        UPCAST_DOT=UPCAST_DOT,
+        UPCAST_DOT=UPCAST_DOT, FP8=FP8,
     )
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, unmasked_end, masked_end, q_lim, num_kv, stride_kn, stride_vn,
-        qk_scale, MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-        UPCAST_DOT=UPCAST_DOT,
+    acc, l_i, m_i, c_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, c_i, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, unmasked_end, masked_end, q_lim, num_kv,
+        stride_kn, stride_vn, stride_sn, stride_sn, qk_scale,
+        MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        UPCAST_DOT=UPCAST_DOT, FP8=FP8,
     )
 
     if CAUSAL:  # rows before the first key (num_q > num_kv) see nothing
@@ -144,7 +211,10 @@ def _attn_rows(
     else:
         no_key = (tok < 0) | (num_kv <= 0)  # no keys at all (possible in the problem kernel's table)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    if FP8:
+        out = acc * (c_i / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     out = tl.where(no_key[:, None], 0.0, out)
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
 
@@ -155,26 +225,27 @@ def _attn_rows(
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr,
     num_q, num_kv, qk_scale,
     stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_om, stride_oh, stride_od,
-    stride_lh, stride_lm,
+    stride_lh, stride_lm, stride_qsm, stride_qsh, stride_sn, stride_sh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     if CAUSAL:  # heavy tiles first: the last tokens see the most keys
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         pid_m = tl.program_id(0)
     _attn_rows(
-        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pid_m, tl.program_id(1), num_q, num_kv, qk_scale,
-        stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-        stride_om, stride_oh, stride_od, stride_lh, stride_lm,
-        GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, qs_ptr, ks_ptr, vs_ptr, pid_m, tl.program_id(1), num_q, num_kv,
+        qk_scale, stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh,
+        stride_vd, stride_om, stride_oh, stride_od, stride_lh, stride_lm, stride_qsm, stride_qsh, stride_sn,
+        stride_sh, GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, FP8=FP8,
     )
 
 
@@ -213,11 +284,12 @@ def _flash_attn_problems_kernel(
         _attn_rows(
             q_base, k_ptr + key_begin * stride_kn, v_ptr + key_begin * stride_vn,
             out_ptr + out_slot * stride_os + q_row0 * stride_om, lse_ptr + out_slot * stride_ls + q_row0 * stride_lm,
+            q_base, k_ptr, v_ptr,  # no scales: 16-bit problems
             pid_m, tl.program_id(1), num_q, tl.load(prob + 4), qk_scale,
             stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-            stride_om, stride_oh, stride_od, stride_lh, stride_lm,
+            stride_om, stride_oh, stride_od, stride_lh, stride_lm, 0, 0, 0, 0,
             GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+            DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, FP8=False,
         )
 
 
@@ -264,6 +336,52 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def _check_out(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype) -> None:
+    num_q, num_heads, _ = q.shape
+    bad_out = out.shape != q.shape or out.dtype != out_dtype
+    if bad_out or lse.shape != (num_heads, num_q) or lse.dtype != torch.float32:
+        raise ValueError(
+            f"flash_attn: out must be {tuple(q.shape)} {out_dtype} and lse ({num_heads}, {num_q}) float32, "
+            f"got {tuple(out.shape)} {out.dtype} and {tuple(lse.shape)} {lse.dtype}."
+        )
+
+
+def _launch(q, k, v, out, lse, scales, *, softmax_scale: float, causal: bool, config: dict[str, int]):
+    """One launch of the dense kernel; scales: None (16/32-bit) or (q, k, v scales) for e4m3 inputs."""
+    num_q, num_heads, head_dim = q.shape
+    num_kv, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    if num_q == 0:
+        return
+    if num_kv == 0:  # nothing to attend to: no launch
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    fp8 = scales is not None
+    qs, ks, vs = scales if fp8 else (q, k, v)  # unused pointers when not fp8
+    block_m = config["BLOCK_M"]
+    grid = (triton.cdiv(num_q * group, block_m), num_kv_heads)
+    _flash_attn_fwd_kernel[grid](
+        q, k, v, out, lse, qs, ks, vs,
+        num_q, num_kv, softmax_scale * _LOG2E,
+        stride_qm=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
+        stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
+        stride_om=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+        stride_lh=lse.stride(0), stride_lm=lse.stride(1),
+        stride_qsm=qs.stride(0) if fp8 else 0, stride_qsh=qs.stride(1) if fp8 else 0,
+        stride_sn=ks.stride(0) if fp8 else 0, stride_sh=ks.stride(1) if fp8 else 0,
+        GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal,
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; fp32 operands holding the same
+        # 16-bit values give the GPU's result (exact products, fp32 accumulation)
+        UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1", FP8=fp8,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+
 def flash_attn_with_config(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -278,43 +396,12 @@ def flash_attn_with_config(
     """``flash_attn`` with explicit BLOCK_M / BLOCK_N / num_warps / num_stages (for tuning sweeps)."""
     _check_inputs(q, k, v)
     num_q, num_heads, head_dim = q.shape
-    num_kv, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty(num_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
-    bad_out = out.shape != q.shape or out.dtype != q.dtype
-    if bad_out or lse.shape != (num_heads, num_q) or lse.dtype != torch.float32:
-        raise ValueError(
-            f"flash_attn: out must be {tuple(q.shape)} {q.dtype} and lse ({num_heads}, {num_q}) float32, "
-            f"got {tuple(out.shape)} {out.dtype} and {tuple(lse.shape)} {lse.dtype}."
-        )
-    if num_q == 0:
-        return out, lse
-    if num_kv == 0:  # nothing to attend to: no launch
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    block_m = config["BLOCK_M"]
-    grid = (triton.cdiv(num_q * group, block_m), num_kv_heads)
-    _flash_attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        num_q, num_kv, softmax_scale * _LOG2E,
-        stride_qm=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
-        stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
-        stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
-        stride_om=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-        stride_lh=lse.stride(0), stride_lm=lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal,
-        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
-        # fp32 inputs get true fp32 products (tf32 would cost ~3e-4 relative error)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly; fp32 operands holding the same
-        # 16-bit values give the GPU's result (exact products, fp32 accumulation)
-        UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
+    _check_out(q, out, lse, q.dtype)
+    _launch(q, k, v, out, lse, None, softmax_scale=softmax_scale, causal=causal, config=config)
     return out, lse
 
 
@@ -342,6 +429,62 @@ def flash_attn(
     return flash_attn_with_config(
         q, k, v, softmax_scale=softmax_scale, causal=causal, config=config, out=out, lse=lse
     )
+
+
+def _fp8_config(head_dim: int, device: torch.device) -> dict[str, int]:
+    """Tiles for e4m3 inputs: one-byte K/V tiles take half the shared memory of 16-bit ones.
+    Not measured yet on a GPU (benchmarks/bench_attention.py --fp8 sweeps them)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=128 if head_dim <= 128 else 64, num_warps=8, num_stages=3)
+
+
+def flash_attn_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flash_attn`` on e4m3 inputs with one float32 scale per (token, head): the true q is
+    ``q.float() * q_scale[..., None]``, and likewise k, v (the FP8 KV cache's format, so its bytes
+    are read in place). Both products run on FP8 tensor cores; P is quantised to e4m3 with each key's
+    V scale folded in (module docstring, "FP8"). k_scale and v_scale must have equal strides.
+    Returns out [num_q, num_heads, head_dim] in ``out_dtype`` and lse [num_heads, num_q] float32.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
+        raise ValueError(f"flash_attn_fp8: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match.")
+    if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
+        raise ValueError(f"flash_attn_fp8 takes float8_e4m3fn q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    num_q, num_heads, head_dim = q.shape
+    num_kv, num_kv_heads, _ = k.shape
+    if num_heads % num_kv_heads or head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"flash_attn_fp8: {num_heads} query heads over {num_kv_heads} kv heads of head_dim "
+                         f"{head_dim} (a power of two in [16, 256]) are not supported.")
+    if (q_scale.shape != (num_q, num_heads) or k_scale.shape != (num_kv, num_kv_heads)
+            or v_scale.shape != k_scale.shape or k_scale.stride() != v_scale.stride()
+            or any(t.dtype != torch.float32 for t in (q_scale, k_scale, v_scale))):
+        raise ValueError(
+            f"flash_attn_fp8: scales must be float32 q ({num_q}, {num_heads}) and k, v ({num_kv}, {num_kv_heads}) "
+            f"with equal strides, got {tuple(q_scale.shape)}, {tuple(k_scale.shape)} {k_scale.stride()}, "
+            f"{tuple(v_scale.shape)} {v_scale.stride()}.")
+    if out is None:
+        out = torch.empty(num_q, num_heads, head_dim, dtype=out_dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
+    _check_out(q, out, lse, out_dtype)
+    config = config or _fp8_config(head_dim, q.device)
+    _launch(q, k, v, out, lse, (q_scale, k_scale, v_scale), softmax_scale=softmax_scale, causal=causal,
+            config=config)
+    return out, lse
 
 
 def flash_attn_problems(
@@ -397,4 +540,4 @@ def flash_attn_problems(
         )
 
 
-__all__ = ["flash_attn", "flash_attn_problems", "flash_attn_with_config"]
+__all__ = ["flash_attn", "flash_attn_fp8", "flash_attn_problems", "flash_attn_with_config"]

@@ -1,0 +1,75 @@
+"""FP8 (e4m3) attention for prefill: ``attention_dtype="fp8"`` (design §5, "FP8 attention").
+
+Queries, keys and values are quantised per (token, head) with one float32 scale each, the format of
+the FP8 KV cache (``cache/paged_kv.py``), so a cache in FP8 is read as it is stored and a 16-bit
+cache is quantised once per layer and step. Both products of attention then run on FP8 tensor cores
+(``kernels.flash_attn.flash_attn_fp8``); the scores, the softmax and the LSE stay float32, so DCA's
+LSE merge is unchanged. Decode is not affected (it reads the cache with the paged decode kernel).
+
+``fp8_attend`` has ``reference.attend``'s contract and takes k / v either as 16-bit tensors or as
+``Fp8Tensor`` (already quantised). Where no kernel runs (a CPU without ``TRITON_INTERPRET=1``) it
+attends the dequantised inputs in float32: the input rounding is emulated, P's is not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from qwen1m.attention.reference import attend
+from qwen1m.cache.paged_kv import FP8_DTYPE, quantize_fp8
+
+ATTENTION_DTYPES = ("auto", "fp8")
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Tensor:
+    """e4m3 values [n, heads, head_dim] and their float32 scales [n, heads]: the true tensor is
+    ``values.float() * scale[..., None]``. Indexing the first dim indexes both (DCA slices key ranges)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def __getitem__(self, index) -> Fp8Tensor:
+        return Fp8Tensor(self.values[index], self.scale[index])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.values.float() * self.scale[..., None]).to(dtype)
+
+
+def quantize(x: torch.Tensor) -> Fp8Tensor:
+    """x [n, heads, head_dim] -> per-(token, head) e4m3 (scale = amax / 448, as the FP8 KV cache)."""
+    values, scale = quantize_fp8(x)
+    return Fp8Tensor(values.view(FP8_DTYPE), scale)
+
+
+def _as_fp8(x: torch.Tensor | Fp8Tensor) -> Fp8Tensor:
+    return x if isinstance(x, Fp8Tensor) else quantize(x)
+
+
+def _kernel_runs(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fp8_attend(q: torch.Tensor, k: torch.Tensor | Fp8Tensor, v: torch.Tensor | Fp8Tensor, *,
+               softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.attend`` with q, k, v in e4m3 (module docstring); out in q's dtype."""
+    qq, kq, vq = quantize(q), _as_fp8(k), _as_fp8(v)
+    if not _kernel_runs(q.device):
+        out, lse = attend(qq.dequantize(), kq.dequantize(), vq.dequantize(), softmax_scale=softmax_scale,
+                          causal=causal)
+        return out.to(q.dtype), lse
+    from qwen1m.kernels.flash_attn import flash_attn_fp8
+
+    out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    return flash_attn_fp8(qq.values, kq.values, vq.values, qq.scale, kq.scale, vq.scale,
+                          softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype)
+
+
+__all__ = ["ATTENTION_DTYPES", "Fp8Tensor", "fp8_attend", "quantize"]
