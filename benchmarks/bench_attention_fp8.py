@@ -92,9 +92,11 @@ def sweep(n: int) -> list[dict]:
         for layout, vv in (("v_head_dim_minor", vq), ("v_token_minor", vt)):
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
             try:
-                t = ms(lambda: flash_attn_fp8(qq.values, kq.values, vv.values, qq.scale, kq.scale, vv.scale,
-                                              softmax_scale=SCALE, causal=True, config=cfg))
-                r = {**cfg, "v": layout, "ms": round(t, 3), "tflops": round(4.0 * n * n * HEAD_DIM * NUM_HEADS / 2 / t / 1e9, 1)}
+                t = ms(lambda vv=vv, cfg=cfg: flash_attn_fp8(
+                    qq.values, kq.values, vv.values, qq.scale, kq.scale, vv.scale, softmax_scale=SCALE,
+                    causal=True, config=cfg))
+                flops = 4.0 * n * n * HEAD_DIM * NUM_HEADS / 2
+                r = {**cfg, "v": layout, "ms": round(t, 3), "tflops": round(flops / t / 1e9, 1)}
             except Exception as e:
                 r = {**cfg, "v": layout, "error": f"{type(e).__name__}: {e}"[:200]}
             print(r, flush=True)
@@ -120,7 +122,7 @@ def main() -> None:
     print(f"\n{'num_q':>7} {'num_kv':>8} {'causal':>6} {'bf16 TF':>8} {'cudnn TF':>8} {'fp8 TF':>8} "
           f"{'fp8/bf16':>8} {'fp8/cudnn':>9} {'fp8 err':>8} {'bf16 err':>8}")
     for r in results["rows"]:
-        def tf(name):
+        def tf(name, r=r):
             return r.get(name, {}).get("tflops", float("nan"))
         print(f"{r['num_q']:>7} {r['num_kv']:>8} {str(r['causal']):>6} {tf('triton_bf16'):>8} {tf('cudnn_bf16'):>8} "
               f"{tf('fp8'):>8} {r.get('fp8_vs_triton_bf16', float('nan')):>8} "
