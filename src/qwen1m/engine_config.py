@@ -28,6 +28,7 @@ from qwen1m.sparse_config import SparseConfig
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8")
+ATTENTION_DTYPES = ("auto", "fp8")
 
 # CLI argument groups of the options that have one (the rest sit with the command's own flags)
 _GROUPS = {
@@ -67,6 +68,10 @@ class EngineConfig:
     max_num_batched_tokens: tokens per engine step (the prefill chunk; the report uses 32768).
     max_num_seqs: sequences the engine runs at once; more wait in the queue.
     kv_cache_dtype: "auto" (the model dtype) or "fp8" (e4m3 with per-token, per-head scales).
+    attention_dtype: "auto" (the model dtype) or "fp8": prefill attention on FP8 tensor cores (q, k, v
+        in e4m3 with per-token, per-head scales, P in e4m3; an FP8 KV cache is read as stored). Dense
+        prefill only (sparse regions, decode: the model dtype); a kernel on CUDA, on CPU the input
+        rounding is emulated (``attention/fp8.py``). Off by default: its accuracy is in docs/results.md.
     block_size: KV block size in tokens (default 64, or the largest power of two <= 64 dividing the
         DCA chunk length chunk_size - local_size, which must be a multiple of it).
     gpu_memory_utilization: share of the GPU's memory the engine plans to use.
@@ -125,6 +130,8 @@ class EngineConfig:
     max_num_seqs: int = _option(64, "sequences the engine runs at once (one per completion: n=4 counts 4); "
                                     "more wait")
     kv_cache_dtype: str = _option("auto", "fp8 halves KV memory", choices=KV_CACHE_DTYPES)
+    attention_dtype: str = _option("auto", "fp8: dense prefill attention on FP8 tensor cores (e4m3 q/k/v/P)",
+                                   choices=ATTENTION_DTYPES)
     block_size: int | None = _option(None, "KV cache block size in tokens")
     gpu_memory_utilization: float = _option(0.9, "share of GPU memory to plan for")
     kv_cache_memory: int | None = _option(None, "bytes for the KV cache (overrides the plan)")
@@ -169,6 +176,7 @@ class EngineConfig:
                               "got True.")
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _check_choice("attention_dtype", self.attention_dtype, ATTENTION_DTYPES)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}.")
         for name in ("max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):

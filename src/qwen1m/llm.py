@@ -117,7 +117,7 @@ class LLM:
         if config.prefix_cache_dir is not None:
             settings = cache_settings(folder=spec.folder, load_format=spec.load_format, dtype=spec.dtype, fp8=spec.fp8,
                                       block_size=spec.block_size, dca=spec.config.dca, sparse=spec.sparse,
-                                      tp_size=spec.tensor_parallel_size, tp_rank=0)
+                                      tp_size=spec.tensor_parallel_size, tp_rank=0, attention_fp8=spec.attention_fp8)
         tolerance = scale_tolerance(kv_cache)
         options = dict(cpu_offload_gb=config.cpu_offload_gb, prefix_cache_dir=config.prefix_cache_dir,
                        prefix_cache_max_gb=config.prefix_cache_max_gb, settings=settings)

@@ -122,6 +122,22 @@ class AttentionBackend:
             self._attend_fns[device] = _default_attend_fn(device)
         return self._attend_fns[device]
 
+    def prefill_attend_fn(self, device: torch.device):
+        """The dense prefill's attention: ``attend_fn``, or in e4m3 under attention_dtype="fp8"
+        (``attention/fp8.py``; it takes 16-bit or ``Fp8Tensor`` keys)."""
+        if self.kernels.prefill_fp8:
+            from qwen1m.attention.fp8 import fp8_attend
+
+            return fp8_attend
+        return self.attend_fn(device)
+
+    def _prefill_keys(self, seq: SequenceSlice, layer: int):
+        """The sequence's keys and values for dense prefill: the cache's view, or under FP8 attention
+        ``Fp8Tensor``s, the FP8 cache's bytes as stored or a 16-bit cache quantised once per layer."""
+        if not self.kernels.prefill_fp8:
+            return seq.cache.view(layer, seq.num_total)
+        return seq.cache.view_fp8(layer, seq.num_total)
+
     def _use_decode_kernel(self, device: torch.device) -> bool:
         choice = self.kernels.decode_kernel
         return device.type == "cuda" if choice is None else choice
@@ -217,15 +233,16 @@ class DenseBackend(AttentionBackend):
 
     def forward_sequence(self, layer, q, k, v, positions, seq):
         seq.cache.write(layer, seq.num_cached, self.rotary.rotate(k, positions), v)
-        keys, values = seq.cache.view(layer, seq.num_total)
         q = self.rotary.rotate(q, positions)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        attend = self.attend_fn(q.device)
+        attend = self.prefill_attend_fn(q.device)
         if self._sparse_applies(seq):
             def dense_fn(qs, ks, vs):
                 return attend(qs["intra"], ks, vs, softmax_scale=scale, causal=True)
 
+            keys, values = seq.cache.view(layer, seq.num_total)
             return self._sparse_attention(layer, {"intra": q}, keys, values, seq, None, scale, dense_fn)
+        keys, values = self._prefill_keys(seq, layer)
         out, _ = attend(q, keys, values, softmax_scale=scale, causal=True)
         return out
 
@@ -255,8 +272,7 @@ class DCABackend(AttentionBackend):
             q, k, positions, self.rotary, self.dca, seq.scale_len, num_rot
         )
         seq.cache.write(layer, seq.num_cached, k_rot, v)
-        keys, values = seq.cache.view(layer, seq.num_total)
-        attend = self.attend_fn(q.device)
+        attend = self.prefill_attend_fn(q.device)
 
         def dense_fn(qs, ks, vs):
             return dca_attention(qs["intra"], qs.get("succ"), qs.get("inter"), ks, vs, begin=seq.num_cached,
@@ -267,8 +283,9 @@ class DCABackend(AttentionBackend):
         if self._sparse_applies(seq):
             critical = rotate_critical(q, positions, self.rotary, self.dca, num_rot)
             queries.update({name: t for name, t in zip(("succ_critical", "inter_critical"), critical) if t is not None})
+            keys, values = seq.cache.view(layer, seq.num_total)
             return self._sparse_attention(layer, queries, keys, values, seq, self.dca.chunk_len, scale, dense_fn)
-        out, _ = dense_fn(queries, keys, values)
+        out, _ = dense_fn(queries, *self._prefill_keys(seq, layer))
         return out
 
     def key_scale(self, prompt_len: int) -> float:

@@ -39,7 +39,8 @@ def model_fingerprint(folder: Path, load_format: str) -> str:
 
 
 def cache_settings(*, folder: Path, load_format: str, dtype: torch.dtype, fp8: bool, block_size: int,
-                   dca, sparse, tp_size: int, tp_rank: int, fingerprint: str | None = None) -> dict:
+                   dca, sparse, tp_size: int, tp_rank: int, fingerprint: str | None = None,
+                   attention_fp8: bool = False) -> dict:
     """Every setting that changes a block's KV bytes, as plain JSON data (the manifest)."""
     sparse_hash = None
     if sparse is not None:
@@ -50,6 +51,8 @@ def cache_settings(*, folder: Path, load_format: str, dtype: torch.dtype, fp8: b
         "model_folder": str(folder),  # informative only: not hashed (a moved folder keeps its cache)
         "dtype": str(dtype).removeprefix("torch."),
         "kv_cache_dtype": "fp8_e4m3" if fp8 else "auto",
+        # FP8 attention changes every later layer's hidden states, so their K/V bytes
+        "attention_dtype": "fp8" if attention_fp8 else "auto",
         "block_size": block_size,
         "dca": asdict(dca) if dca is not None else None,  # chunk sizes and the YaRN training length
         "sparse": sparse_hash,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.cache.paged_kv import PagedKVCache
 from qwen1m.cache.planner import MemoryPlan, check_fits, plan_memory
 from qwen1m.config import ModelConfig, load_model_config
@@ -44,6 +45,7 @@ class BuildSpec:
     gpu_memory_utilization: float
     kv_cache_memory: int | None
     tensor_parallel_size: int = 1
+    attention_fp8: bool = False  # attention_dtype="fp8": dense prefill attention in e4m3
 
 
 def build_spec(engine: EngineConfig, folder: Path, device: torch.device) -> BuildSpec:
@@ -69,7 +71,7 @@ def build_spec(engine: EngineConfig, folder: Path, device: torch.device) -> Buil
         max_model_len=max_model_len, explicit_len=explicit_len,
         max_num_batched_tokens=engine.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
         gpu_memory_utilization=engine.gpu_memory_utilization, kv_cache_memory=engine.kv_cache_memory,
-        tensor_parallel_size=engine.tensor_parallel_size,
+        tensor_parallel_size=engine.tensor_parallel_size, attention_fp8=engine.attention_dtype == "fp8",
     )
 
 
@@ -92,6 +94,10 @@ def build_rank(spec: BuildSpec, shard: TPShard, device: torch.device, share: int
     """
     cfg = local_config(spec.config, shard.size)
     sparse = local_sparse(spec.sparse, shard)
+    if spec.attention_fp8:
+        wiring = wiring if wiring is not None else ModelWiring()
+        kernels = wiring.kernels if wiring.kernels is not None else KernelChoice()
+        wiring = replace(wiring, kernels=replace(kernels, prefill_fp8=True))
     model = load_model(spec.folder, cfg, spec.dtype, device, load_format=spec.load_format, dca=cfg.dca,
                        sparse=sparse, shard=shard, wiring=wiring)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
