@@ -204,6 +204,7 @@ def main() -> None:
                     help="decode rows: reserve the context's KV slots without computing them (see decode())")
     ap.add_argument("--hf-baseline", default="")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--attention-dtype", default="auto", help="fp8: dense prefill attention in e4m3")
     ap.add_argument("--max-model-len", type=int, default=1010000)
     ap.add_argument("--kv-cache-tokens", type=int, default=0,
                     help="size the KV cache for this many tokens (default: gpu_memory_utilization 0.9), so the "
@@ -219,7 +220,8 @@ def main() -> None:
     ap.add_argument("--name", default="", help="results file name (default engine, engine_sparse with --sparse)")
     args = ap.parse_args()
     name = args.name or ("engine_sparse" if args.sparse else "engine")
-    results: dict = {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16)", "kv_cache_dtype": args.kv_cache_dtype}
+    results: dict = {"config": "qwen2.5-7b-instruct-1m (dummy weights, bf16)", "kv_cache_dtype": args.kv_cache_dtype,
+                     "attention_dtype": args.attention_dtype}
     if args.hf_baseline:
         results["transformers_sdpa"] = hf_baseline(_ints(args.hf_baseline))
         print("transformers", results["transformers_sdpa"], flush=True)
@@ -241,7 +243,7 @@ def main() -> None:
     t_start = time.perf_counter()
     llm = LLM(CONFIG, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=32, sparse_attention_config=sparse,
-              kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager,
+              kv_cache_memory=kv_memory, enforce_eager=args.enforce_eager, attention_dtype=args.attention_dtype,
               sparse_telemetry=args.sparse_telemetry and sparse is not None)
     results["sparse_telemetry"] = args.sparse_telemetry and sparse is not None
     results["memory_plan"] = str(llm.memory_plan)

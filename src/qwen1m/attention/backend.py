@@ -122,10 +122,15 @@ class AttentionBackend:
             self._attend_fns[device] = _default_attend_fn(device)
         return self._attend_fns[device]
 
-    def prefill_attend_fn(self, device: torch.device):
+    def _fp8(self, seq: SequenceSlice) -> bool:
+        """attention_dtype="fp8" applies to this step of ``seq``: prefill rows (a decode step, one
+        query, keeps the model dtype on every device, as the paged decode kernel does on CUDA)."""
+        return self.kernels.prefill_fp8 and seq.num_query > 1
+
+    def prefill_attend_fn(self, device: torch.device, seq: SequenceSlice):
         """The dense prefill's attention: ``attend_fn``, or in e4m3 under attention_dtype="fp8"
         (``attention/fp8.py``; it takes 16-bit or ``Fp8Tensor`` keys)."""
-        if self.kernels.prefill_fp8:
+        if self._fp8(seq):
             from qwen1m.attention.fp8 import fp8_attend
 
             return fp8_attend
@@ -134,7 +139,7 @@ class AttentionBackend:
     def _prefill_keys(self, seq: SequenceSlice, layer: int):
         """The sequence's keys and values for dense prefill: the cache's view, or under FP8 attention
         ``Fp8Tensor``s, the FP8 cache's bytes as stored or a 16-bit cache quantised once per layer."""
-        if not self.kernels.prefill_fp8:
+        if not self._fp8(seq):
             return seq.cache.view(layer, seq.num_total)
         return seq.cache.view_fp8(layer, seq.num_total)
 
@@ -235,7 +240,7 @@ class DenseBackend(AttentionBackend):
         seq.cache.write(layer, seq.num_cached, self.rotary.rotate(k, positions), v)
         q = self.rotary.rotate(q, positions)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        attend = self.prefill_attend_fn(q.device)
+        attend = self.prefill_attend_fn(q.device, seq)
         if self._sparse_applies(seq):
             def dense_fn(qs, ks, vs):
                 return attend(qs["intra"], ks, vs, softmax_scale=scale, causal=True)
@@ -272,7 +277,7 @@ class DCABackend(AttentionBackend):
             q, k, positions, self.rotary, self.dca, seq.scale_len, num_rot
         )
         seq.cache.write(layer, seq.num_cached, k_rot, v)
-        attend = self.prefill_attend_fn(q.device)
+        attend = self.prefill_attend_fn(q.device, seq)
 
         def dense_fn(qs, ks, vs):
             return dca_attention(qs["intra"], qs.get("succ"), qs.get("inter"), ks, vs, begin=seq.num_cached,

