@@ -28,7 +28,7 @@ import os
 import pytest
 import torch
 
-from qwen1m.attention.fp8 import Fp8Tensor, fp8_attend, quantize
+from qwen1m.attention.fp8 import Fp8Tensor, emulate, fp8_attend, quantize
 from qwen1m.attention.reference import attend
 from qwen1m.kernels.flash_attn import flash_attn_fp8
 
@@ -120,15 +120,26 @@ def test_fp8_attend_takes_16_bit_or_quantised_keys():
               out_rel=2.0 ** -8)
 
 
-def test_fp8_attend_without_a_kernel_emulates_the_input_rounding(monkeypatch):
-    """A CPU without the interpreter attends the dequantised inputs: exactly the reference on them."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_fp8_attend_without_a_kernel_emulates_the_kernel(monkeypatch):
+    """A CPU without the interpreter emulates the kernel (``attention.fp8.emulate``): within the same
+    e4m3 bound of the float64 reference, P really rounded (not the reference on dequantised inputs),
+    and within that bound of the kernel itself run at the emulation's tile."""
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(n, h, 16, generator=g) for n, h in ((9, 4), (12, 2), (12, 2)))
+    q, k, v = (torch.randn(n, h, 16, generator=g) for n, h in ((40, 4), (61, 2), (61, 2)))
+    qq, kq, vq = quantize(q), quantize(k), quantize(v)
+    kernel = flash_attn_fp8(qq.values, kq.values, vq.values, qq.scale, kq.scale, vq.scale, softmax_scale=0.25,
+                            causal=True, out_dtype=torch.float32)[0] if INTERPRET else None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out, lse = fp8_attend(q, k, v, softmax_scale=0.25, causal=True)
-    ref_out, ref_lse = attend(quantize(q).dequantize(), quantize(k).dequantize(), quantize(v).dequantize(),
-                              softmax_scale=0.25, causal=True)
-    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    check_fp8(out, lse, qq, kq, vq, softmax_scale=0.25, causal=True)
+    plain, _ = attend(qq.dequantize(), kq.dequantize(), vq.dequantize(), softmax_scale=0.25, causal=True)
+    assert not torch.equal(out, plain)
+    assert torch.equal(emulate(qq, kq, vq, softmax_scale=0.25, causal=True)[0], out)
+    if kernel is not None:  # the interpreter's tiles are 16 keys wide
+        at_16, _ = emulate(qq, kq, vq, softmax_scale=0.25, causal=True, tile=16)
+        check_fp8(at_16, lse, qq, kq, vq, softmax_scale=0.25, causal=True)
+        abs_out, _ = attend(qq.dequantize(), kq.dequantize(), vq.dequantize().abs(), softmax_scale=0.25, causal=True)
+        assert ((at_16 - kernel).abs() <= 2.0 ** -4 * abs_out + 1e-6).all()
 
 
 def test_fp8_tensor_slices_values_and_scales_together():

@@ -8,7 +8,9 @@ LSE merge is unchanged. Decode is not affected (it reads the cache with the page
 
 ``fp8_attend`` has ``reference.attend``'s contract and takes k / v either as 16-bit tensors or as
 ``Fp8Tensor`` (already quantised). Where no kernel runs (a CPU without ``TRITON_INTERPRET=1``) it
-attends the dequantised inputs in float32: the input rounding is emulated, P's is not.
+emulates the kernel in float32 (``emulate``): the inputs' rounding exactly, and P's rounding to e4m3
+with each key's V scale over its tile's largest, as the kernel does, but relative to the row's final
+maximum instead of the running one (so not bit-equal: the same rounding at shifted points).
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import torch
 
 from qwen1m.attention.reference import attend
 from qwen1m.cache.paged_kv import FP8_DTYPE, quantize_fp8
-
-ATTENTION_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,27 @@ def _as_fp8(x: torch.Tensor | Fp8Tensor) -> Fp8Tensor:
     return x if isinstance(x, Fp8Tensor) else quantize(x)
 
 
+EMULATED_TILE = 128  # the GPU kernel's BLOCK_N for head_dim <= 128 (kernels.flash_attn._fp8_config)
+P_SCALE = 256.0  # kernels.flash_attn.P_SCALE
+
+
+def emulate(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, *, softmax_scale: float, causal: bool,
+            tile: int = EMULATED_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 kernel's arithmetic in float32 PyTorch (module docstring): out float32, lse."""
+    num_kv = k.shape[0]
+    v_sc = v.scale.float().t()  # [num_kv_heads, num_kv]
+    pad = (-num_kv) % tile
+    tiles = torch.nn.functional.pad(v_sc, (0, pad)).view(v_sc.shape[0], -1, tile).amax(-1)
+    c = tiles.repeat_interleave(tile, dim=1)[:, :num_kv].clamp_min(1e-30) / P_SCALE
+    w = (v_sc / c)[:, None, None, :]  # P' = P * w <= P_SCALE
+
+    def round_probs(probs: torch.Tensor) -> torch.Tensor:
+        return (probs * w).to(FP8_DTYPE).float() / w
+
+    return attend(q.dequantize(), k.dequantize(), v.dequantize(), softmax_scale=softmax_scale, causal=causal,
+                  round_probs=round_probs)
+
+
 def _kernel_runs(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -62,8 +83,7 @@ def fp8_attend(q: torch.Tensor, k: torch.Tensor | Fp8Tensor, v: torch.Tensor | F
     """``reference.attend`` with q, k, v in e4m3 (module docstring); out in q's dtype."""
     qq, kq, vq = quantize(q), _as_fp8(k), _as_fp8(v)
     if not _kernel_runs(q.device):
-        out, lse = attend(qq.dequantize(), kq.dequantize(), vq.dequantize(), softmax_scale=softmax_scale,
-                          causal=causal)
+        out, lse = emulate(qq, kq, vq, softmax_scale=softmax_scale, causal=causal)
         return out.to(q.dtype), lse
     from qwen1m.kernels.flash_attn import flash_attn_fp8
 
@@ -72,4 +92,4 @@ def fp8_attend(q: torch.Tensor, k: torch.Tensor | Fp8Tensor, v: torch.Tensor | F
                           softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype)
 
 
-__all__ = ["ATTENTION_DTYPES", "Fp8Tensor", "fp8_attend", "quantize"]
+__all__ = ["Fp8Tensor", "emulate", "fp8_attend", "quantize"]

@@ -40,6 +40,7 @@ def attend(
     softmax_scale: float,
     causal: bool,
     max_scores: int = _MAX_SCORES,
+    round_probs=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of every query over every key, returning the output and its LSE.
 
@@ -49,6 +50,8 @@ def attend(
     FlashAttention convention when a chunk of queries comes after already cached keys.
     Returns out [num_q, num_heads, head_dim] in q's dtype and lse [num_heads, num_q] in float32
     (natural log of the sum of exp(score)). A row that sees no key gets out = 0 and lse = -inf.
+    round_probs: emulates a kernel that rounds the probabilities before P.V (``attention/fp8.py``): a
+    function of probs [num_kv_heads, group, n, num_kv] returning them rounded; the LSE is unaffected.
     """
     num_q, num_heads, head_dim = q.shape
     num_kv, num_kv_heads, _ = k.shape
@@ -74,6 +77,8 @@ def attend(
         row_lse = logsumexp(scores, dim=-1)  # [num_kv_heads, group, n]
         safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
         probs = exp_floor(scores - safe[..., None])
+        if round_probs is not None:
+            probs = round_probs(probs)
         ob = torch.einsum("hgnk,hkd->hgnd", probs, vf)
         out[start:end] = ob.permute(2, 0, 1, 3).reshape(end - start, num_heads, head_dim)
         lse[:, start:end] = row_lse.reshape(num_heads, end - start)
