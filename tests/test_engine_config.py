@@ -28,6 +28,7 @@ CLI_CASES = {
     "max_num_batched_tokens": (["--max-num-batched-tokens", "512"], 512),
     "max_num_seqs": (["--max-num-seqs", "3"], 3),
     "kv_cache_dtype": (["--kv-cache-dtype", "fp8"], "fp8"),
+    "attention_dtype": (["--attention-dtype", "fp8"], "fp8"),
     "block_size": (["--block-size", "16"], 16),
     "gpu_memory_utilization": (["--gpu-memory-utilization", "0.5"], 0.5),
     "kv_cache_memory": (["--kv-cache-memory", "1048576"], 1048576),
