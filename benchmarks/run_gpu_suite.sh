@@ -37,6 +37,12 @@
 #   PART=R  sparse density and recall of dummy-weight prompts at 128K / 256K (telemetry), warm TTFT at
 #           32K / 128K and decode intervals at 32K / 1M;
 #   PART=P  the sparse kernel's launch configurations (bench_sparse --sweep), the 1M rows;
+#   PART=S  (planned, one call) sparse prefill after the dense-problems kernel and the dense hints: the
+#           end-to-end rows of the bundled model at 128K / 512K and random 7B weights at 128K with the
+#           profile at 128K, then the attention-only 7B-mix rows at 128K / 1M (rate per pair, split masks);
+#   PART=T  (planned, one call) FP8 attention: its GPU tests, the kernel table with the tile sweep (bf16
+#           Triton and cuDNN in the same run), TTFT at 128K with attention_dtype auto and fp8, then its
+#           accuracy on the bundled model (logits, passkey and RULER niah on held-out text, 4K-128K);
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -64,6 +70,22 @@ passkey_calibrated() {  # dca+sparse passkey with that config (CAL_CONFIG: one f
     --out "$C/passkey" 2>&1 | tr "\r" "\n" | grep -v ETA | tail -4
 }
 case "${PART:-A}" in
+S)
+  timeout "${T_E2E:-330}" python3 benchmarks/bench_sparse_e2e.py --lengths 131072,524288 --random7b 131072 \
+    --profile-length 131072 --repeats 3 --repeat-budget 8 --name sparse_e2e 2>&1 | tail -12
+  timeout "${T_SPARSE:-200}" python3 benchmarks/bench_sparse.py --sizes 131072,1048576 --budgets 7b-mix 2>&1 | tail -10
+  ;;
+T)
+  timeout "${T_TESTS:-110}" python3 -m pytest -q -m gpu tests/kernels/test_flash_attn_fp8.py tests/attention/test_fp8_model.py \
+    -p no:cacheprovider 2>&1 | tail -3
+  timeout "${T_FP8:-160}" python3 benchmarks/bench_attention_fp8.py --sizes 32768,131072 --chunk-kv 1048576 --sweep 2>&1 | tail -7
+  for a in auto fp8; do
+    timeout "${T_TTFT:-70}" python3 benchmarks/bench_engine.py --ttft 131072 --decode "" --enforce-eager \
+      --max-model-len 140000 --kv-cache-tokens 140000 --attention-dtype $a --name engine_ttft_$a 2>&1 | grep "^| TTFT"
+  done
+  timeout "${T_ACC:-200}" python3 benchmarks/eval_fp8_accuracy.py --lengths 4096,32768,131072 \
+    --eval-lengths 4k,32k,128k --depths 0:100:25 --samples 2 --ruler-samples 10 2>&1 | tail -10
+  ;;
 A)
   timeout "${T_ENGINE:-330}" python3 benchmarks/bench_engine.py --ttft 32768,131072,262144 \
     --decode 32768,131072,1000000 --skip-prefill --batch32 --hf-baseline 32768,131072 2>&1 | tail -16
