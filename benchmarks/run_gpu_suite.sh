@@ -83,7 +83,7 @@ T)
     timeout "${T_TTFT:-70}" python3 benchmarks/bench_engine.py --ttft 131072 --decode "" --enforce-eager \
       --max-model-len 140000 --kv-cache-tokens 140000 --attention-dtype $a --name engine_ttft_$a 2>&1 | grep "^| TTFT"
   done
-  timeout "${T_ACC:-200}" python3 benchmarks/eval_fp8_accuracy.py --lengths 4096,32768,131072 \
+  timeout "${T_ACC:-200}" python3 benchmarks/eval_fp8_accuracy.py --lengths 4096,32768,126976 \
     --eval-lengths 4k,32k,128k --depths 0:100:25 --samples 2 --ruler-samples 10 2>&1 | tail -10
   ;;
 A)
