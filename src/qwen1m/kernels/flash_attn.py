@@ -127,6 +127,11 @@ def _attn_fwd_inner(
             p_v = p.to(v.dtype)
         if UPCAST_DOT:
             acc = tl.dot(p_v.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        elif FP8:
+            # Hopper's FP8 MMA accumulates with fewer bits than float32 unless told how many products
+            # it may add that way (triton's sm_90 default: all of them); acc sums up to 1M keys, so the
+            # tile's products are promoted into the float32 acc once per tile
+            acc = tl.dot(p_v, v, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=BLOCK_N)
         else:
             acc = tl.dot(p_v, v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
