@@ -168,3 +168,37 @@ def test_fp8_kernel_gpu_7b_shapes(num_q, num_kv, causal):
     out, lse = flash_attn_fp8(q.values, k.values, v.values, q.scale, k.scale, v.scale, softmax_scale=scale,
                               causal=causal, out_dtype=torch.bfloat16)
     check_fp8(out.float(), lse, q, k, v, softmax_scale=scale, causal=causal, out_rel=2.0 ** -8)
+
+
+@cpu_only
+def test_fp8_attend_copies_v_token_minor_if_the_cache_layout_cannot_be_built(monkeypatch, caplog):
+    """An FP8 cache's V is head_dim-minor. Should the kernel not build for that layout (a Triton
+    that cannot lower P.V from it), ``fp8_attend`` says so once and reads a token-minor copy: the same
+    result. Any other error propagates."""
+    import qwen1m.kernels.flash_attn as fa
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(12, 4, 16, generator=g)
+    k, v = quantize(torch.randn(30, 2, 16, generator=g)), quantize(torch.randn(30, 2, 16, generator=g))
+    expected = fp8_attend(q, k, v, softmax_scale=0.25, causal=True)
+    real = fa.flash_attn_fp8
+    layouts = []
+
+    def picky(q8, k8, v8, *args, **kwargs):
+        layouts.append(v8.stride(0))
+        if v8.stride(0) != 1:
+            raise ImportError("no P.V from a head_dim-minor V here")
+        return real(q8, k8, v8, *args, **kwargs)
+
+    monkeypatch.setattr(fa, "flash_attn_fp8", picky)
+    monkeypatch.setattr("qwen1m.attention.fp8._V_COPY_WARNED", False)
+    got = fp8_attend(q, k, v, softmax_scale=0.25, causal=True)
+    assert layouts == [2 * 16, 1] and "copied token-minor" in caplog.text
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fa, "flash_attn_fp8", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        fp8_attend(q, k, v, softmax_scale=0.25, causal=True)

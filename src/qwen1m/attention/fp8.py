@@ -15,13 +15,17 @@ maximum instead of the running one (so not bit-equal: the same rounding at shift
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
+from qwen1m.attention.kernel_choice import KERNEL_BUILD_ERRORS
 from qwen1m.attention.reference import attend
 from qwen1m.cache.paged_kv import FP8_DTYPE, quantize_fp8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +47,19 @@ class Fp8Tensor:
         return (self.values.float() * self.scale[..., None]).to(dtype)
 
 
-def quantize(x: torch.Tensor) -> Fp8Tensor:
-    """x [n, heads, head_dim] -> per-(token, head) e4m3 (scale = amax / 448, as the FP8 KV cache)."""
+def quantize(x: torch.Tensor, token_minor: bool = False) -> Fp8Tensor:
+    """x [n, heads, head_dim] -> per-(token, head) e4m3 (scale = amax / 448, as the FP8 KV cache).
+    token_minor: the values stored [heads, head_dim, n] (viewed as [n, heads, head_dim]), the layout
+    Hopper's FP8 MMA reads the B operand of P.V from; V is quantised so when it is 16-bit."""
     values, scale = quantize_fp8(x)
-    return Fp8Tensor(values.view(FP8_DTYPE), scale)
+    values = values.view(FP8_DTYPE)
+    if token_minor:
+        values = _token_minor(values)
+    return Fp8Tensor(values, scale)
+
+
+def _token_minor(values: torch.Tensor) -> torch.Tensor:
+    return values.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def _as_fp8(x: torch.Tensor | Fp8Tensor) -> Fp8Tensor:
@@ -81,15 +94,35 @@ def _kernel_runs(device: torch.device) -> bool:
 def fp8_attend(q: torch.Tensor, k: torch.Tensor | Fp8Tensor, v: torch.Tensor | Fp8Tensor, *,
                softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.attend`` with q, k, v in e4m3 (module docstring); out in q's dtype."""
-    qq, kq, vq = quantize(q), _as_fp8(k), _as_fp8(v)
+    qq, kq = quantize(q), _as_fp8(k)
+    vq = v if isinstance(v, Fp8Tensor) else quantize(v, token_minor=q.is_cuda)
     if not _kernel_runs(q.device):
         out, lse = emulate(qq, kq, vq, softmax_scale=softmax_scale, causal=causal)
         return out.to(q.dtype), lse
     from qwen1m.kernels.flash_attn import flash_attn_fp8
 
     out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
-    return flash_attn_fp8(qq.values, kq.values, vq.values, qq.scale, kq.scale, vq.scale,
-                          softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype)
+
+    def run(vv: Fp8Tensor):
+        return flash_attn_fp8(qq.values, kq.values, vv.values, qq.scale, kq.scale, vv.scale,
+                              softmax_scale=softmax_scale, causal=causal, out_dtype=out_dtype)
+
+    try:
+        return run(vq)
+    except KERNEL_BUILD_ERRORS as e:
+        if vq.values.stride(0) == 1:
+            raise
+        # an FP8 cache's V is head_dim-minor; should this Triton not build P.V from that layout,
+        # a token-minor copy of V (one byte per value, no dequantisation) serves instead
+        global _V_COPY_WARNED
+        if not _V_COPY_WARNED:
+            log.warning("FP8 attention: V as the FP8 cache stores it cannot be read here (%s: %s); "
+                        "V is copied token-minor per call instead", type(e).__name__, e)
+            _V_COPY_WARNED = True
+        return run(Fp8Tensor(_token_minor(vq.values), vq.scale))
+
+
+_V_COPY_WARNED = False
 
 
 __all__ = ["Fp8Tensor", "emulate", "fp8_attend", "quantize"]

@@ -150,7 +150,7 @@ class SequenceBlocks:
         c, rows = self.cache, self._rows(0, end)
         kf, vf = self._flat(layer)
         if not c.fp8:
-            return quantize(kf[rows]), quantize(vf[rows])
+            return quantize(kf[rows]), quantize(vf[rows], token_minor=kf.is_cuda)
         ks = c.k_scale[layer].view(-1, c.num_kv_heads)[rows]
         vs = c.v_scale[layer].view(-1, c.num_kv_heads)[rows]
         return Fp8Tensor(kf[rows].view(FP8_DTYPE), ks), Fp8Tensor(vf[rows].view(FP8_DTYPE), vs)
