@@ -202,3 +202,17 @@ def test_fp8_attend_copies_v_token_minor_if_the_cache_layout_cannot_be_built(mon
     monkeypatch.setattr(fa, "flash_attn_fp8", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         fp8_attend(q, k, v, softmax_scale=0.25, causal=True)
+
+
+def test_quantize_in_pieces_equals_at_once(monkeypatch):
+    """Long inputs are quantised in pieces (bounded float32 temporaries): the same values and scales,
+    in either layout."""
+    import qwen1m.attention.fp8 as fp8
+
+    x = torch.randn(50, 2, 16)
+    whole, whole_minor = quantize(x), quantize(x, token_minor=True)
+    monkeypatch.setattr(fp8, "_QUANTISE_ROWS", 16)
+    for token_minor, ref in ((False, whole), (True, whole_minor)):
+        pieces = quantize(x, token_minor=token_minor)
+        assert pieces.values.stride() == ref.values.stride()
+        assert torch.equal(pieces.values.float(), ref.values.float()) and torch.equal(pieces.scale, ref.scale)

@@ -51,11 +51,26 @@ def quantize(x: torch.Tensor, token_minor: bool = False) -> Fp8Tensor:
     """x [n, heads, head_dim] -> per-(token, head) e4m3 (scale = amax / 448, as the FP8 KV cache).
     token_minor: the values stored [heads, head_dim, n] (viewed as [n, heads, head_dim]), the layout
     Hopper's FP8 MMA reads the B operand of P.V from; V is quantised so when it is 16-bit."""
-    values, scale = quantize_fp8(x)
-    values = values.view(FP8_DTYPE)
+    n, heads, head_dim = x.shape
+    if n <= _QUANTISE_ROWS:
+        values, scale = quantize_fp8(x)
+        values = values.view(FP8_DTYPE)
+        return Fp8Tensor(_token_minor(values) if token_minor else values, scale)
+    # in pieces: quantize_fp8 makes float32 temporaries of its input (2 GiB for a 1M-token layer's K)
     if token_minor:
-        values = _token_minor(values)
+        store = torch.empty(heads, head_dim, n, dtype=FP8_DTYPE, device=x.device)
+        values = store.permute(2, 0, 1)
+    else:
+        values = torch.empty(n, heads, head_dim, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(n, heads, dtype=torch.float32, device=x.device)
+    for start in range(0, n, _QUANTISE_ROWS):
+        part, part_scale = quantize_fp8(x[start:start + _QUANTISE_ROWS])
+        values[start:start + part.shape[0]] = part.view(FP8_DTYPE)
+        scale[start:start + part.shape[0]] = part_scale
     return Fp8Tensor(values, scale)
+
+
+_QUANTISE_ROWS = 65536  # tokens per piece: float32 temporaries of 65536 x 4 kv heads x 128 = 128 MiB
 
 
 def _token_minor(values: torch.Tensor) -> torch.Tensor:
