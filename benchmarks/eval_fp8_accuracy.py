@@ -102,16 +102,33 @@ def task_rows(args, device: str, out_dir: Path) -> list[dict]:
                 cmd += ["--model", args.model]
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
             t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                raise SystemExit(f"{' '.join(cmd[2:6])} failed:\n{proc.stderr[-2000:]}")
+            if not args.summarize_only:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{' '.join(cmd[2:6])} failed:\n{proc.stderr[-2000:]}")
             accs[dtype] = _accuracy(folder)
             print(f"{task} {dtype}: {accs[dtype]} ({time.perf_counter() - t:.0f} s)", flush=True)
+        same = _same_answers(out_dir / f"{task}_auto", out_dir / f"{task}_fp8")
         for length, (a, n) in accs["auto"].items():
             f = accs["fp8"].get(length, (None, 0))[0]
             rows.append({"task": task, "length": length, "samples": n, "auto": a, "fp8": f,
-                         "fp8_minus_auto_points": None if f is None else round(f - a, 2)})
+                         "fp8_minus_auto_points": None if f is None else round(f - a, 2),
+                         "same_answer_share": same.get(length)})
     return rows
+
+
+def _same_answers(auto: Path, fp8: Path) -> dict[int, float]:
+    """Per length, the share of prompts (the same ones: same seed) whose answer text is identical."""
+    a = json.loads(next(auto.glob("*.json")).read_text())["samples"]
+    b = json.loads(next(fp8.glob("*.json")).read_text())["samples"]
+    key = ("task", "length", "depth", "sample")
+    got = {tuple(r.get(k) for k in key): r["got"] for r in b}
+    by_len: dict[int, list[bool]] = {}
+    for r in a:
+        other = got.get(tuple(r.get(k) for k in key))
+        if other is not None:
+            by_len.setdefault(r["length"], []).append(other == r["got"])
+    return {n: round(sum(v) / len(v), 3) for n, v in sorted(by_len.items())}
 
 
 def _accuracy(folder: Path) -> dict[int, tuple[float, int]]:
@@ -135,19 +152,23 @@ def main() -> None:
     ap.add_argument("--tasks", default="passkey,niah_single_1")
     ap.add_argument("--mode", default="dca")
     ap.add_argument("--name", default="fp8_accuracy")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="no model runs: the task rows from the eval folders already under $OUT")
     args = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out_dir = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="fp8_accuracy_"))
     results = {"model": args.model or "bundled", "device": device,
                "fp8_path": "kernel" if device == "cuda" else "CPU emulation (attention.fp8.emulate)",
                "families": "heldout", "args": vars(args)}
-    results["logits"] = logits_rows(args, device)
-    save(args.name, results)
+    if not args.summarize_only:
+        results["logits"] = logits_rows(args, device)
+        save(args.name, results)
     results["tasks"] = task_rows(args, device, out_dir)
     save(args.name, results)
-    print("\n| task | length | model dtype | fp8 | points |\n|---|---|---|---|---|")
+    print("\n| task | length | model dtype | fp8 | points | same answer |\n|---|---|---|---|---|---|")
     for r in results["tasks"]:
-        print(f"| {r['task']} | {r['length']} | {r['auto']} | {r['fp8']} | {r['fp8_minus_auto_points']} |")
+        print(f"| {r['task']} | {r['length']} | {r['auto']} | {r['fp8']} | {r['fp8_minus_auto_points']} "
+              f"| {r['same_answer_share']} |")
 
 
 if __name__ == "__main__":
