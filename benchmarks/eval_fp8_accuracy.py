@@ -160,7 +160,7 @@ def main() -> None:
     results = {"model": args.model or "bundled", "device": device,
                "fp8_path": "kernel" if device == "cuda" else "CPU emulation (attention.fp8.emulate)",
                "families": "heldout", "args": vars(args)}
-    if not args.summarize_only:
+    if not args.summarize_only and args.lengths:
         results["logits"] = logits_rows(args, device)
         save(args.name, results)
     results["tasks"] = task_rows(args, device, out_dir)
