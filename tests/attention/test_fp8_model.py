@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from qwen1m import LLM, SamplingParams
-from qwen1m.attention.fp8 import fp8_attend
+from qwen1m.attention.fp8 import Fp8Tensor, fp8_attend
 from qwen1m.cache.paged_kv import PagedKVCache, SequenceBlocks, write_slots
 from qwen1m.config import DCAConfig
 from qwen1m.errors import ConfigError
@@ -43,32 +43,43 @@ def test_fp8_greedy_tokens_equal_the_model_dtype(tiny_checkpoint, dca):
     assert outs["fp8"] == outs["auto"]
 
 
-def test_fp8_attention_changes_the_prefill(tiny_checkpoint, monkeypatch):
-    """The option reaches the attention: FP8 prefill logits differ from float32's, by e4m3's rounding."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_fp8_attention_reaches_the_prefill(tiny_checkpoint, monkeypatch, kv_cache_dtype):
+    """The option reaches the attention: one FP8 call per layer in prefill, none in decode; with an
+    FP8 cache its keys come as stored (``view_stored_fp8``), with a 16-bit cache quantised."""
     import qwen1m.attention.fp8 as fp8
+    from qwen1m.cache.paged_kv import SequenceBlocks as Blocks
 
-    calls = []
-    real = fp8.fp8_attend
+    calls, stored = [], []
+    real, real_view = fp8.fp8_attend, Blocks.view_stored_fp8
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(q, k, v, **kwargs):
+        calls.append(isinstance(k, Fp8Tensor) and isinstance(v, Fp8Tensor))
+        return real(q, k, v, **kwargs)
+
+    def spying(self, layer, end):
+        stored.append(layer)
+        return real_view(self, layer, end)
 
     monkeypatch.setattr(fp8, "fp8_attend", counting)
-    llm = LLM(model=str(tiny_checkpoint), dtype="float32", device="cpu", attention_dtype="fp8", max_model_len=512)
+    monkeypatch.setattr(Blocks, "view_stored_fp8", spying)
+    llm = LLM(model=str(tiny_checkpoint), dtype="float32", device="cpu", attention_dtype="fp8",
+              kv_cache_dtype=kv_cache_dtype, max_model_len=512)
     llm.generate([_prompt(3)], SamplingParams(max_tokens=2, temperature=0))
-    assert len(calls) == 2  # one prefill call per layer (2 layers); the decode step keeps float32
+    assert calls == [True, True]  # 2 layers, prefill only: the decode step keeps float32
+    assert stored == ([0, 1] if kv_cache_dtype == "fp8" else [])
 
 
 def test_fp8_cache_is_read_as_stored():
-    """``view_fp8`` of an FP8 cache hands the kernel the stored bytes and scales (no dequantised
+    """``view_stored_fp8`` of an FP8 cache hands the kernel the stored bytes and scales (no dequantised
     copy): attending them equals attending the dequantised view, quantised again."""
     cache = PagedKVCache(1, 8, 16, 2, 32, torch.float32, torch.device("cpu"), fp8=True)
     seq = SequenceBlocks(cache, [2, 3, 4, 5], torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(50, 2, 32, generator=g), torch.randn(50, 2, 32, generator=g)
     write_slots(cache, 0, slice(2 * 16, 2 * 16 + 50), k, v)
-    kq, vq = seq.view_fp8(0, 50)
+    k8, ks, v8, vs = seq.view_stored_fp8(0, 50)
+    kq, vq = Fp8Tensor(k8, ks), Fp8Tensor(v8, vs)
     kd, vd = seq.view(0, 50)
     assert kq.values.dtype == torch.float8_e4m3fn
     assert kq.values.data_ptr() == cache.k[0].view(-1, 2, 32)[32:].data_ptr()  # a view, not a copy

@@ -141,7 +141,13 @@ class AttentionBackend:
         ``Fp8Tensor``s, the FP8 cache's bytes as stored or a 16-bit cache quantised once per layer."""
         if not self._fp8(seq):
             return seq.cache.view(layer, seq.num_total)
-        return seq.cache.view_fp8(layer, seq.num_total)
+        from qwen1m.attention.fp8 import Fp8Tensor, quantize
+
+        if seq.cache.cache.fp8:
+            k8, ks, v8, vs = seq.cache.view_stored_fp8(layer, seq.num_total)
+            return Fp8Tensor(k8, ks), Fp8Tensor(v8, vs)
+        keys, values = seq.cache.view(layer, seq.num_total)
+        return quantize(keys), quantize(values, token_minor=keys.is_cuda)
 
     def _use_decode_kernel(self, device: torch.device) -> bool:
         choice = self.kernels.decode_kernel

@@ -142,18 +142,17 @@ class SequenceBlocks:
             raise RuntimeError(f"KV cache overflow: writing up to token {end} into {self.capacity} reserved slots")
         write_slots(self.cache, layer, self._rows(start, end), k, v)
 
-    def view_fp8(self, layer: int, end: int):
-        """Keys and values of tokens [0, end) as ``attention.fp8.Fp8Tensor``s: an FP8 cache's bytes and
-        scales (views when the blocks are contiguous, else one gather), a 16-bit cache quantised."""
-        from qwen1m.attention.fp8 import Fp8Tensor, quantize
-
+    def view_stored_fp8(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An FP8 cache's keys and values of tokens [0, end) as stored: (k e4m3, k scales, v e4m3, v
+        scales), [end, num_kv_heads, head_dim] and [end, num_kv_heads]; views when the blocks are
+        contiguous, else one gather. No dequantisation (FP8 attention reads these bytes directly)."""
         c, rows = self.cache, self._rows(0, end)
-        kf, vf = self._flat(layer)
         if not c.fp8:
-            return quantize(kf[rows]), quantize(vf[rows], token_minor=kf.is_cuda)
+            raise ValueError("view_stored_fp8 needs an FP8 cache (kv_cache_dtype='fp8').")
+        kf, vf = self._flat(layer)
         ks = c.k_scale[layer].view(-1, c.num_kv_heads)[rows]
         vs = c.v_scale[layer].view(-1, c.num_kv_heads)[rows]
-        return Fp8Tensor(kf[rows].view(FP8_DTYPE), ks), Fp8Tensor(vf[rows].view(FP8_DTYPE), vs)
+        return kf[rows].view(FP8_DTYPE), ks, vf[rows].view(FP8_DTYPE), vs
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens [0, end) as [end, num_kv_heads, head_dim] in the compute dtype.
