@@ -33,7 +33,8 @@ from common import save  # noqa: E402
 
 from qwen1m.attention.fp8 import Fp8Tensor, fp8_attend, quantize  # noqa: E402
 from qwen1m.attention.ops import sdpa_attend  # noqa: E402
-from qwen1m.kernels.flash_attn import _fp8_config, flash_attn, flash_attn_fp8  # noqa: E402
+from qwen1m.kernels.flash_attn import flash_attn  # noqa: E402
+from qwen1m.kernels.flash_attn_fp8 import _fp8_config, flash_attn_fp8  # noqa: E402
 
 FP8_SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 4, 3),

@@ -30,7 +30,7 @@ import torch
 
 from qwen1m.attention.fp8 import Fp8Tensor, emulate, fp8_attend, quantize
 from qwen1m.attention.reference import attend
-from qwen1m.kernels.flash_attn import flash_attn_fp8
+from qwen1m.kernels.flash_attn_fp8 import flash_attn_fp8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU tests run through TRITON_INTERPRET=1")
@@ -175,7 +175,7 @@ def test_fp8_attend_copies_v_token_minor_if_the_cache_layout_cannot_be_built(mon
     """An FP8 cache's V is head_dim-minor. Should the kernel not build for that layout (a Triton
     that cannot lower P.V from it), ``fp8_attend`` says so once and reads a token-minor copy: the same
     result. Any other error propagates."""
-    import qwen1m.kernels.flash_attn as fa
+    import qwen1m.kernels.flash_attn_fp8 as fa
 
     g = torch.Generator().manual_seed(6)
     q = torch.randn(12, 4, 16, generator=g)
@@ -216,3 +216,13 @@ def test_quantize_in_pieces_equals_at_once(monkeypatch):
         pieces = quantize(x, token_minor=token_minor)
         assert pieces.values.stride() == ref.values.stride()
         assert torch.equal(pieces.values.float(), ref.values.float()) and torch.equal(pieces.scale, ref.scale)
+
+
+def test_the_emulation_uses_the_kernels_constants():
+    """``fp8.emulate`` rounds P at the kernel's P_SCALE over tiles of the GPU kernel's BLOCK_N."""
+    import qwen1m.attention.fp8 as fp8
+    from qwen1m.kernels.flash_attn import P_SCALE
+    from qwen1m.kernels.flash_attn_fp8 import _fp8_config
+
+    assert fp8.P_SCALE == float(P_SCALE.value if hasattr(P_SCALE, "value") else P_SCALE)
+    assert fp8.EMULATED_TILE == _fp8_config(128, torch.device("cuda"))["BLOCK_N"]

@@ -3,7 +3,7 @@
 Queries, keys and values are quantised per (token, head) with one float32 scale each, the format of
 the FP8 KV cache (``cache/paged_kv.py``), so a cache in FP8 is read as it is stored and a 16-bit
 cache is quantised once per layer and step. Both products of attention then run on FP8 tensor cores
-(``kernels.flash_attn.flash_attn_fp8``); the scores, the softmax and the LSE stay float32, so DCA's
+(``kernels.flash_attn_fp8``); the scores, the softmax and the LSE stay float32, so DCA's
 LSE merge is unchanged. Decode is not affected (it reads the cache with the paged decode kernel).
 
 ``fp8_attend`` has ``reference.attend``'s contract and takes k / v either as 16-bit tensors or as
@@ -23,7 +23,7 @@ import torch
 
 from qwen1m.attention.kernel_choice import KERNEL_BUILD_ERRORS
 from qwen1m.attention.reference import attend
-from qwen1m.cache.paged_kv import FP8_DTYPE, quantize_fp8
+from qwen1m.cache.paged_kv import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Fp8Tensor:
         return Fp8Tensor(self.values[index], self.scale[index])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.values.float() * self.scale[..., None]).to(dtype)
+        return dequantize_fp8(self.values, self.scale, dtype)
 
 
 def quantize(x: torch.Tensor, token_minor: bool = False) -> Fp8Tensor:
@@ -81,8 +81,8 @@ def _as_fp8(x: torch.Tensor | Fp8Tensor) -> Fp8Tensor:
     return x if isinstance(x, Fp8Tensor) else quantize(x)
 
 
-EMULATED_TILE = 128  # the GPU kernel's BLOCK_N for head_dim <= 128 (kernels.flash_attn._fp8_config)
-P_SCALE = 256.0  # kernels.flash_attn.P_SCALE
+EMULATED_TILE = 128  # the GPU kernel's BLOCK_N for head_dim <= 128 (kernels.flash_attn_fp8._fp8_config; a test checks)
+P_SCALE = 256.0  # kernels.flash_attn.P_SCALE (a test checks they agree)
 
 
 def emulate(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, *, softmax_scale: float, causal: bool,
@@ -114,7 +114,7 @@ def fp8_attend(q: torch.Tensor, k: torch.Tensor | Fp8Tensor, v: torch.Tensor | F
     if not _kernel_runs(q.device):
         out, lse = emulate(qq, kq, vq, softmax_scale=softmax_scale, causal=causal)
         return out.to(q.dtype), lse
-    from qwen1m.kernels.flash_attn import flash_attn_fp8
+    from qwen1m.kernels.flash_attn_fp8 import flash_attn_fp8
 
     out_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
 

@@ -17,6 +17,8 @@ Softmax in base 2: scores are scaled by softmax_scale * log2(e) once, so the inn
 the LSE is converted back to natural log at the end. Masked scores get -1e6 (finite, so a row whose
 first block is fully masked has no NaN); rows that see no key at all are known from their index and
 written as out = 0, lse = -inf.
+
+The same body, with the ``FP8`` switch, serves e4m3 inputs: ``kernels/flash_attn_fp8.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-P_SCALE = tl.constexpr(256.0)  # FP8: P.V operands reach at most this (module docstring)
+P_SCALE = tl.constexpr(256.0)  # FP8: P.V operands reach at most this (kernels/flash_attn_fp8.py)
 _PROB_FIELDS = 8  # a problem-table row, as kernels/sparse_attn.py's PROB_FIELDS (a test checks they agree)
 
 
@@ -54,7 +56,7 @@ def _attn_fwd_inner(
 ):
     """Online softmax over keys [start, end) in BLOCK_N steps; k_ptrs / v_ptrs point at key 0.
 
-    FP8 (module docstring, "FP8"): q, K and V are e4m3 with one scale per (token, head); qk_scale is
+    FP8 (kernels/flash_attn_fp8.py): q, K and V are e4m3 with one scale per (token, head); qk_scale is
     then a [BLOCK_M] vector (the query rows' scales times softmax_scale * log2 e), ks_ptrs / vs_ptrs
     point at key 0's K / V scales, and acc is kept in units of c_i, the current tile's P.V scale.
     """
@@ -436,62 +438,6 @@ def flash_attn(
     )
 
 
-def _fp8_config(head_dim: int, device: torch.device) -> dict[str, int]:
-    """Tiles for e4m3 inputs: one-byte K/V tiles take half the shared memory of 16-bit ones.
-    Not measured yet on a GPU (benchmarks/bench_attention.py --fp8 sweeps them)."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128 if head_dim <= 128 else 64, num_warps=8, num_stages=3)
-
-
-def flash_attn_fp8(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_scale: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    *,
-    softmax_scale: float,
-    causal: bool,
-    out_dtype: torch.dtype = torch.bfloat16,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    config: dict[str, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``flash_attn`` on e4m3 inputs with one float32 scale per (token, head): the true q is
-    ``q.float() * q_scale[..., None]``, and likewise k, v (the FP8 KV cache's format, so its bytes
-    are read in place). Both products run on FP8 tensor cores; P is quantised to e4m3 with each key's
-    V scale folded in (module docstring, "FP8"). k_scale and v_scale must have equal strides.
-    Returns out [num_q, num_heads, head_dim] in ``out_dtype`` and lse [num_heads, num_q] float32.
-    """
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
-        raise ValueError(f"flash_attn_fp8: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match.")
-    if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
-        raise ValueError(f"flash_attn_fp8 takes float8_e4m3fn q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}.")
-    num_q, num_heads, head_dim = q.shape
-    num_kv, num_kv_heads, _ = k.shape
-    if num_heads % num_kv_heads or head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"flash_attn_fp8: {num_heads} query heads over {num_kv_heads} kv heads of head_dim "
-                         f"{head_dim} (a power of two in [16, 256]) are not supported.")
-    if (q_scale.shape != (num_q, num_heads) or k_scale.shape != (num_kv, num_kv_heads)
-            or v_scale.shape != k_scale.shape or k_scale.stride() != v_scale.stride()
-            or any(t.dtype != torch.float32 for t in (q_scale, k_scale, v_scale))):
-        raise ValueError(
-            f"flash_attn_fp8: scales must be float32 q ({num_q}, {num_heads}) and k, v ({num_kv}, {num_kv_heads}) "
-            f"with equal strides, got {tuple(q_scale.shape)}, {tuple(k_scale.shape)} {k_scale.stride()}, "
-            f"{tuple(v_scale.shape)} {v_scale.stride()}.")
-    if out is None:
-        out = torch.empty(num_q, num_heads, head_dim, dtype=out_dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
-    _check_out(q, out, lse, out_dtype)
-    config = config or _fp8_config(head_dim, q.device)
-    _launch(q, k, v, out, lse, (q_scale, k_scale, v_scale), softmax_scale=softmax_scale, causal=causal,
-            config=config)
-    return out, lse
-
-
 def flash_attn_problems(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -545,4 +491,4 @@ def flash_attn_problems(
         )
 
 
-__all__ = ["flash_attn", "flash_attn_fp8", "flash_attn_problems", "flash_attn_with_config"]
+__all__ = ["flash_attn", "flash_attn_problems", "flash_attn_with_config"]
