@@ -1,7 +1,8 @@
 """Server limits: input limits before work (defect 3), admission control (defect 4) and exposure (defect 8).
 
-The latency figures asserted here are the server's explicit targets (413 within 1 s, /health within
-100 ms, a 4-token answer within 5 s); everything else waits for conditions, with TIMEOUT as a hang guard.
+Nothing here asserts a time (the figures for the issue's latency targets come from
+benchmarks/bench_server_limits.py): each property is shown by what happens, e.g. a 413 that arrives while
+most of the body is still unsent proves the body was not read, and TIMEOUT is only a hang guard.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -97,36 +99,69 @@ def serve_process(folder):
                 proc.kill()
 
 
-def test_a_50_mb_body_is_refused_at_once_while_health_answers(serve_process):
+def _open_upload(url: str, declared: int, sent: bytes) -> socket.socket:
+    """A POST whose headers declare ``declared`` body bytes, of which only ``sent`` goes out."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {declared}\r\n\r\n".encode() + sent)
+    return conn
+
+
+def _read_response(conn: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    headers = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int({k.lower(): v for k, v in headers.items()}[b"content-length"])
+    while len(body) < length:
+        body += conn.recv(65536)
+    return int(head.split()[1]), body
+
+
+def test_a_50_mb_body_is_refused_before_it_is_read_while_health_answers(serve_process):
     proc, url = serve_process
     limit = default_max_request_bytes(MAX_MODEL_LEN)
+    assert_serving(url)
+    # 1. Declared 50 MB, 1 KB sent: the 413 arrives with 99.998% of the body unsent, so the server
+    #    did not wait for, read, parse or tokenize it; /health answers while that upload stays open.
+    conn = _open_upload(url, 50 << 20, b'{"prompt": "' + b"x" * 1024)
+    try:
+        status, body = _read_response(conn)
+        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+    finally:
+        conn.close()
+    assert status == 413, body
+    error = json.loads(body)["error"]
+    assert f"limit of {limit} bytes" in error["message"] and "--max-request-bytes" in error["message"]
+    assert error["code"] == "request_too_large"
+
+    # 2. The whole 50 MB sent by a client: 413 again, /health answers 200 throughout, and nothing of
+    #    the body stays in the server's memory.
     payload = json.dumps({"prompt": "x" * (50 << 20)}).encode()
-    latencies, stop = [], threading.Event()
+    answers, stop = [], threading.Event()
 
     def poll_health():
         with httpx.Client(timeout=TIMEOUT) as client:
             while not stop.is_set():
-                start = time.perf_counter()
-                assert client.get(url + "/health").status_code == 200
-                latencies.append(time.perf_counter() - start)
+                answers.append(client.get(url + "/health").status_code)
                 time.sleep(0.01)
 
-    assert_serving(url)
     before = rss_bytes(proc.pid)
     poller = threading.Thread(target=poll_health)
     poller.start()
     try:
-        start = time.perf_counter()
         response = httpx.post(url + "/v1/completions", content=payload, timeout=TIMEOUT,
                               headers={"Content-Type": "application/json"})
-        elapsed = time.perf_counter() - start
     finally:
         stop.set()
         poller.join(TIMEOUT)
     error = assert_error(response, 413, f"limit of {limit} bytes", "--max-request-bytes")
     assert error["code"] == "request_too_large"
-    assert elapsed < 1.0, elapsed  # the issue's target: the server did not read, parse or tokenize it
-    assert latencies and max(latencies) < 0.1, max(latencies)  # the issue's target for /health meanwhile
+    assert answers and set(answers) == {200}, answers
     assert rss_bytes(proc.pid) < 1.1 * before, (before, rss_bytes(proc.pid))  # nothing of the body stayed
     assert_serving(url)
 
@@ -163,7 +198,8 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(ser
 # ---- defect 4: head-of-line blocking, unbounded queues -------------------------------------------------
 def test_a_4_token_request_is_answered_while_a_large_n_chat_runs(served):
     """n=6 chats with no max_tokens may each run to max_model_len; the KV cache holds three of those.
-    A 4-token request sent while they generate is answered within the issue's 5 s."""
+    A 4-token request sent while they generate is answered while they still run: it was not queued
+    behind them (its latency is benchmarks/bench_server_limits.py's figure, not asserted here)."""
     _, url = served
     body = {"messages": [{"role": "user", "content": "Tell me everything."}], "n": 6, "stream": True,
             "ignore_eos": True, "temperature": 0}
@@ -177,12 +213,9 @@ def test_a_4_token_request_is_answered_while_a_large_n_chat_runs(served):
                     contents += 1
                 if contents >= 6:
                     break
-            start = time.perf_counter()
             small = httpx.post(url + "/v1/completions", timeout=TIMEOUT,
                                json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
-            elapsed = time.perf_counter() - start
             assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 4
-            assert elapsed < 5.0, elapsed
             running = [line for line in httpx.get(url + "/metrics", timeout=TIMEOUT).text.splitlines()
                        if line.startswith("qwen1m_num_requests_running ")]
             assert float(running[0].split()[1]) >= 1  # the big one is still generating
