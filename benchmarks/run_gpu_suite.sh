@@ -76,7 +76,8 @@ S)
   timeout "${T_SPARSE:-200}" python3 benchmarks/bench_sparse.py --sizes 131072,1048576 --budgets 7b-mix 2>&1 | tail -10
   ;;
 T)
-  timeout "${T_TESTS:-110}" python3 -m pytest -q -m gpu tests/kernels/test_flash_attn_fp8.py tests/attention/test_fp8_model.py \
+  timeout "${T_TESTS:-110}" python3 -m pytest -q -m gpu tests/kernels/test_flash_attn_fp8.py tests/kernels/test_sparse_attn_fp8.py \
+    tests/attention/test_fp8_model.py \
     -p no:cacheprovider 2>&1 | tail -3
   timeout "${T_FP8:-160}" python3 benchmarks/bench_attention_fp8.py --sizes 32768,131072 --chunk-kv 1048576 --sweep 2>&1 | tail -7
   for a in auto fp8; do

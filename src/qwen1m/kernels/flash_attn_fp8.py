@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen1m.kernels.flash_attn import _check_out, _launch
+from qwen1m.kernels.flash_attn import _check_out, _launch, check_fp8_inputs
 
 
 def _fp8_config(head_dim: int, device: torch.device) -> dict[str, int]:
@@ -52,20 +52,12 @@ def flash_attn_fp8(
     """
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"flash_attn_fp8: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match.")
-    if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
-        raise ValueError(f"flash_attn_fp8 takes float8_e4m3fn q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    check_fp8_inputs("flash_attn_fp8", q, k, v, (q_scale, k_scale, v_scale))
     num_q, num_heads, head_dim = q.shape
-    num_kv, num_kv_heads, _ = k.shape
+    num_kv_heads = k.shape[1]
     if num_heads % num_kv_heads or head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         raise ValueError(f"flash_attn_fp8: {num_heads} query heads over {num_kv_heads} kv heads of head_dim "
                          f"{head_dim} (a power of two in [16, 256]) are not supported.")
-    if (q_scale.shape != (num_q, num_heads) or k_scale.shape != (num_kv, num_kv_heads)
-            or v_scale.shape != k_scale.shape or k_scale.stride() != v_scale.stride()
-            or any(t.dtype != torch.float32 for t in (q_scale, k_scale, v_scale))):
-        raise ValueError(
-            f"flash_attn_fp8: scales must be float32 q ({num_q}, {num_heads}) and k, v ({num_kv}, {num_kv_heads}) "
-            f"with equal strides, got {tuple(q_scale.shape)}, {tuple(k_scale.shape)} {k_scale.stride()}, "
-            f"{tuple(v_scale.shape)} {v_scale.stride()}.")
     if out is None:
         out = torch.empty(num_q, num_heads, head_dim, dtype=out_dtype, device=q.device)
     if lse is None:

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen1m.kernels.flash_attn import _fold_v_scale, check_fp8_inputs
 from qwen1m.sparse_index import BatchedVSIndex, VerticalSlashIndex
 
 _LOG2E = 1.4426950408889634
@@ -39,17 +40,23 @@ _MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16 on the GPU
 
 @triton.jit
 def _attend_keys(
-    acc, l_i, m_i, q, keys, key_ok, q_lim,
-    k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+    acc, l_i, m_i, c_i, q, keys, key_ok, q_lim,
+    k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_sn,
+    qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASKED: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One online-softmax step over the BLOCK_N keys ``keys`` (any indices; ``key_ok`` = real keys).
 
     MASKED=False: the caller guarantees every key is real and visible to every row of the block (a
     "clear" tile), so no mask is built or applied and the loads are unpredicated; ``key_ok`` and
     ``q_lim`` are then unused. The running max stays finite after a clear tile, so no -inf guard.
+    FP8: q, K, V in e4m3 as the dense FP8 kernel takes them (kernels/flash_attn_fp8.py): qk_scale is a
+    [BLOCK_M] vector holding the rows' scales, each key's K scale multiplies its score column, its V
+    scale is folded into P (``_fold_v_scale``), and acc is kept in units of c_i.
     """
     offs_d = tl.arange(0, HEAD_DIM)
+    BLOCK_N: tl.constexpr = keys.shape[0]
     keys64 = keys.to(tl.int64)
     # K read transposed [HEAD_DIM, BLOCK_N], V as [BLOCK_N, HEAD_DIM]: 2 * BLOCK_N * HEAD_DIM elements
     k_ptrs = k_head_ptr + keys64[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -61,11 +68,24 @@ def _attend_keys(
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
     else:
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if FP8:  # the keys' scales per column, the rows' (with softmax_scale) per row
+        if MASKED:
+            k_sc = tl.load(ks_head_ptr + keys64 * stride_sn, mask=key_ok, other=0.0)
+        else:
+            k_sc = tl.load(ks_head_ptr + keys64 * stride_sn)
+        qk = qk * k_sc[None, :]
+        row_scale = qk_scale[:, None]
+    else:
+        row_scale = qk_scale
     if MASKED:
         visible = key_ok[None, :] & (keys[None, :] <= q_lim[:, None])  # q_lim >= num_kv when not causal
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        qk = tl.where(visible, qk * row_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no visible key yet: p = alpha = 0
+    elif FP8:
+        qk = qk * row_scale
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = m_ij
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         qk = qk * qk_scale
@@ -73,17 +93,27 @@ def _attend_keys(
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
     v_ptrs = v_head_ptr + keys64[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASKED:
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    if UPCAST_DOT:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    if FP8:
+        if MASKED:
+            v_sc = tl.load(vs_head_ptr + keys64 * stride_sn, mask=key_ok, other=0.0)
+        else:
+            v_sc = tl.load(vs_head_ptr + keys64 * stride_sn)
+        acc, p_v, c_i = _fold_v_scale(acc, p, alpha, c_i, v, v_sc, UPCAST_DOT)
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_ij
+        acc = acc * alpha[:, None]
+        p_v = p.to(v.dtype)
+    if UPCAST_DOT:
+        acc = tl.dot(p_v.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    elif FP8:  # promoted into the float32 acc once per tile, as in the dense FP8 kernel
+        acc = tl.dot(p_v, v, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=BLOCK_N)
+    else:
+        acc = tl.dot(p_v, v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_ij, c_i
 
 
 @triton.jit
@@ -105,9 +135,10 @@ def _count_at_most(ptr, stride, n, bound):
                                "stride_bch", "stride_bop", "stride_boh", "stride_bom", "stride_ccp", "stride_cch",
                                "stride_cip", "stride_cih", "stride_cim"])
 def _sparse_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, prob_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, prob_ptr, qs_ptr, ks_ptr, vs_ptr,
     block_count_ptr, block_offset_ptr, column_count_ptr, column_index_ptr,
     num_m_blocks, qk_scale,
+    stride_qss, stride_qsm, stride_qsh, stride_sn, stride_sh,
     stride_qs, stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
@@ -119,7 +150,7 @@ def _sparse_attn_fwd_kernel(
     stride_cip, stride_cih, stride_cim, stride_cic,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    HEADS_FIRST: tl.constexpr, SPLIT: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
 ):
     # grid (query blocks, heads, problems), or (heads, query blocks, problems) with HEADS_FIRST: the
     # heads of one query block then run side by side, and a kv group's query heads read overlapping
@@ -159,6 +190,17 @@ def _sparse_attn_fwd_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         k_head_ptr = k_ptr + key_begin * stride_kn + kv_head * stride_kh
         v_head_ptr = v_ptr + key_begin * stride_vn + kv_head * stride_vh
+        if FP8:  # the rows' scales join softmax_scale; K / V scales [keys, kv heads], equal strides
+            q_sc = tl.load(qs_ptr + q_slot.to(tl.int64) * stride_qss + rows64 * stride_qsm + head * stride_qsh,
+                           mask=row_ok, other=0.0)
+            row_qk_scale = q_sc * qk_scale
+            ks_head_ptr = ks_ptr + key_begin * stride_sn + kv_head * stride_sh
+            vs_head_ptr = vs_ptr + key_begin * stride_sn + kv_head * stride_sh
+        else:
+            row_qk_scale = qk_scale
+            ks_head_ptr = k_head_ptr
+            vs_head_ptr = v_head_ptr
+        c_i = 1.0  # FP8: acc's unit (the last tile's P.V scale)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -186,40 +228,47 @@ def _sparse_attn_fwd_kernel(
             clear_cols = n_cols * 0
         for t in range(0, n_clear):
             start_n = tl.load(offset_ptr + t * stride_bob)
-            acc, l_i, m_i = _attend_keys(
-                acc, l_i, m_i, q, start_n + offs_n, offs_n < BLOCK_N, q_lim,
-                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=False,
+            acc, l_i, m_i, c_i = _attend_keys(
+                acc, l_i, m_i, c_i, q, start_n + offs_n, offs_n < BLOCK_N, q_lim,
+                k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_sn, row_qk_scale, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                FP8=FP8, MASKED=False,
             )
         for t in range(n_clear, n_blocks):
             start_n = tl.load(offset_ptr + t * stride_bob)
             keys = start_n + offs_n
-            acc, l_i, m_i = _attend_keys(
-                acc, l_i, m_i, q, keys, keys < num_kv, q_lim,
-                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=True,
+            acc, l_i, m_i, c_i = _attend_keys(
+                acc, l_i, m_i, c_i, q, keys, keys < num_kv, q_lim,
+                k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_sn, row_qk_scale, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                FP8=FP8, MASKED=True,
             )
 
         # single columns, gathered BLOCK_N at a time; padding slots are masked
         for start_c in range(0, clear_cols, BLOCK_N):
             keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic)
-            acc, l_i, m_i = _attend_keys(
-                acc, l_i, m_i, q, keys, offs_n < BLOCK_N, q_lim,
-                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=False,
+            acc, l_i, m_i, c_i = _attend_keys(
+                acc, l_i, m_i, c_i, q, keys, offs_n < BLOCK_N, q_lim,
+                k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_sn, row_qk_scale, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                FP8=FP8, MASKED=False,
             )
         for start_c in range(clear_cols, n_cols, BLOCK_N):
             slot_ok = (start_c + offs_n) < n_cols
             keys = tl.load(column_ptr + (start_c + offs_n) * stride_cic, mask=slot_ok, other=0)
-            acc, l_i, m_i = _attend_keys(
-                acc, l_i, m_i, q, keys, slot_ok, q_lim,
-                k_head_ptr, v_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, MASKED=True,
+            acc, l_i, m_i, c_i = _attend_keys(
+                acc, l_i, m_i, c_i, q, keys, slot_ok, q_lim,
+                k_head_ptr, v_head_ptr, ks_head_ptr, vs_head_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_sn, row_qk_scale, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT,
+                FP8=FP8, MASKED=True,
             )
 
         no_key = l_i == 0.0  # every read key has p = 1 at the running max, so l_i >= 1 otherwise
         l_safe = tl.where(no_key, 1.0, l_i)
-        out = tl.where(no_key[:, None], 0.0, acc / l_safe[:, None])
+        if FP8:
+            out = tl.where(no_key[:, None], 0.0, acc * (c_i / l_safe)[:, None])
+        else:
+            out = tl.where(no_key[:, None], 0.0, acc / l_safe[:, None])
         lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
 
         out_ptrs = (out_ptr + out_slot.to(tl.int64) * stride_os + rows64[:, None] * stride_om + head * stride_oh
@@ -248,7 +297,7 @@ def _element_bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _check_inputs(q, k, v, index: VerticalSlashIndex, causal: bool) -> None:
+def _check_inputs(q, k, v, index: VerticalSlashIndex, causal: bool, fp8: bool = False) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[2]:
         raise ValueError(
             f"vertical_slash_attention expects q [num_q, num_heads, head_dim] and k, v [num_kv, "
@@ -260,7 +309,7 @@ def _check_inputs(q, k, v, index: VerticalSlashIndex, causal: bool) -> None:
     if num_heads % k.shape[1]:
         raise ValueError(f"vertical_slash_attention: num_heads {num_heads} is not a multiple of "
                          f"num_kv_heads {k.shape[1]}.")
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if not fp8 and (q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype):
         raise ValueError(f"vertical_slash_attention supports float16/bfloat16/float32 with q, k, v of one "
                          f"dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     if (index.num_q, index.num_kv, index.num_heads, index.causal) != (num_q, k.shape[0], num_heads, causal):
@@ -290,6 +339,8 @@ def vertical_slash_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: dict | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over the keys ``index`` selects; ``sparse_attend_reference``'s contract.
 
@@ -301,12 +352,18 @@ def vertical_slash_attention(
     config: num_warps / num_stages / heads_first (grid order) / split_masks (False: mask every tile,
     the kernel before clear tiles ran unmasked) overriding ``_launch_config`` (for
     benchmarks/bench_sparse.py --sweep; the result does not depend on it beyond float rounding).
+    scales: FP8 attention: q, k, v float8_e4m3fn and their float32 scales (q [num_q, num_heads], k and v
+    [num_kv, num_kv_heads]), as ``flash_attn_fp8`` takes them; out is then ``out_dtype`` (bf16 default).
     """
-    _check_inputs(q, k, v, index, causal)
+    fp8 = scales is not None
+    _check_inputs(q, k, v, index, causal, fp8)
+    if fp8:
+        check_fp8_inputs("vertical_slash_attention", q, k, v, scales)
     num_q, num_heads, head_dim = q.shape
     num_kv = k.shape[0]
     if out is None:
-        out = torch.empty_like(q)
+        dtype = out_dtype or (torch.bfloat16 if fp8 else q.dtype)
+        out = torch.empty(num_q, num_heads, head_dim, dtype=dtype, device=q.device)
     if lse is None:
         lse = torch.empty(num_heads, num_q, dtype=torch.float32, device=q.device)
     if num_q == 0:
@@ -323,7 +380,8 @@ def vertical_slash_attention(
             index.block_count[None].to(device), index.block_offset[None].to(device),
             index.column_count[None].to(device), index.column_index[None].to(device),
             num_m_blocks=math.ceil(num_q / index.block_m), block_m=index.block_m, block_n=index.block_n,
-            softmax_scale=softmax_scale, config=config)
+            softmax_scale=softmax_scale, config=config,
+            scales=(scales[0][None], scales[1], scales[2]) if fp8 else None)
     return out, lse
 
 
@@ -338,6 +396,7 @@ def vertical_slash_attention_batched(
     *,
     softmax_scale: float,
     config: dict | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Several sparse (or dense) attention problems over one K / V in one launch, written in place.
 
@@ -350,23 +409,32 @@ def vertical_slash_attention_batched(
     ([num_out_slots, num_tokens, num_heads, head_dim]) and lse[out slot] ([.., num_heads, num_tokens]).
     Problems with dense = 1 are skipped: ``kernels.flash_attn.flash_attn_problems`` attends them.
     Rows that no problem writes are left as they were. No host synchronisation.
+    scales: FP8 attention (attention_dtype="fp8"): q, k, v are float8_e4m3fn and these their float32
+    scales, q's [num_slots, num_tokens, num_heads], k's and v's [total_keys, num_kv_heads] with equal
+    strides (the FP8 KV cache's format); both products then run in e4m3 as in ``flash_attn_fp8``, and
+    out keeps its own (16-bit) dtype.
     """
     if q.dim() != 4 or q.shape[2] % k.shape[1] or index.block_count.shape[1] != q.shape[2]:
         raise ValueError(f"vertical_slash_attention_batched: q {tuple(q.shape)}, k {tuple(k.shape)} and the "
                          f"index's {index.block_count.shape[1]} heads do not match.")
+    if scales is not None:
+        check_fp8_inputs("vertical_slash_attention_batched", q, k, v, scales)
     num_m_blocks = index.block_count.shape[2]
     if not index.problems or not num_m_blocks:
         return
     _launch(q, k, v, out, lse, problems, index.block_count, index.block_offset, index.column_count,
             index.column_index, num_m_blocks=num_m_blocks, block_m=index.block_m, block_n=index.block_n,
-            softmax_scale=softmax_scale, config=config)
+            softmax_scale=softmax_scale, config=config, scales=scales)
 
 
 def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, column_index, *,
-            num_m_blocks, block_m, block_n, softmax_scale, config):
+            num_m_blocks, block_m, block_n, softmax_scale, config, scales=None):
     """One launch over (query blocks, heads, problems); q / out [slots, tokens, heads, dim], lse
-    [slots, heads, tokens], index tensors [problems, heads, m blocks, ...]."""
+    [slots, heads, tokens], index tensors [problems, heads, m blocks, ...]; scales: None, or for e4m3
+    q / k / v their float32 scales (q [slots, tokens, heads], k and v [keys, kv heads], equal strides)."""
     num_heads, head_dim = q.shape[2], q.shape[3]
+    fp8 = scales is not None
+    qs, ks, vs = scales if fp8 else (q, k, v)  # unused pointers when not fp8
     launch = {"heads_first": False, "split_masks": True, **_launch_config(head_dim, q.dtype, q.device),
               **(config or {})}
     heads_first = bool(launch.pop("heads_first"))
@@ -374,9 +442,12 @@ def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, co
     num_problems = prob.shape[0]
     grid = (num_heads, num_m_blocks, num_problems) if heads_first else (num_m_blocks, num_heads, num_problems)
     _sparse_attn_fwd_kernel[grid](
-        q, k, v, out, lse, prob,
+        q, k, v, out, lse, prob, qs, ks, vs,
         block_count, block_offset, column_count, column_index,
         num_m_blocks, softmax_scale * _LOG2E,
+        stride_qss=qs.stride(0) if fp8 else 0, stride_qsm=qs.stride(1) if fp8 else 0,
+        stride_qsh=qs.stride(2) if fp8 else 0, stride_sn=ks.stride(0) if fp8 else 0,
+        stride_sh=ks.stride(1) if fp8 else 0,
         stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
         stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
         stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
@@ -393,7 +464,7 @@ def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, co
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16/fp16 tl.dot wrongly (see kernels/flash_attn.py)
         UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        HEADS_FIRST=heads_first, SPLIT=split, **launch,
+        HEADS_FIRST=heads_first, SPLIT=split, FP8=fp8, **launch,
     )
 
 
