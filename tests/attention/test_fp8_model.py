@@ -12,9 +12,11 @@ the largest power of two below the worst case seen, checked on that prompt and t
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+from checkpoints import save_tiny_checkpoint
 
 from qwen1m import LLM, SamplingParams
 from qwen1m.attention.fp8 import Fp8Tensor, fp8_attend
@@ -23,6 +25,7 @@ from qwen1m.config import DCAConfig
 from qwen1m.errors import ConfigError
 
 N_EQUAL = 32
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DCA = DCAConfig(chunk_size=128, local_size=32, original_max_position_embeddings=64)
 
 
@@ -93,3 +96,47 @@ def test_fp8_cache_is_read_as_stored():
 def test_attention_dtype_is_checked_in_one_sentence(tiny_checkpoint):
     with pytest.raises(ConfigError, match="attention_dtype"):
         LLM(model=str(tiny_checkpoint), device="cpu", attention_dtype="int4")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the batched path's Triton kernels: TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_fp8_attention_reaches_the_sparse_kernels(tmp_path, monkeypatch, kv_cache_dtype):
+    """With a sparse config the batched sparse path (forced on the CPU, as on CUDA by default) attends
+    in e4m3: every sparse step's attention groups get FP8 inputs (an FP8 cache's stored bytes), and the
+    greedy tokens equal the 16-bit sparse model's for N_EQUAL tokens."""
+    import dataclasses
+
+    import qwen1m.attention.sparse_batched as sb
+    import qwen1m.attention.sparse_prefill as sp
+    from qwen1m.cache.paged_kv import SequenceBlocks as Blocks
+    from qwen1m.sparse_config import SparseConfig
+
+    monkeypatch.setattr(sp, "_use_batched", lambda *a: True)
+    groups, stored = [], []
+    real_group, real_view = sb._attend_group, Blocks.view_stored_fp8
+
+    def spy(*args, **kwargs):
+        groups.append(kwargs["attn"][0].dtype == torch.float8_e4m3fn)
+        return real_group(*args, **kwargs)
+
+    def spying(self, layer, end):
+        stored.append(layer)
+        return real_view(self, layer, end)
+
+    monkeypatch.setattr(sb, "_attend_group", spy)
+    monkeypatch.setattr(Blocks, "view_stored_fp8", spying)
+    folder = save_tiny_checkpoint(tmp_path / "m", seed=7, extra_config={"dual_chunk_attention_config": {
+        "chunk_size": 64, "local_size": 16, "original_max_position_embeddings": 32}})
+    cfg = SparseConfig.uniform(2, 4, 24, 48, threshold=64, last_q=16, block_size=16, dense_above_density=0.6)
+    opts = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, enforce_eager=True,
+                kv_cache_dtype=kv_cache_dtype, sparse_attention_config=dataclasses.replace(cfg, dense_hint_growth=0.0))
+    params = SamplingParams(max_tokens=N_EQUAL, temperature=0, ignore_eos=True)
+    prompt = _prompt(0)  # 150 tokens: 3 prefill steps, the later ones with succ / inter regions
+    tokens = {}
+    for mode in ("auto", "fp8"):
+        groups.clear()
+        llm = LLM(folder, attention_dtype=mode, **opts)
+        tokens[mode] = llm.generate([prompt], params)[0].outputs[0].token_ids
+        assert groups and all(groups) == (mode == "fp8") and any(groups) == (mode == "fp8")
+    assert tokens["fp8"] == tokens["auto"]
+    assert bool(stored) == (kv_cache_dtype == "fp8")

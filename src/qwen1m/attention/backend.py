@@ -89,8 +89,9 @@ class AttentionBackend:
         device = keys.device
         hints = self._hints()
         recall = self.telemetry is not None and self.telemetry.measure_recall
+        fp8_kv = (lambda: self._prefill_keys(seq, layer)) if self._fp8(seq) else None
         if not recall and hints.all_dense(layer, seq):  # every region was dense a step ago (dense_hint)
-            out, lse = dense_fn(queries, keys, values)
+            out, lse = dense_fn(queries, *(fp8_kv() if fp8_kv is not None else (keys, values)))
             if self.telemetry is not None:
                 pairs = causal_pairs(seq.num_cached, seq.num_total, chunk_len, queries["intra"].shape[1])
                 self.telemetry.record(layer, {"computed": pairs, "causal": pairs}, lse, queries, keys, values,
@@ -102,8 +103,8 @@ class AttentionBackend:
         out, lse = sparse_prefill_attention(
             queries, keys, values, begin=seq.num_cached, chunk_len=chunk_len, softmax_scale=scale,
             vertical_sizes=v_sizes, slash_sizes=s_sizes, cfg=self.sparse, sparse_fn=get_sparse_fn(device),
-            merge_fn=_merge_fn(device), attend_fn=self.attend_fn(device), stats=stats, kernels=self.kernels,
-            decisions=decisions)
+            merge_fn=_merge_fn(device), attend_fn=self.prefill_attend_fn(device, seq), stats=stats,
+            kernels=self.kernels, decisions=decisions, fp8_kv=fp8_kv)
         if "dense" in decisions:
             hints.record(layer, seq, decisions["dense"])
         if self.telemetry is not None:

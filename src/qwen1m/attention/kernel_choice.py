@@ -41,7 +41,8 @@ class KernelChoice:
     sparse_index: bool = True  # the Triton vertical-slash index builder, on CUDA
     sparse_sums: bool = True  # the Triton attention-sum kernels of the sparse estimate, on CUDA
     sparse_batched: bool = True  # the batched sparse prefill (every piece and region at once), on CUDA
-    prefill_fp8: bool = False  # attention_dtype="fp8": dense prefill attention in e4m3 (attention/fp8.py)
+    prefill_fp8: bool = False  # attention_dtype="fp8": prefill attention in e4m3 (attention/fp8.py)
+    sparse_fp8: bool = True  # with prefill_fp8: the batched sparse path's FP8 kernels, on CUDA
     oom_warned: bool = False  # the batched sparse prefill ran out of memory once (warned; later: debug)
 
     def fall_back(self, kernel: str, error: Exception, instead: str) -> None:

@@ -17,7 +17,8 @@ every (piece, region) *problem* of the step at once:
        and two dense launches (causal, non-causal) for those with dense = 1 (``flash_attn_problems``:
        every visible key, exact, at the dense kernel's rate and with its packed GQA; the programs of the
        other problems return at once), each writing its rows of a per-region output slot (intra 0,
-       succ 1, inter 2), and one LSE merge of the slots.
+       succ 1, inter 2), and one LSE merge of the slots. Under attention_dtype="fp8" both run in e4m3
+       on the FP8 cache's bytes (or a quantised copy) with the queries quantised once per step.
 
 Problem tables (sizes, piece of each problem, fallback columns) are built on the host from shapes
 and copied once, asynchronously, from pinned memory. Density telemetry stays on the device
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from qwen1m.attention.dca import dca_pieces
+from qwen1m.attention.fp8 import Fp8Tensor, quantize
 from qwen1m.attention.kernel_choice import KernelChoice
 from qwen1m.attention.sparse_estimate import estimate_vertical_slash_batched
 from qwen1m.cache import sparse_workspace
@@ -141,6 +143,7 @@ def sparse_prefill_batched(
     stats: dict | None = None,
     kernels: KernelChoice | None = None,
     decisions: dict | None = None,
+    fp8_kv: tuple[Fp8Tensor, Fp8Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_prefill_attention``'s contract, computed for all pieces and regions together.
 
@@ -150,6 +153,9 @@ def sparse_prefill_batched(
     kernels: the backend's kernel choice, for the estimate's Triton sums (None: a fresh one).
     decisions: with dense regions on, receives "dense": int32 [P] on the device, 1 where problem p
     (piece, region) ran dense (``dense_hint`` reads it a step later).
+    fp8_kv: attention_dtype="fp8": k and v in e4m3 (the FP8 cache's bytes or a quantised copy); the
+    queries are quantised here and both attention kernels run in e4m3. The estimate reads the 16-bit
+    k as before, so the picks, indices and dense decisions do not change.
     """
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
     from qwen1m.kernels.vs_index import index_widths
@@ -184,6 +190,11 @@ def sparse_prefill_batched(
 
     kinds = [kind for kind in _SLOTS if any(p[1] == kind for p in problems)]
     q_all = torch.stack([queries[kind] for kind in kinds])  # [R, num_q, H, D]: one copy
+    attn = (q_all, k, v, None)  # what the attention kernels read: q, k, v, FP8 scales
+    if fp8_kv is not None:
+        q8 = quantize(q_all.view(-1, num_heads, head_dim))
+        (k8, v8), slots_shape = fp8_kv, q_all.shape[:3]
+        attn = (q8.values.view(q_all.shape), k8.values, v8.values, (q8.scale.view(slots_shape), k8.scale, v8.scale))
     out_all = torch.empty(len(kinds), num_q, num_heads, head_dim, dtype=q_intra.dtype, device=device)
     lse_all = torch.empty(len(kinds), num_heads, num_q, dtype=torch.float32, device=device)
     if len(kinds) > 1 and any(sum(p[0] == i for p in problems) < len(kinds) for i in range(len(pieces))):
@@ -203,7 +214,7 @@ def sparse_prefill_batched(
     for first, stop in _groups(shapes, widths, num_heads, bm):
         # 2.-5. the group's problems together; its temporaries are freed before the next group's
         pairs, dense = _attend_group(slice(first, stop), shapes, picks=(v_idx, s_idx), tables=(table, attn_table),
-                                     slots=(q_all, out_all, lse_all), k=k, v=v, softmax_scale=softmax_scale,
+                                     slots=(out_all, lse_all), attn=attn, softmax_scale=softmax_scale,
                                      cfg=cfg, dense_on=dense_on, with_stats=stats is not None)
         if pairs is not None:
             computed.append(pairs)
@@ -219,21 +230,23 @@ def sparse_prefill_batched(
     return out, lse
 
 
-def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_scale: float, cfg: SparseConfig,
+def _attend_group(group: slice, shapes, *, picks, tables, slots, attn, softmax_scale: float, cfg: SparseConfig,
                   dense_on: bool, with_stats: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Steps 2.-5. for the problems ``group``: re-base, index, dense decision, attention.
 
     picks: (v_idx, s_idx) of the pieces; tables: the problem table (``_rebase``'s, + fallback columns)
-    and the attention problem table; slots: (q_all, out_all, lse_all), out_all / lse_all written in
-    place. Returns (the computed pairs, a 0-dim device tensor, if with_stats, else None; the dense
-    flags of the group's problems, int32 on the device).
+    and the attention problem table; slots: (out_all, lse_all), written in place; attn: (q_all, k, v,
+    scales) as the attention kernels take them (scales None, or e4m3 inputs' scales). Returns (the
+    computed pairs, a 0-dim device tensor, if with_stats, else None; the dense flags of the group's
+    problems, int32 on the device).
     """
     from qwen1m.kernels.flash_attn import flash_attn_problems
     from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
     from qwen1m.kernels.vs_index import build_vertical_slash_index_batched
     from qwen1m.transfer import host_to_device
 
-    (v_idx, s_idx), (table, attn_table), (q_all, out_all, lse_all) = picks, tables, slots
+    (v_idx, s_idx), (table, attn_table), (out_all, lse_all) = picks, tables, slots
+    q_all, k, v, scales = attn
     num_heads, bm = q_all.shape[2], cfg.block_size
     sizes = table[group, 4:7]  # num_q, num_kv, causal
     cols, d = _rebase(v_idx, s_idx, table[group, :7], table[group, 7:], cfg.empty_region_columns)
@@ -244,10 +257,11 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, k, v, softmax_s
         dense = _dense_flags(index, sizes, num_heads, cfg.dense_above_density)
         prob = prob.clone()
         prob[:, 6] = dense
-    vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale)
+    vertical_slash_attention_batched(q_all, k, v, index, prob, out_all, lse_all, softmax_scale=softmax_scale,
+                                     scales=scales)
     if dense_on:
         flash_attn_problems(q_all, k, v, prob, out_all, lse_all, softmax_scale=softmax_scale,
-                            max_num_q=max(shape[0] for shape in shapes[group]))
+                            max_num_q=max(shape[0] for shape in shapes[group]), scales=scales)
     if not with_stats:
         return None, dense
     full = torch.tensor([num_heads * _pairs(*shape) for shape in shapes[group]], dtype=torch.int64)

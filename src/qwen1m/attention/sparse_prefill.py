@@ -152,6 +152,7 @@ def sparse_prefill_attention(
     batched: bool | None = None,
     kernels: KernelChoice | None = None,
     decisions: dict | None = None,
+    fp8_kv=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of queries [begin, begin + num_q) over all keys so far.
 
@@ -171,6 +172,10 @@ def sparse_prefill_attention(
     kernels: the calling backend's kernel choice (None: a fresh one, for this call only).
     decisions: the batched path's per-region dense decisions go here ("dense", see ``sparse_batched``);
       the per-region path leaves it empty.
+    fp8_kv: attention_dtype="fp8": a function returning (k, v) as ``Fp8Tensor`` (called only if the
+      batched path runs; its attention kernels then read e4m3). If those cannot be built here, ``kernels``
+      turns FP8 off for the sparse kernels (``sparse_fp8``) and they run in the model dtype. The
+      per-region path attends its sparse regions in the model dtype; its dense ones use ``attend_fn``.
     Returns out [num_q, num_heads, head_dim] and lse [num_heads, num_q] (float32).
     """
     from qwen1m.attention.sparse_batched import sparse_prefill_batched
@@ -181,11 +186,13 @@ def sparse_prefill_attention(
         batched = _use_batched(queries["intra"], k, cfg, kernels)
     if batched:
         oom = None
+        fp8 = fp8_kv is not None and kernels.sparse_fp8
         try:
             return sparse_prefill_batched(
                 queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
                 vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, merge_fn=merge_fn,
-                dense_regions=attend_fn is not None, stats=stats, kernels=kernels, decisions=decisions)
+                dense_regions=attend_fn is not None, stats=stats, kernels=kernels, decisions=decisions,
+                fp8_kv=fp8_kv() if fp8 else None)
         except torch.OutOfMemoryError as e:
             if not auto:
                 raise
@@ -193,6 +200,12 @@ def sparse_prefill_attention(
         except KERNEL_BUILD_ERRORS as e:
             if not auto:  # asked for by name (tests, benchmarks): say so
                 raise
+            if fp8:  # the FP8 variants first: the same path in the model dtype
+                kernels.fall_back("sparse_fp8", e, "the sparse kernels in the model dtype")
+                return sparse_prefill_attention(
+                    queries, k, v, begin=begin, chunk_len=chunk_len, softmax_scale=softmax_scale,
+                    vertical_sizes=vertical_sizes, slash_sizes=slash_sizes, cfg=cfg, sparse_fn=sparse_fn,
+                    merge_fn=merge_fn, attend_fn=attend_fn, stats=stats, kernels=kernels, decisions=decisions)
             kernels.fall_back("sparse_batched", e, "the per-region sparse prefill")
         if oom is not None:
             _batched_oom(oom, queries["intra"], k, begin, chunk_len, vertical_sizes, slash_sizes, cfg, kernels)
