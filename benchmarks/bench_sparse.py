@@ -42,6 +42,7 @@ if "--cpu-smoke" in sys.argv:  # must precede the first triton import
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from qwen1m.attention.fp8 import quantize  # noqa: E402
 from qwen1m.attention.vertical_slash import (  # noqa: E402
     VerticalSlashIndex,
     build_vertical_slash_index,
@@ -267,6 +268,8 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
             cudnn_error = f"{type(exc).__name__}: {exc}"[:300]
     out = torch.empty_like(q)
     lse = torch.empty(NUM_HEADS, chunk, dtype=torch.float32, device=device)
+    # attention_dtype="fp8": the same problems in e4m3 (V token-minor, as attention/fp8.py makes it)
+    q8, k8, v8 = quantize(q), quantize(k), quantize(v, token_minor=device.type == "cuda")
     rows = []
     for kind, dist in [(kind, dist) for kind in budget_kinds for dist in SLASH_DISTS]:
         if kind == "7b-mix":
@@ -313,6 +316,13 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         # the same kernel with every tile masked (before clear tiles ran unmasked), in the same run
         row["sparse_ms_all_masked"] = ms(lambda index=index: vertical_slash_attention(
             q, k, v, index, softmax_scale=scale, causal=True, out=out, lse=lse, config={"split_masks": False}))
+        try:  # FP8 inputs, the same index: its time beside bf16's (issue #23)
+            row["sparse_fp8_ms"] = ms(lambda index=index: vertical_slash_attention(
+                q8.values, k8.values, v8.values, index, softmax_scale=scale, causal=True, out=out, lse=lse,
+                scales=(q8.scale, k8.scale, v8.scale)))
+            row["fp8_speedup_vs_bf16_sparse"] = row["sparse_ms"] / row["sparse_fp8_ms"]
+        except Exception as exc:  # report, do not lose the bf16 rows
+            row["sparse_fp8_error"] = f"{type(exc).__name__}: {exc}"[:300]
         row["speedup_vs_dense"] = dense_ms / row["sparse_ms"]
         # the Triton builder is the one used on CUDA (sparse_prefill._region_index)
         row["speedup_vs_dense_incl_index"] = dense_ms / (row["sparse_ms"] + row["index_triton_ms"])

@@ -41,8 +41,10 @@
 #           end-to-end rows of the bundled model at 128K / 512K and random 7B weights at 128K with the
 #           profile at 128K, then the attention-only 7B-mix rows at 128K / 1M (rate per pair, split masks);
 #   PART=T  (planned, one call) FP8 attention: its GPU tests, the kernel table with the tile sweep (bf16
-#           Triton and cuDNN in the same run), TTFT at 128K with attention_dtype auto and fp8, then its
-#           accuracy on the bundled model (logits, passkey and RULER niah on held-out text, 4K-128K);
+#           Triton and cuDNN in the same run; FP8_SWEEP= skips the sweep), TTFT at 128K with
+#           attention_dtype auto and fp8, the sparse kernel bf16 vs FP8 on one 7B-mix index at 128K
+#           (FP8_SPARSE=0 skips), then its accuracy on the bundled model (logits, passkey and RULER niah
+#           on held-out text, 4K-128K; FP8_ACC=0 skips);
 #   PART=D  every GPU test, and at the same time the bundled model's evaluation table
 #           (benchmarks/eval_bundled_gpu.sh, resumed from the committed results): neither is timed,
 #           so they share the call.
@@ -79,12 +81,16 @@ T)
   timeout "${T_TESTS:-110}" python3 -m pytest -q -m gpu tests/kernels/test_flash_attn_fp8.py tests/kernels/test_sparse_attn_fp8.py \
     tests/attention/test_fp8_model.py \
     -p no:cacheprovider 2>&1 | tail -3
-  timeout "${T_FP8:-160}" python3 benchmarks/bench_attention_fp8.py --sizes 32768,131072 --chunk-kv 1048576 --sweep 2>&1 | tail -7
+  timeout "${T_FP8:-160}" python3 benchmarks/bench_attention_fp8.py --sizes 32768,131072 --chunk-kv 1048576 \
+    ${FP8_SWEEP---sweep} 2>&1 | tail -7
   for a in auto fp8; do
     timeout "${T_TTFT:-70}" python3 benchmarks/bench_engine.py --ttft 131072 --decode "" --enforce-eager \
       --max-model-len 140000 --kv-cache-tokens 140000 --attention-dtype $a --name engine_ttft_$a 2>&1 | grep "^| TTFT"
   done
-  timeout "${T_ACC:-200}" python3 benchmarks/eval_fp8_accuracy.py --lengths 4096,32768,126976 \
+  # the sparse kernel in bf16 and FP8 on the same 7B-mix index (sparse_fp8_ms, fp8_speedup_vs_bf16_sparse)
+  [ "${FP8_SPARSE:-1}" = 1 ] && timeout "${T_SPARSE8:-90}" python3 benchmarks/bench_sparse.py --sizes 131072 \
+    --budgets 7b-mix 2>&1 | grep -o "'sparse_ms': [0-9.]*\|'sparse_fp8_ms': [0-9.]*\|'fp8_speedup_vs_bf16_sparse': [0-9.]*\|'sparse_fp8_error': [^}]*"
+  [ "${FP8_ACC:-1}" = 1 ] && timeout "${T_ACC:-200}" python3 benchmarks/eval_fp8_accuracy.py --lengths 4096,32768,126976 \
     --eval-lengths 4k,32k,128k --depths 0:100:25 --samples 2 --ruler-samples 10 2>&1 | tail -10
   ;;
 A)
