@@ -57,9 +57,9 @@ def _fp8_pointers(names, out_name="out_ptr") -> dict[str, str]:
 
 
 def cases() -> dict[str, dict]:
-    """The FP8 kernels at 7B shapes (28 query heads, 4 kv heads, head_dim 128) as the engine launches
-    them on CUDA: V token-minor (a 16-bit cache quantised) and head_dim-minor (an FP8 cache read as
-    stored)."""
+    """The FP8 kernels (and the bf16 dense and sparse kernels) at 7B shapes (28 query heads, 4 kv
+    heads, head_dim 128) as the engine launches them on CUDA: V token-minor (a 16-bit cache quantised)
+    and head_dim-minor (an FP8 cache read as stored)."""
     from qwen1m.kernels import flash_attn as fa
     from qwen1m.kernels import sparse_attn as sa
     from qwen1m.kernels.flash_attn_fp8 import _fp8_config
@@ -85,6 +85,22 @@ def cases() -> dict[str, dict]:
             {"GROUP": 7, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32", "UPCAST_DOT": False,
              "HEADS_FIRST": False, "SPLIT": True, "FP8": True, "stride_qd": 1, "stride_kd": 1, "stride_od": 1,
              **stride}, **sparse_launch)
+    # the bf16 kernels every prefill uses today, as a reference for the FP8 builds above
+    torch = __import__("torch")
+    bf16 = {name: ("*bf16" if name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else t)
+            for name, t in _fp8_pointers(fa._flash_attn_fwd_kernel.arg_names).items()}
+    cfg16 = fa._default_config(128, torch.bfloat16, cuda)
+    out["flash_attn_bf16/v_dim_minor"] = build(
+        fa._flash_attn_fwd_kernel, bf16,
+        {**dense, "FP8": False, "BLOCK_M": cfg16["BLOCK_M"], "BLOCK_N": cfg16["BLOCK_N"], "CAUSAL": True,
+         "stride_vd": 1}, num_warps=cfg16["num_warps"], num_stages=cfg16["num_stages"])
+    fn = sa._sparse_attn_fwd_kernel
+    bf16 = {name: ("*bf16" if name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else t)
+            for name, t in _fp8_pointers(fn.arg_names).items()}
+    out["sparse_attn_bf16/v_dim_minor"] = build(
+        fn, bf16, {"GROUP": 7, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32",
+                   "UPCAST_DOT": False, "HEADS_FIRST": False, "SPLIT": True, "FP8": False, "stride_qd": 1,
+                   "stride_kd": 1, "stride_od": 1, "stride_vd": 1}, **sa._launch_config(128, torch.bfloat16, cuda))
     return out
 
 

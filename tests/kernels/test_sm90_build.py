@@ -1,4 +1,4 @@
-"""The FP8 attention kernels build for Hopper (sm_90) and put both products on FP8 tensor cores.
+"""The attention kernels build for Hopper (sm_90); the FP8 ones put both products on FP8 tensor cores.
 
 Checked on the CPU by compiling ahead of time (``sm90_build.py``: Triton's own ptxas, no driver), at
 7B shapes with the launch configurations the engine uses on CUDA, for both V layouts: token-minor
@@ -41,6 +41,14 @@ def builds() -> dict[str, dict]:
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {row["case"]: row for row in map(json.loads, proc.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("case", ["flash_attn_bf16/v_dim_minor", "sparse_attn_bf16/v_dim_minor"])
+def test_bf16_kernels_build_for_sm90_on_bf16_tensor_cores(builds, case):
+    """The 16-bit kernels the FP8 ones share their bodies with still build, on bf16 wgmma, pipelined."""
+    row = builds[case]
+    assert row["wgmma"] and all(shape.endswith(".bf16.bf16") for shape in row["wgmma"]), row["wgmma"]
+    assert row["mma_sync"] == 0 and 0 < row["shared"] <= MAX_SHARED and row["async_copies"] > 0
 
 
 @pytest.mark.parametrize("case", CASES)
