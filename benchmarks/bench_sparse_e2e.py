@@ -204,7 +204,7 @@ def trained(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(str(stretched(folder, max_len, tmp)), device=dev, max_model_len=max_len,
                   max_num_batched_tokens=args.chunk, sparse_attention_config=str(args.sparse_config),
-                  sparse_threshold=args.sparse_threshold)
+                  sparse_threshold=args.sparse_threshold, attention_dtype=args.attention_dtype)
         cfg = llm.sparse_config
         prompts = passkey_prompts(Encoder(folder), args.lengths, args.families)
         rows = bench_model(llm, cfg, args.lengths, prompts, args, args.label or folder.name)
@@ -230,7 +230,8 @@ def random7b(args) -> list[dict]:
             sparse = dataclasses.replace(sparse, threshold=args.sparse_threshold)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         llm = LLM(tmp, load_format="dummy", device=dev, dtype="bfloat16" if dev == "cuda" else "float32",
-                  max_model_len=max(args.random7b) + args.gen_tokens + 16, sparse_attention_config=sparse)
+                  max_model_len=max(args.random7b) + args.gen_tokens + 16, sparse_attention_config=sparse,
+                  attention_dtype=args.attention_dtype)
         g = torch.Generator().manual_seed(0)
         prompts = {n: (torch.randint(0, mc.vocab_size, (n,), generator=g).tolist(), None) for n in args.random7b}
         rows = bench_model(llm, llm.sparse_config, args.random7b, prompts, args, f"random7b_{args.random7b_layers}l")
@@ -365,6 +366,8 @@ def main() -> None:
     ap.add_argument("--count-total", type=int, default=16384)
     ap.add_argument("--count-step", type=int, default=8192)
     ap.add_argument("--count-chunk", type=int, default=3968, help="DCA chunk_len (bundled: 4096 - 128)")
+    ap.add_argument("--attention-dtype", default="auto", choices=["auto", "fp8"],
+                    help="fp8: dense and sparse prefill attention in e4m3 (both paths of every row)")
     ap.add_argument("--name", default="sparse_e2e")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny lengths, a lowered threshold")
     args = ap.parse_args()

@@ -40,6 +40,7 @@
 #   PART=S  (planned, one call) sparse prefill after the dense-problems kernel and the dense hints: the
 #           end-to-end rows of the bundled model at 128K / 512K and random 7B weights at 128K with the
 #           profile at 128K, then the attention-only 7B-mix rows at 128K / 1M (rate per pair, split masks);
+#           ATTN_DTYPE=fp8 takes the end-to-end rows with FP8 attention (dense and sparse);
 #   PART=T  (planned, one call) FP8 attention: its GPU tests, the kernel table with the tile sweep (bf16
 #           Triton and cuDNN in the same run; FP8_SWEEP= skips the sweep), TTFT at 128K with
 #           attention_dtype auto and fp8, the sparse kernel bf16 vs FP8 on one 7B-mix index at 128K
@@ -74,7 +75,8 @@ passkey_calibrated() {  # dca+sparse passkey with that config (CAL_CONFIG: one f
 case "${PART:-A}" in
 S)
   timeout "${T_E2E:-330}" python3 benchmarks/bench_sparse_e2e.py --lengths 131072,524288 --random7b 131072 \
-    --profile-length 131072 --repeats 3 --repeat-budget 8 --name sparse_e2e 2>&1 | tail -12
+    --profile-length 131072 --repeats 3 --repeat-budget 8 --attention-dtype "${ATTN_DTYPE:-auto}" \
+    --name "sparse_e2e_${ATTN_DTYPE:-auto}" 2>&1 | tail -12
   timeout "${T_SPARSE:-200}" python3 benchmarks/bench_sparse.py --sizes 131072,1048576 --budgets 7b-mix 2>&1 | tail -10
   ;;
 T)
