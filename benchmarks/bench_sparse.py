@@ -316,7 +316,7 @@ def bench_size(n: int, chunk: int, block: int, nv: int, ns: int, head_dim: int, 
         # the same kernel with every tile masked (before clear tiles ran unmasked), in the same run
         row["sparse_ms_all_masked"] = ms(lambda index=index: vertical_slash_attention(
             q, k, v, index, softmax_scale=scale, causal=True, out=out, lse=lse, config={"split_masks": False}))
-        try:  # FP8 inputs, the same index: its time beside bf16's (issue #23)
+        try:  # FP8 inputs, the same index: its time beside bf16's (attention_dtype="fp8")
             row["sparse_fp8_ms"] = ms(lambda index=index: vertical_slash_attention(
                 q8.values, k8.values, v8.values, index, softmax_scale=scale, causal=True, out=out, lse=lse,
                 scales=(q8.scale, k8.scale, v8.scale)))
