@@ -61,6 +61,7 @@ def cases() -> dict[str, dict]:
     heads, head_dim 128) as the engine launches them on CUDA: V token-minor (a 16-bit cache quantised)
     and head_dim-minor (an FP8 cache read as stored)."""
     from qwen1m.kernels import flash_attn as fa
+    from qwen1m.kernels import flash_attn_problems as fp
     from qwen1m.kernels import sparse_attn as sa
     from qwen1m.kernels.flash_attn_fp8 import _fp8_config
 
@@ -75,7 +76,7 @@ def cases() -> dict[str, dict]:
         fn = fa._flash_attn_fwd_kernel
         out[f"flash_attn_fp8/{layout}"] = build(fn, _fp8_pointers(fn.arg_names),
                                                 {**dense, "CAUSAL": True, **stride}, **launch)
-        fn = fa._flash_attn_problems_kernel
+        fn = fp._flash_attn_problems_kernel
         out[f"flash_attn_problems_fp8/{layout}"] = build(
             fn, _fp8_pointers(fn.arg_names), {**dense, "CAUSAL": False, "PROB_FIELDS": 8, **stride}, **launch)
         fn = sa._sparse_attn_fwd_kernel

@@ -176,7 +176,7 @@ def test_problems_kernel_attends_the_dense_problems_and_leaves_the_others(dtype)
     """flash_attn_problems (the sparse step's dense regions): each problem marked dense writes its rows
     of its output slot as flash_attn over its key range would (causal bottom-right or not, query rows
     past the keys, a range with no keys); rows of problems not marked dense stay as they were."""
-    from qwen1m.kernels.flash_attn import _PROB_FIELDS, flash_attn_problems
+    from qwen1m.kernels.flash_attn_problems import _PROB_FIELDS, flash_attn_problems
     from qwen1m.kernels.sparse_attn import PROB_FIELDS
 
     assert _PROB_FIELDS == PROB_FIELDS  # both kernels read one table

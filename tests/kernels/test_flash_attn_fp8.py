@@ -223,8 +223,8 @@ def test_quantize_in_pieces_equals_at_once(monkeypatch):
 def test_the_emulation_uses_the_kernels_constants():
     """``fp8.emulate`` rounds P at the kernel's P_SCALE over tiles of the GPU kernel's BLOCK_N."""
     import qwen1m.attention.fp8 as fp8
-    from qwen1m.kernels.flash_attn import P_SCALE
     from qwen1m.kernels.flash_attn_fp8 import _fp8_config
+    from qwen1m.kernels.fp8_tile import P_SCALE
 
     assert fp8.P_SCALE == float(P_SCALE.value if hasattr(P_SCALE, "value") else P_SCALE)
     assert fp8.EMULATED_TILE == _fp8_config(128, torch.device("cuda"))["BLOCK_N"]

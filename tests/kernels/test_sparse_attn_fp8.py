@@ -97,7 +97,7 @@ def problem_case(seed=0):
 
 @cpu_only
 def test_dense_problems_fp8_within_the_e4m3_bound():
-    from qwen1m.kernels.flash_attn import flash_attn_problems
+    from qwen1m.kernels.flash_attn_problems import flash_attn_problems
 
     q8, k8, v8, problems = problem_case()
     slots, num_tokens, heads, d = q8.shape
@@ -118,8 +118,8 @@ def test_dense_problems_fp8_within_the_e4m3_bound():
 @cpu_only
 def test_dense_problems_fp8_equal_the_dense_fp8_kernel_per_problem():
     """Each problem of the table gives the single-call FP8 kernel's bits on its rows and key range."""
-    from qwen1m.kernels.flash_attn import flash_attn_problems
     from qwen1m.kernels.flash_attn_fp8 import flash_attn_fp8
+    from qwen1m.kernels.flash_attn_problems import flash_attn_problems
 
     q8, k8, v8, problems = problem_case(seed=2)
     slots, num_tokens, heads, d = q8.shape
@@ -136,7 +136,7 @@ def test_dense_problems_fp8_equal_the_dense_fp8_kernel_per_problem():
 
 
 def test_fp8_sparse_kernels_reject_bad_inputs_in_one_sentence():
-    from qwen1m.kernels.flash_attn import flash_attn_problems
+    from qwen1m.kernels.flash_attn_problems import flash_attn_problems
     from qwen1m.kernels.sparse_attn import vertical_slash_attention
 
     q, k, v = make_fp8(20, 30, 4, 2, 32)

@@ -82,7 +82,7 @@ def _as_fp8(x: torch.Tensor | Fp8Tensor) -> Fp8Tensor:
 
 
 EMULATED_TILE = 128  # the GPU kernel's BLOCK_N for head_dim <= 128 (kernels.flash_attn_fp8._fp8_config; a test checks)
-P_SCALE = 256.0  # kernels.flash_attn.P_SCALE (a test checks they agree)
+P_SCALE = 256.0  # kernels.fp8_tile.P_SCALE (a test checks they agree)
 
 
 def emulate(q: Fp8Tensor, k: Fp8Tensor, v: Fp8Tensor, *, softmax_scale: float, causal: bool,

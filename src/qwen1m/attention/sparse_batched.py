@@ -240,7 +240,7 @@ def _attend_group(group: slice, shapes, *, picks, tables, slots, attn, softmax_s
     computed pairs, a 0-dim device tensor, if with_stats, else None; the dense flags of the group's
     problems, int32 on the device).
     """
-    from qwen1m.kernels.flash_attn import flash_attn_problems
+    from qwen1m.kernels.flash_attn_problems import flash_attn_problems
     from qwen1m.kernels.sparse_attn import vertical_slash_attention_batched
     from qwen1m.kernels.vs_index import build_vertical_slash_index_batched
     from qwen1m.transfer import host_to_device

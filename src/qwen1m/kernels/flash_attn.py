@@ -18,7 +18,9 @@ the LSE is converted back to natural log at the end. Masked scores get -1e6 (fin
 first block is fully masked has no NaN); rows that see no key at all are known from their index and
 written as out = 0, lse = -inf.
 
-The same body, with the ``FP8`` switch, serves e4m3 inputs: ``kernels/flash_attn_fp8.py``.
+The same body, with the ``FP8`` switch, serves e4m3 inputs (``kernels/flash_attn_fp8.py``; its tile
+arithmetic in ``kernels/fp8_tile.py``), and the dense problems of a sparse step
+(``kernels/flash_attn_problems.py``).
 """
 
 from __future__ import annotations
@@ -29,38 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen1m.kernels.fp8_tile import _fold_v_scale
+
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-P_SCALE = tl.constexpr(256.0)  # FP8: P.V operands reach at most this (kernels/flash_attn_fp8.py)
-_PROB_FIELDS = 8  # a problem-table row, as kernels/sparse_attn.py's PROB_FIELDS (a test checks they agree)
-
-
-@triton.jit
-def _round_e4m3(x):
-    """x >= 0 rounded to the nearest e4m3 value (3 mantissa bits; subnormal step 2^-9), in float32:
-    what the GPU's cast does (ties aside), for the interpreter, whose cast to float8e4nv drops the
-    carry into the exponent (127 becomes 64; triton 3.9)."""
-    e = tl.floor(tl.log2(tl.maximum(x, 1.0e-30)))
-    step = tl.exp2(tl.maximum(e, -6.0) - 3.0)
-    return tl.floor(x / step + 0.5) * step
-
-
-@triton.jit
-def _fold_v_scale(acc, p, alpha, c_i, v, v_sc, EXPLICIT_ROUND: tl.constexpr):
-    """FP8 P.V for one tile (kernels/flash_attn_fp8.py): each key's V scale goes into P,
-    P' = P * v_scale / c with c = the tile's largest V scale / P_SCALE (so P' <= P_SCALE < 448), and
-    acc, kept in units of c, is rescaled by c_old / c_new together with alpha: no extra pass over acc.
-    Keys outside the tile's mask have v_sc = 0 (P' = 0); a tile with no V scale at all keeps c.
-    Returns (acc rescaled, P' in v's dtype (e4m3) or explicitly rounded for the interpreter, the new c)."""
-    v_max = tl.max(v_sc, 0)
-    c_new = tl.where(v_max > 0.0, v_max / P_SCALE, c_i)
-    acc = acc * (alpha * (c_i / c_new))[:, None]
-    p_v = p * (v_sc / c_new)[None, :]
-    if EXPLICIT_ROUND:  # the interpreter's float32 -> e4m3 cast is wrong near powers of two
-        p_v = _round_e4m3(p_v)
-    else:
-        p_v = p_v.to(v.dtype)
-    return acc, p_v, c_new
 
 
 @triton.jit
@@ -264,52 +238,6 @@ def _flash_attn_fwd_kernel(
     )
 
 
-# the problem table and the per-step sizes change with every prefill step: not specialised on
-@triton.jit(do_not_specialize=["num_m_blocks", "stride_qs", "stride_os", "stride_ls"])
-def _flash_attn_problems_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, prob_ptr, qs_ptr, ks_ptr, vs_ptr,
-    num_m_blocks, qk_scale,
-    stride_qss, stride_qsm, stride_qsh, stride_sn, stride_sh,
-    stride_qs, stride_qm, stride_qh, stride_qd,
-    stride_kn, stride_kh, stride_kd,
-    stride_vn, stride_vh, stride_vd,
-    stride_os, stride_om, stride_oh, stride_od,
-    stride_ls, stride_lh, stride_lm,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    PROB_FIELDS: tl.constexpr, FP8: tl.constexpr,
-):
-    # grid (row blocks, kv heads, problems); a problem is a row of the sparse kernel's table (q slot,
-    # first query row, first key, num_q, num_kv, causal, dense, out slot: kernels/sparse_attn.py).
-    # Only problems marked dense whose causal flag is CAUSAL run here; the programs of the others
-    # return at once, so the decision (made on the device) needs no host sync.
-    prob = prob_ptr + tl.program_id(2) * PROB_FIELDS
-    num_q = tl.load(prob + 3)
-    is_causal = tl.load(prob + 5) != 0
-    mine = tl.load(prob + 6) != 0
-    if CAUSAL:
-        mine = mine & is_causal
-    else:
-        mine = mine & (is_causal == 0)
-    pid_m = num_m_blocks - 1 - tl.program_id(0)  # heavy tiles first when causal
-    if mine & (pid_m * BLOCK_M < num_q * GROUP):
-        q_row0 = tl.load(prob + 1).to(tl.int64)
-        key_begin = tl.load(prob + 2).to(tl.int64)
-        q_base = q_ptr + tl.load(prob).to(tl.int64) * stride_qs + q_row0 * stride_qm
-        out_slot = tl.load(prob + 7).to(tl.int64)
-        qs_base = qs_ptr + tl.load(prob).to(tl.int64) * stride_qss + q_row0 * stride_qsm  # FP8 only
-        _attn_rows(
-            q_base, k_ptr + key_begin * stride_kn, v_ptr + key_begin * stride_vn,
-            out_ptr + out_slot * stride_os + q_row0 * stride_om, lse_ptr + out_slot * stride_ls + q_row0 * stride_lm,
-            qs_base, ks_ptr + key_begin * stride_sn, vs_ptr + key_begin * stride_sn,
-            pid_m, tl.program_id(1), num_q, tl.load(prob + 4), qk_scale,
-            stride_qm, stride_qh, stride_qd, stride_kn, stride_kh, stride_kd, stride_vn, stride_vh, stride_vd,
-            stride_om, stride_oh, stride_od, stride_lh, stride_lm, stride_qsm, stride_qsh, stride_sn, stride_sh,
-            GROUP=GROUP, HEAD_DIM=HEAD_DIM, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DOT_PRECISION=DOT_PRECISION, UPCAST_DOT=UPCAST_DOT, FP8=FP8,
-        )
-
-
 def _default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """BLOCK_M / BLOCK_N / num_warps / num_stages for one call.
 
@@ -351,21 +279,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"flash_attn supports float16/bfloat16/float32 with q, k, v of one dtype, "
             f"got {q.dtype}, {k.dtype}, {v.dtype}."
         )
-
-
-def check_fp8_inputs(who: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales) -> None:
-    """e4m3 q / k / v with float32 scales of their shape less head_dim, K's and V's of equal strides
-    (the FP8 kernels' contract); one sentence otherwise."""
-    if any(t.dtype != torch.float8_e4m3fn for t in (q, k, v)):
-        raise ValueError(f"{who} takes float8_e4m3fn q, k, v with scales, got {q.dtype}, {k.dtype}, {v.dtype}.")
-    q_scale, k_scale, v_scale = scales
-    if (q_scale.shape != q.shape[:-1] or k_scale.shape != k.shape[:-1] or v_scale.shape != k_scale.shape
-            or k_scale.stride() != v_scale.stride()
-            or any(t.dtype != torch.float32 for t in (q_scale, k_scale, v_scale))):
-        raise ValueError(
-            f"{who}: scales must be float32 q {tuple(q.shape[:-1])} and k, v {tuple(k.shape[:-1])} with equal "
-            f"strides, got {tuple(q_scale.shape)}, {tuple(k_scale.shape)} {k_scale.stride()}, "
-            f"{tuple(v_scale.shape)} {v_scale.stride()}.")
 
 
 def _check_out(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -463,69 +376,4 @@ def flash_attn(
     )
 
 
-def flash_attn_problems(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    problems: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    softmax_scale: float,
-    max_num_q: int,
-    config: dict[str, int] | None = None,
-    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """The problems of a sparse step's table that are marked dense, attended densely, in place.
-
-    The sparse path decides on the device which (piece, DCA region) problems are dense enough to be
-    faster with every key (``attention/sparse_batched.py``). Those run here, at this kernel's rate and
-    with its packed GQA, and the sparse kernel skips them: two launches (causal, non-causal), no host
-    sync. q: [num_slots, num_tokens, num_heads, head_dim]; k, v: [total_keys, num_kv_heads, head_dim];
-    problems: int32 [P, 8] as ``kernels.sparse_attn.vertical_slash_attention_batched`` takes it; out
-    [num_out_slots, num_tokens, num_heads, head_dim], lse [num_out_slots, num_heads, num_tokens];
-    max_num_q: the largest num_q of the table (host int: the grid). Rows of other problems are left
-    as they were. scales: FP8 attention, as ``vertical_slash_attention_batched`` takes them (q, k, v
-    e4m3; the problems then run in the FP8 kernel's arithmetic, ``flash_attn_fp8``).
-    """
-    num_heads, head_dim = q.shape[2], q.shape[3]
-    num_kv_heads = k.shape[1]
-    if q.dim() != 4 or num_heads % num_kv_heads or k.shape[2] != head_dim or v.shape != k.shape:
-        raise ValueError(f"flash_attn_problems: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "do not match.")
-    if problems.dim() != 2 or problems.shape[1] != _PROB_FIELDS or problems.dtype != torch.int32:
-        raise ValueError(f"flash_attn_problems: problems must be int32 [P, {_PROB_FIELDS}], got "
-                         f"{problems.dtype} {tuple(problems.shape)}.")
-    fp8 = scales is not None
-    if fp8:
-        check_fp8_inputs("flash_attn_problems", q, k, v, scales)
-    if not problems.shape[0] or max_num_q <= 0:
-        return
-    group = num_heads // num_kv_heads
-    if config is None:
-        from qwen1m.kernels.flash_attn_fp8 import _fp8_config
-
-        config = _fp8_config(head_dim, q.device) if fp8 else _default_config(head_dim, q.dtype, q.device)
-    qs, ks, vs = scales if fp8 else (q, k, v)  # unused pointers when not fp8
-    block_m = config["BLOCK_M"]
-    num_m_blocks = triton.cdiv(max_num_q * group, block_m)
-    grid = (num_m_blocks, num_kv_heads, problems.shape[0])
-    for causal in (True, False):
-        _flash_attn_problems_kernel[grid](
-            q, k, v, out, lse, problems, qs, ks, vs, num_m_blocks, softmax_scale * _LOG2E,
-            stride_qss=qs.stride(0) if fp8 else 0, stride_qsm=qs.stride(1) if fp8 else 0,
-            stride_qsh=qs.stride(2) if fp8 else 0, stride_sn=ks.stride(0) if fp8 else 0,
-            stride_sh=ks.stride(1) if fp8 else 0,
-            stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
-            stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
-            stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
-            stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
-            stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
-            GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1", PROB_FIELDS=_PROB_FIELDS, FP8=fp8,
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
-        )
-
-
-__all__ = ["check_fp8_inputs", "flash_attn", "flash_attn_problems", "flash_attn_with_config"]
+__all__ = ["flash_attn", "flash_attn_with_config"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen1m.kernels.flash_attn import _check_out, _launch, check_fp8_inputs
+from qwen1m.kernels.flash_attn import _check_out, _launch
+from qwen1m.kernels.fp8_tile import check_fp8_inputs
 
 
 def _fp8_config(head_dim: int, device: torch.device) -> dict[str, int]:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen1m.kernels.flash_attn import _fold_v_scale, check_fp8_inputs
+from qwen1m.kernels.fp8_tile import _fold_v_scale, check_fp8_inputs
 from qwen1m.sparse_index import BatchedVSIndex, VerticalSlashIndex
 
 _LOG2E = 1.4426950408889634
@@ -407,7 +407,7 @@ def vertical_slash_attention_batched(
     [first key, first key + num_kv) as ``vertical_slash_attention`` does with index.problem(p) and
     write the same rows of out[out slot]
     ([num_out_slots, num_tokens, num_heads, head_dim]) and lse[out slot] ([.., num_heads, num_tokens]).
-    Problems with dense = 1 are skipped: ``kernels.flash_attn.flash_attn_problems`` attends them.
+    Problems with dense = 1 are skipped: ``kernels.flash_attn_problems.flash_attn_problems`` attends them.
     Rows that no problem writes are left as they were. No host synchronisation.
     scales: FP8 attention (attention_dtype="fp8"): q, k, v are float8_e4m3fn and these their float32
     scales, q's [num_slots, num_tokens, num_heads], k's and v's [total_keys, num_kv_heads] with equal
