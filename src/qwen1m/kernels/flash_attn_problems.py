@@ -66,6 +66,23 @@ def _flash_attn_problems_kernel(
         )
 
 
+def problem_strides(q, k, v, out, lse, scales) -> dict[str, int]:
+    """The strides both problem-table kernels (this one and ``sparse_attn``'s) take: q / out [slots,
+    tokens, heads, dim], k / v [keys, kv heads, dim], lse [slots, heads, tokens], and with e4m3
+    inputs their scales (q's [slots, tokens, heads], k's and v's [keys, kv heads]; else zeros)."""
+    qs, ks = (scales[0], scales[1]) if scales is not None else (None, None)
+    return dict(
+        stride_qss=qs.stride(0) if qs is not None else 0, stride_qsm=qs.stride(1) if qs is not None else 0,
+        stride_qsh=qs.stride(2) if qs is not None else 0, stride_sn=ks.stride(0) if ks is not None else 0,
+        stride_sh=ks.stride(1) if ks is not None else 0,
+        stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
+        stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
+        stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
+        stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
+        stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+    )
+
+
 def flash_attn_problems(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,14 +133,7 @@ def flash_attn_problems(
     for causal in (True, False):
         _flash_attn_problems_kernel[grid](
             q, k, v, out, lse, problems, qs, ks, vs, num_m_blocks, softmax_scale * _LOG2E,
-            stride_qss=qs.stride(0) if fp8 else 0, stride_qsm=qs.stride(1) if fp8 else 0,
-            stride_qsh=qs.stride(2) if fp8 else 0, stride_sn=ks.stride(0) if fp8 else 0,
-            stride_sh=ks.stride(1) if fp8 else 0,
-            stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
-            stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
-            stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
-            stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
-            stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+            **problem_strides(q, k, v, out, lse, scales),
             GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST_DOT=os.environ.get("TRITON_INTERPRET", "0") == "1", PROB_FIELDS=_PROB_FIELDS, FP8=fp8,
@@ -131,4 +141,4 @@ def flash_attn_problems(
         )
 
 
-__all__ = ["flash_attn_problems"]
+__all__ = ["flash_attn_problems", "problem_strides"]

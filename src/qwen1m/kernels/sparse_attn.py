@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen1m.kernels.flash_attn_problems import problem_strides
 from qwen1m.kernels.fp8_tile import _fold_v_scale, check_fp8_inputs
 from qwen1m.sparse_index import BatchedVSIndex, VerticalSlashIndex
 
@@ -445,14 +446,7 @@ def _launch(q, k, v, out, lse, prob, block_count, block_offset, column_count, co
         q, k, v, out, lse, prob, qs, ks, vs,
         block_count, block_offset, column_count, column_index,
         num_m_blocks, softmax_scale * _LOG2E,
-        stride_qss=qs.stride(0) if fp8 else 0, stride_qsm=qs.stride(1) if fp8 else 0,
-        stride_qsh=qs.stride(2) if fp8 else 0, stride_sn=ks.stride(0) if fp8 else 0,
-        stride_sh=ks.stride(1) if fp8 else 0,
-        stride_qs=q.stride(0), stride_qm=q.stride(1), stride_qh=q.stride(2), stride_qd=q.stride(3),
-        stride_kn=k.stride(0), stride_kh=k.stride(1), stride_kd=k.stride(2),
-        stride_vn=v.stride(0), stride_vh=v.stride(1), stride_vd=v.stride(2),
-        stride_os=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2), stride_od=out.stride(3),
-        stride_ls=lse.stride(0), stride_lh=lse.stride(1), stride_lm=lse.stride(2),
+        **problem_strides(q, k, v, out, lse, scales),
         stride_bcp=block_count.stride(0), stride_bch=block_count.stride(1), stride_bcm=block_count.stride(2),
         stride_bop=block_offset.stride(0), stride_boh=block_offset.stride(1),
         stride_bom=block_offset.stride(2), stride_bob=block_offset.stride(3),
